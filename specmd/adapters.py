@@ -1,0 +1,126 @@
+"""Model knowledge: which modules of a Hugging Face model are its fused MoE experts, and their layout.
+
+Every family listed in ``SUPPORTED_FAMILIES`` keeps its routed experts in one ``...Experts`` module decorated
+with ``transformers.integrations.moe.use_experts_implementation``: fused 3D parameters (``gate_up_proj``
+[E, 2I, H], ``down_proj`` [E, H, I]; GPT-OSS transposed, interleaved and with biases) and a forward called
+right after the router. Routers, shared experts, attention and norms live outside that module and stay on
+the device untouched.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# model_type -> display name. Tested token-for-token in tests/test_families.py.
+SUPPORTED_FAMILIES: dict[str, str] = {
+    "olmoe": "OLMoE",
+    "mixtral": "Mixtral",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "deepseek_v2": "DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3",
+    "gpt_oss": "GPT-OSS",
+    "granitemoe": "Granite-MoE",
+    "granitemoeshared": "GraniteMoeShared",
+    "phimoe": "Phi-MoE",
+}
+
+# Each sub-tensor of an expert's block starts on this many elements, so slot views stay aligned
+# for vectorised kernels and grouped_mm's 16-byte stride rule.
+_ALIGN_ELEMENTS = 64
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no MoE block specmd can offload."""
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one expert of a fused experts module is laid out in a contiguous block.
+
+    ``names[i]`` is a fused parameter of shape [E, *shapes[i]]; its expert ``e`` occupies
+    ``block[offsets[i] : offsets[i] + numel(shapes[i])]``.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    block_numel: int
+    num_experts: int
+    dtype: torch.dtype
+    is_transposed: bool
+    has_bias: bool
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes one expert takes in a slot (alignment padding included)."""
+        return self.block_numel * self.dtype.itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.expert_bytes * self.num_experts
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One fused experts module: ``index`` counts MoE layers only (dense layers are skipped)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    layout: ExpertLayout
+
+
+def _is_experts_module(module: nn.Module) -> bool:
+    # use_experts_implementation sets these flags in __init__; no other module has all of them.
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+
+
+def _layout_of(name: str, module: nn.Module) -> ExpertLayout:
+    if not module.has_gate or getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}): experts without a gate or with a post-expert norm are not "
+            "supported yet; supported families: " + ", ".join(SUPPORTED_FAMILIES.values())
+        )
+    if getattr(module, "_is_expert_parallel", False):
+        raise UnsupportedModelError(f"{name}: expert-parallel models cannot be offloaded; load without tp_plan")
+    names = ["gate_up_proj", "down_proj"]
+    if module.has_bias:
+        names += ["gate_up_proj_bias", "down_proj_bias"]
+    params = [getattr(module, n) for n in names]
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise UnsupportedModelError(f"{name}: expert tensors mix dtypes {sorted(map(str, dtypes))}; cast the model first")
+    num_experts = params[0].shape[0]
+    shapes, offsets, cursor = [], [], 0
+    for p in params:
+        shapes.append(tuple(p.shape[1:]))
+        offsets.append(cursor)
+        cursor += -(-p[0].numel() // _ALIGN_ELEMENTS) * _ALIGN_ELEMENTS
+    return ExpertLayout(tuple(names), tuple(shapes), tuple(offsets), cursor, num_experts,
+                        params[0].dtype, bool(module.is_transposed), bool(module.has_bias))
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Return the model's fused experts modules in execution order; raise if there are none."""
+    found = [(n, m) for n, m in model.named_modules() if _is_experts_module(m)]
+    families = ", ".join(SUPPORTED_FAMILIES.values())
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if not found:
+        raise UnsupportedModelError(
+            f"{model_type!r} has no MoE experts module specmd can offload; supported families: {families}"
+        )
+    if model_type not in SUPPORTED_FAMILIES:
+        log.warning("%s is not a tested family (%s); offloading its experts modules anyway", model_type, families)
+    layers = [MoELayer(i, n, m, _layout_of(n, m)) for i, (n, m) in enumerate(found)]
+    first = layers[0].layout
+    for layer in layers[1:]:
+        if (layer.layout.shapes, layer.layout.dtype) != (first.shapes, first.dtype):
+            raise UnsupportedModelError(f"{layer.name}: experts differ in shape from {layers[0].name}; "
+                                        "one slot pool needs one expert shape")
+    return layers

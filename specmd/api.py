@@ -1,0 +1,185 @@
+"""Public entry points: ``offload`` a loaded model, or load one with ``from_pretrained``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import find_moe_layers
+from .cache import SlotCache
+from .config import Budget, BudgetSpec, OffloadConfig
+from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, experts_forward
+from .metrics import LayerStats, Stats
+from .policies import make_policy
+from .store import HostStore
+
+log = logging.getLogger(__name__)
+
+
+class OffloadHandle:
+    """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
+
+    def __init__(self, model: nn.Module, engine: Engine, config: OffloadConfig, original_impl) -> None:
+        self.config = config
+        self._model = model
+        self._engine = engine
+        self._original_impl = original_impl
+
+    @property
+    def closed(self) -> bool:
+        return self._engine.closed
+
+    @property
+    def num_slots(self) -> int:
+        """How many experts the device pool holds at once."""
+        self._check_open()
+        return self._engine.cache.num_slots
+
+    def stats(self) -> Stats:
+        """Hits, misses (cold / capacity / collision), evictions and bytes copied, per layer and in total."""
+        self._check_open()
+        return self._engine.stats()
+
+    def reset_stats(self) -> None:
+        """Zero the counters; cached experts stay resident."""
+        self._check_open()
+        self._engine.reset_stats()
+
+    def close(self) -> None:
+        """Free the device slots. The experts stay in host memory (the model's parameters point there);
+        the model cannot run until offloaded again. Safe to call twice."""
+        self._engine.close()
+
+    def _check_open(self) -> None:
+        if self._engine.closed:
+            raise ClosedHandleError("this specmd handle was closed; call specmd.offload(model, ...) again")
+
+    def __enter__(self) -> "OffloadHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device the model runs on; raises when CUDA is asked for and absent."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available to torch {torch.__version__}; "
+                           "pass device='cpu' (or None to pick automatically), or install a CUDA build of torch")
+    return device
+
+
+def _device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, read through NVML."""
+    if device.type != "cuda":
+        raise ValueError("expert_budget='auto' needs a CUDA device; pass a size such as '600MB' or a fraction")
+    import pynvml  # nvidia-ml-py
+
+    pynvml.nvmlInit()
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return int(info.free), int(info.total)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _move_except_experts(model: nn.Module, experts: list[nn.Module], device: torch.device) -> None:
+    # model.to() would also drag the host-store views to the device; hide them from it for the move.
+    hidden = [(m, dict(m._parameters)) for m in experts]
+    for module, _ in hidden:
+        module._parameters.clear()
+    try:
+        model.to(device)
+    finally:
+        for module, params in hidden:
+            module._parameters.update(params)
+
+
+def offload(model: nn.Module, expert_budget: BudgetSpec = "auto", eviction: str = "least-stale",
+            device: str | None = None, *, seed: int = 0, progress: bool = False) -> nn.Module:
+    """Offload a loaded Hugging Face MoE model's routed experts to host memory behind a device slot cache.
+
+    Every routed expert moves into pinned host memory (plain memory without CUDA); attention, norms,
+    routers, embeddings and shared experts go to ``device``. At most ``expert_budget`` bytes of experts
+    are ever on the device. Returns the same model; its ``generate`` works unchanged and its outputs
+    equal the unpatched model's. ``model.specmd`` is the handle (stats, reset_stats, close).
+
+    expert_budget: bytes (int), "600MB" / "0.6GB" / "1.5GiB", a fraction of all expert bytes (0.05 or
+    "5%"), or "auto" (free device memory less a headroom, see ``config.AUTO_HEADROOM_BYTES``).
+    eviction: one of ``specmd.POLICIES``. device: "cuda", "cpu" or None (CUDA when available).
+    """
+    config = OffloadConfig.create(expert_budget, eviction, device, seed)
+    handle = getattr(model, "specmd", None)
+    if isinstance(handle, OffloadHandle) and not handle.closed:
+        raise RuntimeError("this model is already offloaded by specmd; call model.specmd.close() before "
+                           "offloading it again")
+    target = resolve_device(config.device)
+    layers = find_moe_layers(model)
+    layout = layers[0].layout
+    total_bytes = layout.layer_bytes * len(layers)
+    if config.expert_budget.kind != "auto":
+        _slots_for(config.expert_budget.resolve(total_bytes), layout.expert_bytes, config.expert_budget)
+
+    store = HostStore(pin=torch.cuda.is_available())
+    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+        store.add_layer(layer)
+    _move_except_experts(model, [layer.module for layer in layers], target)
+
+    free = total = None
+    if config.expert_budget.kind == "auto":
+        free, total = _device_memory(target)
+    budget_bytes = config.expert_budget.resolve(total_bytes, free, total)
+    num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
+                    layout.num_experts * len(layers))
+    layer_stats = [LayerStats() for _ in layers]
+    cache = SlotCache(store, layout, num_slots, budget_bytes, make_policy(config.eviction, config.seed),
+                      target, layer_stats)
+    engine = Engine(layers, cache, layer_stats)
+
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION_NAME, experts_forward)
+    original_impl = getattr(model.config, "_experts_implementation", None)
+    for layer in layers:
+        layer.module._specmd_binding = Binding(engine, layer.index)
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    model.specmd = OffloadHandle(model, engine, config, original_impl)
+    log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s",
+             len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20, total_bytes / 2**20,
+             config.eviction)
+    return model
+
+
+def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:
+    slots = budget_bytes // expert_bytes
+    if slots < 1:
+        raise ValueError(f"expert_budget ({spec.kind} {spec.value:g} = {budget_bytes} bytes) is below one expert "
+                         f"({expert_bytes} bytes); raise it to at least {expert_bytes} bytes")
+    return slots
+
+
+def from_pretrained(path: str | Path, expert_budget: BudgetSpec = "auto", eviction: str = "least-stale",
+                    device: str | None = None, *, dtype: torch.dtype | str | None = None, seed: int = 0,
+                    progress: bool = True, **hf_kwargs) -> nn.Module:
+    """Load a local checkpoint and offload it; experts never all reach the device.
+
+    The checkpoint is read by transformers onto the CPU (which applies each family's checkpoint
+    conversions), then each MoE layer's experts move into the host store and their loaded copy is freed
+    at once: host memory peaks at one copy of the experts plus one layer. Extra keyword arguments go to
+    ``AutoModelForCausalLM.from_pretrained``; nothing is fetched from a hub (``local_files_only``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    OffloadConfig.create(expert_budget, eviction, device, seed)  # bad arguments fail before the load
+    resolve_device(device)
+    hf_kwargs.setdefault("local_files_only", True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
+    model.eval()
+    return offload(model, expert_budget, eviction, device, seed=seed, progress=progress)

@@ -1,0 +1,53 @@
+"""Host store: every routed expert in host memory, one contiguous block per (layer, expert).
+
+Each MoE layer owns one buffer [E, block] (pinned when CUDA is available, so copies are asynchronous
+and run at full link speed); a row is one expert, so one copy moves one expert. The experts module's
+fused parameters are replaced by strided views of that buffer: the model still sees its weights
+(``state_dict``, ``save_pretrained``), but no second copy of them exists.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import ExpertLayout, MoELayer
+
+
+def layout_views(buffer: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Tensor]:
+    """Views of a [N, block] buffer as the fused tensors [N, *shape], one per name of ``layout``."""
+    views = {}
+    for name, shape, offset in zip(layout.names, layout.shapes, layout.offsets):
+        numel = torch.Size(shape).numel()
+        views[name] = buffer[:, offset:offset + numel].view(buffer.shape[0], *shape)
+    return views
+
+
+class HostStore:
+    """Owns the host buffers; read-only once filled (eviction never copies back)."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: list[torch.Tensor] = []  # layer -> [E, block]
+
+    def add_layer(self, layer: MoELayer) -> None:
+        """Move ``layer``'s experts into a new host buffer and point its parameters at it (changes the module)."""
+        assert layer.index == len(self._buffers), "layers are added in order"
+        layout, module = layer.layout, layer.module
+        buffer = torch.empty(layout.num_experts, layout.block_numel, dtype=layout.dtype, pin_memory=self.pin)
+        for name, view in layout_views(buffer, layout).items():
+            view.copy_(getattr(module, name).detach())
+            # Replacing the parameter frees the original (device or host) tensor right away.
+            setattr(module, name, nn.Parameter(view, requires_grad=False))
+        self._buffers.append(buffer)
+
+    def block(self, layer: int, expert: int) -> torch.Tensor:
+        """The contiguous 1-D block of one expert."""
+        return self._buffers[layer][expert]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._buffers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers)

@@ -22,6 +22,13 @@ def layout_views(buffer: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.
     return views
 
 
+def _contiguous_experts(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # Savers (safetensors) need contiguous tensors; the strided host views are copied only when saving.
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
+
+
 class HostStore:
     """Owns the host buffers; read-only once filled (eviction never copies back)."""
 
@@ -38,6 +45,9 @@ class HostStore:
             view.copy_(getattr(module, name).detach())
             # Replacing the parameter frees the original (device or host) tensor right away.
             setattr(module, name, nn.Parameter(view, requires_grad=False))
+        if not getattr(module, "_specmd_state_dict_hook", False):
+            module.register_state_dict_post_hook(_contiguous_experts)
+            module._specmd_state_dict_hook = True
         self._buffers.append(buffer)
 
     def block(self, layer: int, expert: int) -> torch.Tensor:

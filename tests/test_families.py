@@ -1,0 +1,74 @@
+"""Token-identical greedy generation against the unpatched model, for every family, policy and budget."""
+import pytest
+import torch
+
+import specmd
+from specmd.adapters import find_moe_layers
+from specmd.tiny import TINY_CONFIGS, tiny_model
+
+NEW_TOKENS = 24
+# Budgets in units of one expert (int) or as fractions of all experts.
+BUDGETS = [1, 2, 0.5, 1.0]
+
+
+def generate(model, ids):
+    return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def budget_bytes(model, budget):
+    return budget * find_moe_layers(model)[0].layout.expert_bytes if isinstance(budget, int) else budget
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (saved checkpoint dir, reference tokens of the unpatched model)."""
+    return {}
+
+
+def reference(family, checkpoints, tmp_path_factory, prompt, device):
+    if family not in checkpoints:
+        model = tiny_model(family)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path)
+        model.to(device)
+        with torch.inference_mode():
+            checkpoints[family] = (path, generate(model, prompt.to(device)))
+    return checkpoints[family]
+
+
+def check_stats(model, budget):
+    stats = model.specmd.stats()
+    total = stats.total
+    assert total.accesses == total.hits + total.misses > 0
+    assert stats.num_slots * stats.expert_bytes <= stats.budget_bytes
+    cache = model.specmd._engine.cache
+    assert len(cache.resident()) <= stats.num_slots
+    if isinstance(budget, float) and budget == 1.0:
+        assert total.evictions == 0 and total.misses == total.misses_cold
+    if isinstance(budget, int) and budget == 1:
+        assert stats.num_slots == 1
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("loader", ["offload", "from_pretrained"])
+def test_generation_is_token_identical(family, loader, checkpoints, tmp_path_factory, prompt, device):
+    path, want = reference(family, checkpoints, tmp_path_factory, prompt, device)
+    ids = prompt.to(device)
+    for budget in BUDGETS:
+        for eviction in sorted(specmd.POLICIES):
+            if loader == "offload":
+                model = tiny_model(family)
+                model = specmd.offload(model, budget_bytes(model, budget), eviction, device)
+            else:
+                probe = tiny_model(family)
+                model = specmd.from_pretrained(path, budget_bytes(probe, budget), eviction, device,
+                                               dtype=torch.float32, progress=False)
+            got = generate(model, ids)
+            assert torch.equal(got, want), f"{family} {loader} budget={budget} eviction={eviction}"
+            check_stats(model, budget)
+            model.specmd.close()

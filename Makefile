@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m specmd.cli run
+	$(PY) -m specmd.cli run --preset least-stale-topk
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -10,40 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-from transformers import AutoModelForCausalLM, OlmoeConfig
+from harness import measure, olmoe_on_gpu, timed_generate
 
 import specmd
-
-# OLMoE-1B-7B-0924 shapes (OlmoeConfig() defaults differ: intermediate 2048).
-OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-                   num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=50279, pad_token_id=1)
-
-
-def timed_generate(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """Seconds for one greedy generate (synchronised before and after) and its output."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, out
-
-
-def measure(model, ids, new_tokens: int, repeats: int) -> dict:
-    """TTFT (generate of one token) and TPOT ((t_n - t_1) / (n - 1)), medians over ``repeats`` after a warm-up."""
-    timed_generate(model, ids, new_tokens)  # warm-up
-    ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(repeats))
-    totals, out = [], None
-    for _ in range(repeats):
-        seconds, out = timed_generate(model, ids, new_tokens)
-        totals.append(seconds)
-    total = statistics.median(totals)
-    return {"ttft_ms": ttft * 1e3, "tpot_ms": (total - ttft) / (new_tokens - 1) * 1e3, "tokens": out}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,9 +28,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("core_h100.py needs a CUDA GPU")
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(OlmoeConfig(**OLMOE_1B_7B), dtype=torch.bfloat16).eval()
+    model = olmoe_on_gpu()
     ids = torch.randint(10, 50000, (1, args.prompt), device="cuda")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "budget": args.budget,
                "prompt": args.prompt, "new_tokens": args.new_tokens, "runs": []}

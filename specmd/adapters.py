@@ -74,6 +74,19 @@ class MoELayer:
     name: str
     module: nn.Module
     layout: ExpertLayout
+    router: nn.Module | None = None  # its ``weight`` [E, H] scores hidden states; used to speculate
+
+
+def _router_of(model: nn.Module, name: str, num_experts: int) -> nn.Module | None:
+    # Every supported family keeps its router beside the experts (``gate`` or ``router``), with the
+    # logits' weight as ``weight`` [E, H].
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    for child_name in ("gate", "router"):
+        child = getattr(parent, child_name, None)
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
+            return child
+    return None
 
 
 def _is_experts_module(module: nn.Module) -> bool:
@@ -117,7 +130,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         )
     if model_type not in SUPPORTED_FAMILIES:
         log.warning("%s is not a tested family (%s); offloading its experts modules anyway", model_type, families)
-    layers = [MoELayer(i, n, m, _layout_of(n, m)) for i, (n, m) in enumerate(found)]
+    layers = [MoELayer(i, n, m, layout, _router_of(model, n, layout.num_experts))
+              for i, (n, m) in enumerate(found) for layout in [_layout_of(n, m)]]
     first = layers[0].layout
     for layer in layers[1:]:
         if (layer.layout.shapes, layer.layout.dtype) != (first.shapes, first.dtype):

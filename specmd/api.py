@@ -10,10 +10,11 @@ from tqdm.auto import tqdm
 
 from .adapters import find_moe_layers
 from .cache import SlotCache
-from .config import Budget, BudgetSpec, OffloadConfig
+from .config import Budget, BudgetSpec, OffloadConfig, preset_path
 from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, experts_forward
 from .metrics import LayerStats, Stats
 from .policies import make_policy
+from .prefetch import PrefetchConfig, Predictor
 from .store import HostStore
 
 log = logging.getLogger(__name__)
@@ -22,11 +23,10 @@ log = logging.getLogger(__name__)
 class OffloadHandle:
     """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
 
-    def __init__(self, model: nn.Module, engine: Engine, config: OffloadConfig, original_impl) -> None:
+    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore) -> None:
         self.config = config
-        self._model = model
         self._engine = engine
-        self._original_impl = original_impl
+        self._store = store  # kept after close: offloading the model again reuses it, no re-pinning
 
     @property
     def closed(self) -> bool:
@@ -102,8 +102,10 @@ def _move_except_experts(model: nn.Module, experts: list[nn.Module], device: tor
             module._parameters.update(params)
 
 
-def offload(model: nn.Module, expert_budget: BudgetSpec = "auto", eviction: str = "least-stale",
-            device: str | None = None, *, seed: int = 0, progress: bool = False) -> nn.Module:
+def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
+            device: str | None = None, *, prefetch: str | dict | PrefetchConfig | None = None,
+            lookahead: int | None = None, preset: str | None = None, seed: int = 0,
+            progress: bool = False) -> nn.Module:
     """Offload a loaded Hugging Face MoE model's routed experts to host memory behind a device slot cache.
 
     Every routed expert moves into pinned host memory (plain memory without CUDA); attention, norms,
@@ -112,10 +114,18 @@ def offload(model: nn.Module, expert_budget: BudgetSpec = "auto", eviction: str 
     equal the unpatched model's. ``model.specmd`` is the handle (stats, reset_stats, close).
 
     expert_budget: bytes (int), "600MB" / "0.6GB" / "1.5GiB", a fraction of all expert bytes (0.05 or
-    "5%"), or "auto" (free device memory less a headroom, see ``config.AUTO_HEADROOM_BYTES``).
-    eviction: one of ``specmd.POLICIES``. device: "cuda", "cpu" or None (CUDA when available).
+    "5%"), or "auto" (free device memory less a headroom, see ``config.AUTO_HEADROOM_BYTES``); default
+    "auto". eviction: one of ``specmd.POLICIES`` (default "least-stale"). device: "cuda", "cpu" or None
+    (CUDA when available). prefetch: "none" (default), "topk", "top-p", "threshold", or a
+    ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. preset: a name in configs/policies/
+    (or a YAML path) supplying any of these that are not passed.
     """
-    config = OffloadConfig.create(expert_budget, eviction, device, seed)
+    if preset is not None:
+        config = OffloadConfig.from_yaml(preset_path(preset), expert_budget=expert_budget, eviction=eviction,
+                                         device=device, prefetch=prefetch, lookahead=lookahead, seed=seed)
+    else:
+        config = OffloadConfig.create("auto" if expert_budget is None else expert_budget,
+                                      eviction or "least-stale", device, seed, prefetch or "none", lookahead)
     handle = getattr(model, "specmd", None)
     if isinstance(handle, OffloadHandle) and not handle.closed:
         raise RuntimeError("this model is already offloaded by specmd; call model.specmd.close() before "
@@ -127,9 +137,12 @@ def offload(model: nn.Module, expert_budget: BudgetSpec = "auto", eviction: str 
     if config.expert_budget.kind != "auto":
         _slots_for(config.expert_budget.resolve(total_bytes), layout.expert_bytes, config.expert_budget)
 
-    store = HostStore(pin=torch.cuda.is_available())
-    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
-        store.add_layer(layer)
+    if isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
+        store = handle._store  # closed earlier: the experts are already in (pinned) host memory
+    else:
+        store = HostStore(pin=torch.cuda.is_available())
+        for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+            store.add_layer(layer)
     _move_except_experts(model, [layer.module for layer in layers], target)
 
     free = total = None
@@ -141,19 +154,19 @@ def offload(model: nn.Module, expert_budget: BudgetSpec = "auto", eviction: str 
     layer_stats = [LayerStats() for _ in layers]
     cache = SlotCache(store, layout, num_slots, budget_bytes, make_policy(config.eviction, config.seed),
                       target, layer_stats)
-    engine = Engine(layers, cache, layer_stats)
+    top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
+    engine = Engine(layers, cache, layer_stats, Predictor(config.prefetch, [l.router for l in layers], top_k))
 
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(IMPLEMENTATION_NAME, experts_forward)
-    original_impl = getattr(model.config, "_experts_implementation", None)
     for layer in layers:
         layer.module._specmd_binding = Binding(engine, layer.index)
     model.set_experts_implementation(IMPLEMENTATION_NAME)
-    model.specmd = OffloadHandle(model, engine, config, original_impl)
-    log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s",
-             len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20, total_bytes / 2**20,
-             config.eviction)
+    model.specmd = OffloadHandle(engine, config, store)
+    log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s, "
+             "prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20,
+             total_bytes / 2**20, config.eviction, config.prefetch.policy, config.prefetch.lookahead)
     return model
 
 
@@ -165,10 +178,11 @@ def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:
     return slots
 
 
-def from_pretrained(path: str | Path, expert_budget: BudgetSpec = "auto", eviction: str = "least-stale",
-                    device: str | None = None, *, dtype: torch.dtype | str | None = None, seed: int = 0,
-                    progress: bool = True, **hf_kwargs) -> nn.Module:
-    """Load a local checkpoint and offload it; experts never all reach the device.
+def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
+                    device: str | None = None, *, dtype: torch.dtype | str | None = None,
+                    prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
+                    preset: str | None = None, seed: int = 0, progress: bool = True, **hf_kwargs) -> nn.Module:
+    """Load a local checkpoint and offload it (arguments as ``offload``); experts never all reach the device.
 
     The checkpoint is read by transformers onto the CPU (which applies each family's checkpoint
     conversions), then each MoE layer's experts move into the host store and their loaded copy is freed
@@ -177,9 +191,14 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec = "auto", evicti
     """
     from transformers import AutoModelForCausalLM
 
-    OffloadConfig.create(expert_budget, eviction, device, seed)  # bad arguments fail before the load
+    settings = dict(device=device, prefetch=prefetch, lookahead=lookahead, preset=preset, seed=seed)
+    if preset is None:  # bad arguments fail before the load
+        OffloadConfig.create("auto" if expert_budget is None else expert_budget, eviction or "least-stale",
+                             device, seed, prefetch or "none", lookahead)
+    else:
+        preset_path(preset)
     resolve_device(device)
     hf_kwargs.setdefault("local_files_only", True)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
     model.eval()
-    return offload(model, expert_budget, eviction, device, seed=seed, progress=progress)
+    return offload(model, expert_budget, eviction, progress=progress, **settings)

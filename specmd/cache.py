@@ -1,6 +1,9 @@
 """The device slot pool under a fixed byte budget: slot table, slot states, copies and eviction.
 
-Only this module touches slots, the free list and the (layer, expert) -> slot table.
+Only this module touches slots, the free list and the (layer, expert) -> slot table. Two threads call
+it: the model's thread (``acquire``/``release``, demand loads) and the watchdog (``prefetch``); one lock,
+``_lock``, guards every table, the policy and the counters. Copies are issued under the lock, so a key
+is never visible half-loaded.
 
 Slot lifecycle: FREE -> READY (copy queued on the copy stream, ``ready`` event recorded after it) ->
 IN_USE (pinned by the layer being computed) -> READY again on ``release`` (``last_use`` event recorded
@@ -11,6 +14,7 @@ compute stream wait on ``ready``; the host never blocks on a copy.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +26,10 @@ from .store import HostStore, layout_views
 
 Key = tuple[int, int]  # (MoE layer, expert)
 
+# Timing events are kept until ``drain_timings``; past this many it resolves the finished ones early
+# so a long run does not hoard events.
+_MAX_PENDING_TIMINGS = 4096
+
 
 class SlotState(enum.Enum):
     FREE = "free"
@@ -30,7 +38,7 @@ class SlotState(enum.Enum):
 
 
 class SlotCache:
-    """A pool of ``num_slots`` expert-sized slots on ``device``, filled from ``store`` on demand."""
+    """A pool of ``num_slots`` expert-sized slots on ``device``, filled from ``store``."""
 
     def __init__(self, store: HostStore, layout: ExpertLayout, num_slots: int, budget_bytes: int,
                  policy: EvictionPolicy, device: torch.device, stats: list[LayerStats]) -> None:
@@ -42,15 +50,24 @@ class SlotCache:
         self.device = device
         self._store = store
         self._stats = stats
+        self._lock = threading.RLock()
         # [S, block]; ``views`` reshape it like the model's fused parameters, [S, 2I, H] and so on.
-        self.pool = torch.empty(num_slots, layout.block_numel, dtype=layout.dtype, device=device)
+        # A normal tensor even when offload runs under inference_mode: the watchdog thread (not in
+        # inference mode) and a later generate (no_grad only) must be allowed to copy into it.
+        with torch.inference_mode(False):
+            self.pool = torch.empty(num_slots, layout.block_numel, dtype=layout.dtype, device=device)
         self.views = layout_views(self.pool, layout)
         self._slot_of: dict[Key, int] = {}
         self._key_of: list[Key | None] = [None] * num_slots
         self._state = [SlotState.FREE] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._pinned: set[Key] = set()
         self._ever_loaded: set[Key] = set()
         self._evicted_this_pass: set[Key] = set()
+        # Prefetched keys not yet demanded -> the absolute position (pass * layers + layer) they were
+        # predicted for; protected from other prefetches until that position has run.
+        self._prefetched: dict[Key, int] = {}
+        self.position = -1  # absolute position of the layer executing; set by the engine
         self._cuda = device.type == "cuda"
         if self._cuda:
             # The stream that runs the model; captured once, so copies are ordered against it.
@@ -64,13 +81,24 @@ class SlotCache:
             # waited on by _load on the copy stream before s is overwritten.
             self._last_use = [torch.cuda.Event() for _ in range(num_slots)]
             self._unwaited: set[int] = set()  # slots whose ready event the compute stream has not waited on
+            # (start, end) timing events: copies on the copy stream; stalls (layer, ...) on the compute stream.
+            self._copy_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+            self._stall_timings: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self.copy_busy_ms = 0.0
 
-    # -- public ---------------------------------------------------------------------------------------
+    # -- called by the engine (model thread) ---------------------------------------------------------
 
     def begin_pass(self) -> None:
         """A new forward pass starts: collisions are counted afresh (changes state)."""
-        self._evicted_this_pass.clear()
-        self.policy.begin_pass()
+        with self._lock:
+            self._evicted_this_pass.clear()
+            self.policy.begin_pass()
+
+    def set_position(self, position: int, layer: int, num_layers: int) -> None:
+        """MoE ``layer`` starts, at absolute ``position``; prefetches for it or earlier are now stale."""
+        with self._lock:
+            self.position = position
+            self.policy.set_layer(layer, num_layers)
 
     def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Make ``experts`` of ``layer`` resident and pinned; return their slots in the same order.
@@ -80,55 +108,114 @@ class SlotCache:
         experts at a time; call ``release`` with the returned slots after queueing the compute.
         """
         assert len(experts) <= self.num_slots, "the engine chunks layers wider than the pool"
-        stats = self._stats[layer]
-        pinned: set[Key] = {(layer, e) for e in experts}
-        slots = []
-        for expert in experts:
-            key = (layer, expert)
-            stats.accesses += 1
-            slot = self._slot_of.get(key)
-            if slot is None:
-                self._count_miss(stats, key)
-                slot = self._load(key, pinned)
-                self.policy.insert(key)
-            else:
-                stats.hits += 1
-                self.policy.lookup(key)
-            self._state[slot] = SlotState.IN_USE
-            slots.append(slot)
-        if self._cuda:
-            for slot in slots:
-                if slot in self._unwaited:
-                    self._compute_stream.wait_event(self._ready[slot])
-                    self._unwaited.discard(slot)
-        return slots
+        with self._lock:
+            stats = self._stats[layer]
+            keys = [(layer, e) for e in experts]
+            self._pinned.update(keys)
+            slots, stall = [], False  # stall: some copy may still be running; time the wait
+            for key in keys:
+                stats.accesses += 1
+                slot = self._slot_of.get(key)
+                if slot is None:
+                    self._count_miss(stats, key)
+                    slot = self._load(key)
+                    stall = True
+                    self.policy.insert(key)
+                else:
+                    stats.hits += 1
+                    self.policy.lookup(key)
+                    if self._prefetched.pop(key, None) is not None:
+                        stats.prefetch_hits += 1
+                        if self._cuda and slot in self._unwaited and not self._ready[slot].query():
+                            stats.late_prefetches += 1
+                            stall = True
+                self._state[slot] = SlotState.IN_USE
+                slots.append(slot)
+            if self._cuda:
+                self._wait_ready(layer, slots, timed=stall)
+            return slots
 
     def release(self, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute reading them is queued (records their last-use events)."""
-        for slot in slots:
-            assert self._state[slot] is SlotState.IN_USE
-            self._state[slot] = SlotState.READY
-            if self._cuda:
-                self._last_use[slot].record(self._compute_stream)
+        with self._lock:
+            for slot in slots:
+                assert self._state[slot] is SlotState.IN_USE
+                self._state[slot] = SlotState.READY
+                self._pinned.discard(self._key_of[slot])
+                if self._cuda:
+                    self._last_use[slot].record(self._compute_stream)
+
+    # -- called by the watchdog thread ---------------------------------------------------------------
+
+    def prefetch(self, key: Key, target: int) -> bool:
+        """Load ``key`` ahead of its layer (absolute position ``target``) unless resident, stale, or no
+        slot can be freed without evicting a pinned key or another pending prefetch. True if copied."""
+        with self._lock:
+            if target <= self.position:
+                return False  # its layer already ran or is running: the demand path owns it now
+            if key in self._slot_of:
+                self.policy.touch(key)
+                if key in self._prefetched:
+                    self._prefetched[key] = max(self._prefetched[key], target)
+                return False
+            protected = {k for k, t in self._prefetched.items() if t > self.position}
+            if not self._free and self.policy.select_victim(exclude=self._pinned | protected) is None:
+                return False
+            self._load(key, protected)
+            self.policy.insert(key)
+            self._prefetched[key] = target
+            stats = self._stats[key[0]]
+            stats.prefetches += 1
+            stats.prefetch_bytes += self.layout.expert_bytes
+            return True
+
+    # -- either thread --------------------------------------------------------------------------------
 
     def resident(self) -> dict[Key, int]:
         """A copy of the (layer, expert) -> slot table."""
-        return dict(self._slot_of)
+        with self._lock:
+            return dict(self._slot_of)
 
     @property
     def occupied_bytes(self) -> int:
         return len(self._slot_of) * self.layout.expert_bytes
 
+    def drain_timings(self, block: bool = True) -> None:
+        """Add finished copy and stall timings to the counters; ``block`` synchronizes the device first."""
+        if not self._cuda:
+            return
+        with self._lock:
+            if block:
+                torch.cuda.synchronize(self.device)
+            keep_copies, keep_stalls = [], []
+            for start, end in self._copy_timings:
+                if block or end.query():
+                    self.copy_busy_ms += start.elapsed_time(end)
+                else:
+                    keep_copies.append((start, end))
+            for layer, start, end in self._stall_timings:
+                if block or end.query():
+                    self._stats[layer].stall_ms += start.elapsed_time(end)
+                else:
+                    keep_stalls.append((layer, start, end))
+            self._copy_timings, self._stall_timings = keep_copies, keep_stalls
+
+    def reset_timings(self) -> None:
+        """Forget timings (changes state); counters are reset by their owner."""
+        self.drain_timings()
+        self.copy_busy_ms = 0.0
+
     def close(self) -> None:
         """Wait for queued copies, then drop the pool (changes state; the cache is unusable after)."""
-        if self._cuda:
-            self._copy_stream.synchronize()
-            self._compute_stream.synchronize()
-        self.pool = torch.empty(0, device=self.device)
-        self.views = {}
-        self._slot_of.clear()
+        with self._lock:
+            if self._cuda:
+                self._copy_stream.synchronize()
+                self._compute_stream.synchronize()
+            self.pool = torch.empty(0, device=self.device)
+            self.views = {}
+            self._slot_of.clear()
 
-    # -- private --------------------------------------------------------------------------------------
+    # -- private (lock held) ------------------------------------------------------------------------------
 
     def _count_miss(self, stats: LayerStats, key: Key) -> None:
         if key not in self._ever_loaded:
@@ -138,10 +225,29 @@ class SlotCache:
         else:
             stats.misses_capacity += 1
 
-    def _take_slot(self, pinned: set[Key]) -> int:
+    def _wait_ready(self, layer: int, slots: list[int], timed: bool) -> None:
+        waits = [s for s in slots if s in self._unwaited]
+        if not waits:
+            return
+        start = end = None
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self._compute_stream)
+        for slot in waits:
+            self._compute_stream.wait_event(self._ready[slot])
+            self._unwaited.discard(slot)
+        if timed:
+            end.record(self._compute_stream)
+            self._stall_timings.append((layer, start, end))
+            if len(self._stall_timings) > _MAX_PENDING_TIMINGS:
+                self.drain_timings(block=False)
+
+    def _take_slot(self, protected: set[Key]) -> int:
         if self._free:
             return self._free.pop()
-        victim = self.policy.select_victim(exclude=pinned)
+        victim = self.policy.select_victim(exclude=self._pinned | protected)
+        if victim is None:  # only pending prefetches are left: a demand load may take one of them
+            victim = self.policy.select_victim(exclude=self._pinned)
         assert victim is not None, "acquire never pins more keys than there are slots"
         slot = self._slot_of.pop(victim)
         assert self._state[slot] is SlotState.READY, "a pinned slot is never evicted"
@@ -149,19 +255,30 @@ class SlotCache:
         self._state[slot] = SlotState.FREE
         self.policy.remove(victim)
         self._evicted_this_pass.add(victim)
-        self._stats[victim[0]].evictions += 1
+        stats = self._stats[victim[0]]
+        stats.evictions += 1
+        if self._prefetched.pop(victim, None) is not None:
+            stats.wasted_prefetch_bytes += self.layout.expert_bytes
         return slot
 
-    def _load(self, key: Key, pinned: set[Key]) -> int:
-        slot = self._take_slot(pinned)
+    def _load(self, key: Key, protected: set[Key] | None = None) -> int:
+        if protected is None:
+            protected = {k for k, t in self._prefetched.items() if t > self.position}
+        slot = self._take_slot(protected)
         source = self._store.block(*key)
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 # Readers of the previous occupant were queued before last_use: wait for them.
                 self._copy_stream.wait_event(self._last_use[slot])
+                start.record(self._copy_stream)
                 self.pool[slot].copy_(source, non_blocking=True)
+                end.record(self._copy_stream)
                 self._ready[slot].record(self._copy_stream)
             self._unwaited.add(slot)
+            self._copy_timings.append((start, end))
+            if len(self._copy_timings) > _MAX_PENDING_TIMINGS:
+                self.drain_timings(block=False)
         else:
             self.pool[slot].copy_(source)
         self._slot_of[key] = slot

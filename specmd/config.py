@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
 import yaml
 
 from .policies import POLICIES
+from .prefetch import PREFETCH_POLICIES, PrefetchConfig
 
 BudgetSpec = Union[int, float, str]
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "policies"
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -40,6 +43,8 @@ class Budget:
     @classmethod
     def parse(cls, spec: BudgetSpec) -> "Budget":
         """Parse a user's budget; a ValueError says which forms are accepted."""
+        if isinstance(spec, Budget):
+            return spec
         if isinstance(spec, bool):
             raise ValueError(f"expert_budget={spec!r} is not a budget; {_BUDGET_HELP}")
         if isinstance(spec, int):
@@ -78,6 +83,22 @@ class Budget:
         return max(0, free_device_bytes - headroom)
 
 
+_PREFETCH_KEYS = {"policy", "lookahead", "k", "p", "cap", "tau"}
+
+
+def _prefetch_config(spec, where: str) -> PrefetchConfig:
+    if isinstance(spec, PrefetchConfig):
+        return spec
+    if isinstance(spec, str):
+        return PrefetchConfig(policy=spec)
+    if isinstance(spec, dict):
+        if unknown := set(spec) - _PREFETCH_KEYS:
+            raise ValueError(f"{where}: unknown prefetch keys {sorted(unknown)}; valid keys: {sorted(_PREFETCH_KEYS)}")
+        return PrefetchConfig(**spec)
+    raise ValueError(f"{where}: prefetch must be one of {', '.join(PREFETCH_POLICIES)} or a mapping of "
+                     f"{sorted(_PREFETCH_KEYS)}")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """Everything ``specmd.offload`` needs besides the model."""
@@ -86,6 +107,7 @@ class OffloadConfig:
     eviction: str = "least-stale"
     device: str | None = None  # "cuda", "cuda:N", "cpu" or None (CUDA when available)
     seed: int = 0  # for the seeded random eviction policy
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
 
     def __post_init__(self) -> None:
         if self.eviction not in POLICIES:
@@ -96,20 +118,38 @@ class OffloadConfig:
             raise ValueError(f"device={self.device!r}: use 'cuda', 'cuda:N', 'cpu' or None")
 
     @classmethod
-    def create(cls, expert_budget: BudgetSpec, eviction: str = "least-stale",
-               device: str | None = None, seed: int = 0) -> "OffloadConfig":
-        """Validate keyword arguments into a config."""
-        budget = expert_budget if isinstance(expert_budget, Budget) else Budget.parse(expert_budget)
-        return cls(budget, eviction, None if device is None else str(device), seed)
+    def create(cls, expert_budget: BudgetSpec | Budget, eviction: str = "least-stale", device: str | None = None,
+               seed: int = 0, prefetch: str | dict | PrefetchConfig = "none",
+               lookahead: int | None = None) -> "OffloadConfig":
+        """Validate keyword arguments into a config; ``lookahead`` overrides the prefetch config's."""
+        prefetch_config = _prefetch_config(prefetch, "prefetch")
+        if lookahead is not None:
+            prefetch_config = PrefetchConfig(**{**vars(prefetch_config), "lookahead": lookahead})
+        return cls(Budget.parse(expert_budget), eviction, None if device is None else str(device), seed,
+                   prefetch_config)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "OffloadConfig":
-        """Load a preset from YAML (keys: expert_budget, eviction, device, seed); unknown keys are an error."""
+        """Load a preset (keys: expert_budget, eviction, device, seed, prefetch, lookahead); ``overrides``
+        that are not None win; unknown keys are an error naming the key."""
         data = yaml.safe_load(Path(path).read_text()) or {}
-        data.update(overrides)
-        known = {"expert_budget", "eviction", "device", "seed"}
+        known = {"expert_budget", "eviction", "device", "seed", "prefetch", "lookahead"}
         if unknown := set(data) - known:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        if "expert_budget" not in data:
-            raise ValueError(f"{path}: missing key 'expert_budget'")
+        if "prefetch" in data:
+            data["prefetch"] = _prefetch_config(data["prefetch"], str(path))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.setdefault("expert_budget", "auto")
         return cls.create(**data)
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset's YAML: a path, or a name in configs/policies/; the error lists the names."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    candidate = PRESETS_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    raise ValueError(f"no policy preset {str(name)!r}; pass a YAML path or one of: {', '.join(names)}")

@@ -1,12 +1,18 @@
-"""The main loop: runs after each router, in place of the experts module's own forward.
+"""The main loop and the prefetch loop: run after each router, in place of the experts module's forward.
 
-Protocol note (synchronous engine). One thread, the model's, does everything:
-  1. ``run_layer`` reads the routed ids to the host (``.tolist()``: the one device->host sync per layer).
-  2. For each chunk of at most ``num_slots`` distinct experts, ``SlotCache.acquire`` counts hits and queues
-     misses host->slot on the cache's copy stream; the compute stream waits on each new slot's ready event.
-  3. The chunk's rows are computed from the slots on the compute stream, then ``SlotCache.release``
-     records each slot's last-use event, which any later overwrite of the slot waits on.
-No lock is needed: nothing else touches the cache. Streams and events are owned by ``SlotCache``.
+Protocol note. Two threads: the model's thread (this module) and the watchdog (``watchdog.py``).
+  1. ``run_layer`` scores the current hidden state with the next ``d`` routers (``Predictor``) and reads
+     the routed ids and the predicted ids to the host in one ``.tolist()``: the one sync per layer.
+  2. ``SlotCache.set_position`` marks the layer as running: queued prefetches for it are now stale.
+  3. For each chunk of at most ``num_slots`` distinct experts, ``SlotCache.acquire`` pins them, counts
+     hits and issues demand misses host->slot on the cache's copy stream itself (never through the
+     queue); the compute stream waits on the slots' ready events. The host never waits for a copy.
+  4. After the first chunk is acquired (so demand copies are queued first), the predictions go to the
+     watchdog, nearest layer first; it issues them on the same copy stream while this layer computes.
+  5. The chunk is computed from the slots on the compute stream; ``SlotCache.release`` records each
+     slot's last-use event, which a later overwrite of that slot waits on.
+Locks: ``SlotCache._lock`` guards the slot table, the policy and the counters; ``Watchdog._cond`` guards
+the request queue. Streams and events are owned by ``SlotCache`` (each documented there).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from .adapters import MoELayer
 from .cache import SlotCache
 from .compute import expert_rows
 from .metrics import LayerStats, Stats
+from .prefetch import Predictor
+from .watchdog import Watchdog
 
 IMPLEMENTATION_NAME = "specmd"
 
@@ -47,19 +55,26 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
 
 
 class Engine:
-    """Owns the cache and the per-layer counters; called once per MoE layer per forward."""
+    """Owns the cache, the predictor, the watchdog and the per-layer counters; called once per MoE layer
+    per forward pass."""
 
-    def __init__(self, layers: list[MoELayer], cache: SlotCache, layer_stats: list[LayerStats]) -> None:
+    def __init__(self, layers: list[MoELayer], cache: SlotCache, layer_stats: list[LayerStats],
+                 predictor: Predictor) -> None:
         self.layers = layers
         self.cache = cache
+        self.predictor = predictor
         self._layer_stats = layer_stats  # shared with the cache, which counts into it
         self._last_layer = len(layers)  # so the first call starts a pass
-        self._forward_passes = 0
+        self._forward_passes = 0  # counted for stats; reset_stats zeroes it
+        self._pass_index = 0  # never reset: positions (pass * layers + layer) must only grow
+        self._predictions: dict[int, set[int]] = {}  # layer -> nearest prediction not yet checked
+        self.watchdog = Watchdog(cache) if predictor.config.enabled else None
         self.closed = False
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Compute one MoE layer's routed experts from the slot pool; syncs the host once on the routed ids.
+        """Compute one MoE layer's routed experts from the slot pool; syncs the host once (routed and
+        predicted ids together).
 
         hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H], the same value (bit for bit in
         float32) as the module's own forward.
@@ -67,18 +82,31 @@ class Engine:
         if self.closed:
             raise ClosedHandleError("this model's specmd handle was closed; call specmd.offload(model, ...) "
                                     "again to run it")
+        if self.watchdog is not None:
+            self.watchdog.raise_if_failed()
+        num_layers = len(self.layers)
         if layer <= self._last_layer:
             self._forward_passes += 1
+            self._pass_index += 1
             self.cache.begin_pass()
         self._last_layer = layer
-        self.cache.policy.set_layer(layer, len(self.layers))
+        position = self._pass_index * num_layers + layer
+        self.cache.set_position(position, layer, num_layers)
 
         num_tokens, top_k = top_k_index.shape
         hidden_dim = hidden_states.shape[-1]
         device = hidden_states.device
         flat_ids = top_k_index.reshape(-1)  # [T*k]
-        counts = Counter(flat_ids.tolist())  # the one device->host sync of this layer
+        predicted = self.predictor.predict(layer, hidden_states)  # [D, C] or None
+        if predicted is None:
+            host_ids = flat_ids.tolist()  # the one device->host sync of this layer
+        else:
+            host_ids = torch.cat([flat_ids, predicted.reshape(-1).to(flat_ids.dtype)]).tolist()  # the one sync
+        counts = Counter(host_ids[:num_tokens * top_k])
         experts = sorted(counts)
+        self._score_prediction(layer, experts)
+        requests = self._prefetch_requests(layer, position, host_ids[num_tokens * top_k:])
+
         weights = top_k_weights.reshape(-1)  # [T*k]
         out_dtype = torch.promote_types(self.cache.layout.dtype, weights.dtype)
         out = torch.empty(num_tokens * top_k, hidden_dim, dtype=out_dtype, device=device)  # [T*k, H]
@@ -88,6 +116,8 @@ class Engine:
         for start in range(0, len(experts), num_slots):
             chunk = experts[start:start + num_slots]
             slots = self.cache.acquire(layer, chunk)
+            if start == 0 and requests:
+                self.watchdog.submit(requests)
             # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this
             # chunk's rows first, grouped by slot, without another sync.
             lut = [num_slots] * num_experts
@@ -106,20 +136,48 @@ class Engine:
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
         return out.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
+    def _score_prediction(self, layer: int, experts: list[int]) -> None:
+        predicted = self._predictions.pop(layer, None)
+        if predicted is not None:
+            stats = self._layer_stats[layer]
+            stats.predicted += len(predicted)
+            stats.predicted_correct += len(predicted.intersection(experts))
+            stats.predicted_accesses += len(experts)
+
+    def _prefetch_requests(self, layer: int, position: int, predicted: list[int]) -> list[tuple[int, int, tuple]]:
+        """(distance, target position, key) for every predicted id, nearest layer first."""
+        targets = self.predictor.targets(layer)
+        if not targets:
+            return []
+        per_layer = len(predicted) // len(targets)
+        requests = []
+        for distance, target in enumerate(targets, start=1):
+            ids = [e for e in predicted[(distance - 1) * per_layer:distance * per_layer] if e >= 0]
+            self._predictions[target] = set(ids)  # a later (nearer) prediction replaces an earlier one
+            requests += [(distance, position + distance, (target, e)) for e in ids]
+        return requests
+
     def stats(self) -> Stats:
-        """A snapshot of the counters (copies; later calls do not change it)."""
+        """A snapshot of the counters (copies). Synchronizes the device to read the CUDA timings."""
         cache = self.cache
+        cache.drain_timings()
         return Stats(num_slots=cache.num_slots, budget_bytes=cache.budget_bytes,
                      expert_bytes=cache.layout.expert_bytes, forward_passes=self._forward_passes,
+                     copy_busy_ms=cache.copy_busy_ms,
                      layers=[LayerStats(**vars(s)) for s in self._layer_stats])
 
     def reset_stats(self) -> None:
         """Zero every counter; the cache's contents stay (changes state)."""
+        if self.watchdog is not None:
+            self.watchdog.wait_idle()
+        self.cache.reset_timings()
         self._layer_stats[:] = [LayerStats() for _ in self._layer_stats]
         self._forward_passes = 0
 
     def close(self) -> None:
-        """Release the slot pool; later calls raise ``ClosedHandleError``. Safe to call twice."""
+        """Stop the watchdog, release the slot pool; later calls raise ``ClosedHandleError``. Idempotent."""
         if not self.closed:
             self.closed = True
+            if self.watchdog is not None:
+                self.watchdog.close()
             self.cache.close()

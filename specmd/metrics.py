@@ -15,10 +15,27 @@ class LayerStats:
     misses_collision: int = 0  # evicted earlier in the same forward pass
     evictions: int = 0
     bytes_copied: int = 0
+    prefetch_hits: int = 0  # hit on an expert a prefetch brought, at its first demand access
+    late_prefetches: int = 0  # prefetched, but its copy was still in flight when needed
+    prefetches: int = 0  # prefetch copies issued
+    prefetch_bytes: int = 0
+    wasted_prefetch_bytes: int = 0  # prefetched, then evicted before any demand access
+    predicted: int = 0  # experts predicted for this layer (nearest prediction)
+    predicted_correct: int = 0  # ... of which the router then chose
+    predicted_accesses: int = 0  # accesses of layer calls that had a prediction
+    stall_ms: float = 0.0  # compute stream waiting on copies (CUDA events)
 
     @property
     def misses(self) -> int:
         return self.misses_cold + self.misses_capacity + self.misses_collision
+
+    @property
+    def precision(self) -> float:
+        return self.predicted_correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.predicted_correct / self.predicted_accesses if self.predicted_accesses else 0.0
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
@@ -33,6 +50,7 @@ class Stats:
     budget_bytes: int
     expert_bytes: int
     forward_passes: int = 0
+    copy_busy_ms: float = 0.0  # copy stream busy, summed over copies (CUDA events)
     layers: list[LayerStats] = field(default_factory=list)
 
     @property
@@ -47,15 +65,21 @@ class Stats:
         total = self.total
         return total.hits / total.accesses if total.accesses else 0.0
 
+    @property
+    def stall_ms(self) -> float:
+        return self.total.stall_ms
+
     def to_dict(self) -> dict:
         """Plain dict for ``json.dumps``: totals and per-layer counts, misses included."""
         def layer_dict(s: LayerStats) -> dict:
-            return {**asdict(s), "misses": s.misses}
+            return {**asdict(s), "misses": s.misses, "precision": s.precision, "recall": s.recall}
         return {
             "num_slots": self.num_slots,
             "budget_bytes": self.budget_bytes,
             "expert_bytes": self.expert_bytes,
             "forward_passes": self.forward_passes,
+            "copy_busy_ms": self.copy_busy_ms,
+            "stall_ms": self.stall_ms,
             "hit_rate": self.hit_rate,
             "total": layer_dict(self.total),
             "layers": [layer_dict(s) for s in self.layers],
@@ -64,6 +88,12 @@ class Stats:
     def summary(self) -> str:
         """One human-readable line."""
         t = self.total
-        return (f"slots={self.num_slots} passes={self.forward_passes} accesses={t.accesses} hits={t.hits} "
+        line = (f"slots={self.num_slots} passes={self.forward_passes} accesses={t.accesses} hits={t.hits} "
                 f"({self.hit_rate:.1%}) misses={t.misses} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
                 f"collision {t.misses_collision}) evictions={t.evictions} copied={t.bytes_copied / 2**20:.1f} MiB")
+        if t.prefetches:
+            line += (f" prefetch: hits={t.prefetch_hits} late={t.late_prefetches} precision={t.precision:.2f} "
+                     f"recall={t.recall:.2f} wasted={t.wasted_prefetch_bytes / 2**20:.1f} MiB")
+        if self.copy_busy_ms:
+            line += f" stall={t.stall_ms:.1f} ms copy-busy={self.copy_busy_ms:.1f} ms"
+        return line

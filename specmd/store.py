@@ -40,11 +40,12 @@ class HostStore:
         """Move ``layer``'s experts into a new host buffer and point its parameters at it (changes the module)."""
         assert layer.index == len(self._buffers), "layers are added in order"
         layout, module = layer.layout, layer.module
-        buffer = torch.empty(layout.num_experts, layout.block_numel, dtype=layout.dtype, pin_memory=self.pin)
-        for name, view in layout_views(buffer, layout).items():
-            view.copy_(getattr(module, name).detach())
-            # Replacing the parameter frees the original (device or host) tensor right away.
-            setattr(module, name, nn.Parameter(view, requires_grad=False))
+        with torch.inference_mode(False):  # normal tensors, whatever mode offload is called in
+            buffer = torch.empty(layout.num_experts, layout.block_numel, dtype=layout.dtype, pin_memory=self.pin)
+            for name, view in layout_views(buffer, layout).items():
+                view.copy_(getattr(module, name).detach())
+                # Replacing the parameter frees the original (device or host) tensor right away.
+                setattr(module, name, nn.Parameter(view, requires_grad=False))
         if not getattr(module, "_specmd_state_dict_hook", False):
             module.register_state_dict_post_hook(_contiguous_experts)
             module._specmd_state_dict_hook = True

@@ -160,3 +160,22 @@ def test_auto_budget_reads_free_device_memory():
     run(model, "cuda")
     assert model.specmd._engine.cache.pool.is_cuda
     assert model.specmd._engine.cache._store.pin  # host experts are pinned when CUDA is present
+
+
+def test_offload_under_inference_mode_then_generate_outside(device):
+    with torch.inference_mode():
+        model = specmd.offload(tiny_model("olmoe"), "25%", device=device, prefetch="topk")
+    run(model, device)  # generate runs under no_grad only: slot copies must still be allowed
+    assert model.specmd.stats().total.prefetches > 0
+    model.specmd.close()
+
+
+def test_offload_again_after_close_reuses_the_host_store(device):
+    model = specmd.offload(tiny_model("olmoe"), "25%", "lru", device)
+    want = run(model, device)
+    buffers = [p.data_ptr() for layer in find_moe_layers(model) for p in layer.module.parameters()]
+    model.specmd.close()
+    specmd.offload(model, "50%", "least-stale", device, prefetch="topk")
+    assert [p.data_ptr() for layer in find_moe_layers(model) for p in layer.module.parameters()] == buffers
+    assert torch.equal(run(model, device), want)
+    model.specmd.close()

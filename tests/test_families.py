@@ -72,3 +72,27 @@ def test_generation_is_token_identical(family, loader, checkpoints, tmp_path_fac
             assert torch.equal(got, want), f"{family} {loader} budget={budget} eviction={eviction}"
             check_stats(model, budget)
             model.specmd.close()
+
+
+PREFETCH_BUDGETS = [1, 2, 0.25]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_prefetch_generation_is_token_identical(family, prompt, device):
+    """Every eviction x prefetch policy x lookahead 1 and 3 at budgets of 1 expert, 2 experts and 25%:
+    the watchdog thread prefetches while the model computes, and the tokens do not change."""
+    model = tiny_model(family).to(device)
+    ids = prompt.to(device)
+    want = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    prefetched = 0
+    for budget in PREFETCH_BUDGETS:
+        for eviction in sorted(specmd.POLICIES):
+            for prefetch in ["none", "topk", "top-p", "threshold"]:
+                for lookahead in [1, 3]:
+                    specmd.offload(model, budget_bytes(model, budget), eviction, device,
+                                   prefetch=prefetch, lookahead=lookahead)
+                    got = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+                    assert torch.equal(got, want), f"{family} {budget} {eviction} {prefetch} d={lookahead}"
+                    prefetched += model.specmd.stats().total.prefetches
+                    model.specmd.close()
+    assert prefetched > 0

@@ -1,0 +1,47 @@
+"""Shared by the GPU benchmark scripts: the OLMoE-1B-7B shapes and CUDA-synchronised generate timing."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+# OLMoE-1B-7B-0924 shapes (OlmoeConfig() defaults differ: intermediate 2048).
+OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=50279, pad_token_id=1)
+
+
+def olmoe_on_gpu(seed: int = 0):
+    """The OLMoE-shaped model with random bf16 weights, initialised directly on the GPU."""
+    from transformers import AutoModelForCausalLM, OlmoeConfig
+
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(OlmoeConfig(**OLMOE_1B_7B), dtype=torch.bfloat16).eval()
+
+
+def timed_generate(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds for one greedy generate (synchronised before and after) and its output."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(model, ids, new_tokens: int, repeats: int, ttft_repeats: int = 3, before_last=None) -> dict:
+    """TTFT (generate of one token) and TPOT ((t_n - t_1) / (n - 1)), medians after a short warm-up.
+
+    ``before_last`` runs before the last full repeat (e.g. to reset counters so they cover one generate).
+    """
+    timed_generate(model, ids, min(new_tokens, 8))  # warm-up
+    ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(ttft_repeats))
+    totals, out = [], None
+    for i in range(repeats):
+        if i == repeats - 1 and before_last is not None:
+            before_last()
+        seconds, out = timed_generate(model, ids, new_tokens)
+        totals.append(seconds)
+    total = statistics.median(totals)
+    return {"ttft_ms": ttft * 1e3, "tpot_ms": (total - ttft) / (new_tokens - 1) * 1e3, "tokens": out}

@@ -1,0 +1,26 @@
+"""A small model through the CUDA path (copy stream, events, pinned memory, watchdog thread), for
+compute-sanitizer: `compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py`.
+Exits non-zero if the tokens differ from the unpatched model's."""
+import sys
+
+import torch
+
+import specmd
+from specmd.adapters import find_moe_layers
+from specmd.tiny import tiny_model
+
+if not torch.cuda.is_available():
+    raise SystemExit("sanitize_small.py needs a CUDA GPU")
+model = tiny_model("olmoe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3).cuda()
+ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+expert = find_moe_layers(model)[0].layout.expert_bytes
+ok = True
+for budget, eviction, prefetch, lookahead in [(2 * expert, "lru", "topk", 2), (6 * expert, "least-stale", "top-p", 1)]:
+    specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead)
+    got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    print(budget // expert, "slots", eviction, prefetch, "identical:", torch.equal(got, want),
+          model.specmd.stats().summary())
+    ok &= torch.equal(got, want)
+    model.specmd.close()
+sys.exit(0 if ok else 1)

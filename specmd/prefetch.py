@@ -1,0 +1,88 @@
+"""Speculative routing: the next layers' routers score the current hidden state; a policy picks experts.
+
+Legend: T tokens, H hidden, E experts, D lookahead depth, C candidates per looked-ahead layer.
+Scores of a batch are the routers' probabilities averaged over its tokens, so a long prefill predicts
+the experts most of its tokens want rather than the union of all (which would be every expert).
+("Speculating Experts Accelerates Inference for MoE", arXiv 2603.19289: next-layer gates on the current
+hidden state predict the routed experts well.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PREFETCH_POLICIES = ("none", "topk", "top-p", "threshold")
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """``policy``: none | topk | top-p | threshold; ``lookahead`` d in 1..3; ``k`` (topk; None = the model's
+    top-k); ``p`` and ``cap`` (top-p: smallest set reaching p, at most cap); ``tau`` (threshold)."""
+
+    policy: str = "none"
+    lookahead: int = 1
+    k: int | None = None
+    p: float = 0.9
+    cap: int | None = None
+    tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.policy not in PREFETCH_POLICIES:
+            raise ValueError(f"unknown prefetch policy {self.policy!r}; choose one of: {', '.join(PREFETCH_POLICIES)}")
+        if not 1 <= self.lookahead <= 3:
+            raise ValueError(f"prefetch lookahead={self.lookahead}: must be 1, 2 or 3")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"prefetch k={self.k}: must be at least 1 (or None for the model's top-k)")
+        if not 0.0 < self.p <= 1.0:
+            raise ValueError(f"prefetch p={self.p}: must be in (0, 1]")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"prefetch tau={self.tau}: must be in (0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+
+class Predictor:
+    """Turns the current layer's hidden states into predicted expert ids for the next ``lookahead`` layers."""
+
+    def __init__(self, config: PrefetchConfig, routers: list[nn.Module | None], top_k: int) -> None:
+        if config.enabled and any(r is None for r in routers):
+            raise ValueError("prefetch needs each MoE layer's router (a 'gate' or 'router' beside the experts); "
+                             "this model has none: use prefetch='none'")
+        self.config = config
+        self.routers = routers
+        num_experts = routers[0].weight.shape[0] if routers and routers[0] is not None else 0
+        k = config.k or top_k
+        self.candidates = min(num_experts, {"topk": k, "top-p": config.cap or 2 * top_k,
+                                            "threshold": config.cap or 2 * top_k}.get(config.policy, 0))
+
+    def targets(self, layer: int) -> list[int]:
+        """The (cyclic) MoE layers predicted from ``layer``, nearest first: the last layer predicts the
+        next pass's first layers."""
+        n = len(self.routers)
+        return [(layer + j) % n for j in range(1, self.config.lookahead + 1)] if self.config.enabled else []
+
+    def predict(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync."""
+        targets = self.targets(layer)
+        if not targets:
+            return None
+        rows = []
+        for target in targets:
+            router = self.routers[target]
+            logits = F.linear(hidden_states.to(router.weight.dtype), router.weight,
+                              getattr(router, "bias", None))  # [T, E]
+            probs = logits.float().softmax(-1).mean(0)  # [E]
+            top, ids = probs.topk(self.candidates)  # [C]
+            if self.config.policy == "top-p":
+                # keep the smallest prefix whose mass reaches p: an id stays if the mass before it is < p
+                keep = (top.cumsum(0) - top) < self.config.p
+                ids = torch.where(keep, ids, -1)
+            elif self.config.policy == "threshold":
+                ids = torch.where(top > self.config.tau, ids, -1)
+            rows.append(ids)
+        return torch.stack(rows)  # [D, C]

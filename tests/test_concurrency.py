@@ -1,0 +1,132 @@
+"""The watchdog thread against the main loop: a randomized stress test with an independent checker,
+and errors raised inside the thread."""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import specmd
+import specmd.engine
+from specmd.adapters import find_moe_layers
+from specmd.tiny import tiny_model
+
+
+class SlotChecker:
+    """Watches a cache from outside: every slot read by a computation must hold, from the acquire that
+    handed it out to the release after the compute, the same copy generation and the right expert's bytes;
+    no copy may land in a slot that is handed out (pinned)."""
+
+    def __init__(self, cache, store):
+        self.violations = []
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._held = {}  # slot -> (key, generation)
+        self._generation = {}  # slot -> number of copies into it
+        load, acquire, release = cache._load, cache.acquire, cache.release
+
+        def checked_load(key, protected=None):
+            slot = load(key, protected)
+            with self._lock:
+                self._generation[slot] = self._generation.get(slot, 0) + 1
+                if slot in self._held:
+                    self.violations.append(f"copy of {key} into pinned slot {slot} held by {self._held[slot]}")
+            return slot
+
+        def content_ok(slot, key):
+            return torch.equal(cache.pool[slot].cpu(), store.block(*key))
+
+        def checked_acquire(layer, experts):
+            slots = acquire(layer, experts)
+            with self._lock:
+                for expert, slot in zip(experts, slots):
+                    key = (layer, expert)
+                    if slot in self._held:
+                        self.violations.append(f"slot {slot} handed out twice")
+                    self._held[slot] = (key, self._generation.get(slot))
+                    if not content_ok(slot, key):
+                        self.violations.append(f"slot {slot} does not hold {key} at acquire")
+            return slots
+
+        def checked_release(slots):
+            with self._lock:
+                for slot in slots:
+                    key, generation = self._held.pop(slot)
+                    self.reads += 1
+                    if self._generation.get(slot) != generation:
+                        self.violations.append(f"slot {slot} ({key}) overwritten between acquire and release")
+                    elif not content_ok(slot, key):
+                        self.violations.append(f"slot {slot} ({key}) changed under its reader")
+            release(slots)
+
+        cache._load, cache.acquire, cache.release = checked_load, checked_acquire, checked_release
+
+
+@pytest.fixture
+def slow_compute(monkeypatch):
+    """Stretch each expert computation by 0-2 ms so the watchdog's copies interleave with it."""
+    compute = specmd.engine.expert_rows
+    rng = random.Random(0)
+
+    def slow(*args, **kwargs):
+        time.sleep(rng.random() * 0.002)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(specmd.engine, "expert_rows", slow)
+
+
+FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_stress_random_configurations(seed, slow_compute, device):
+    rng = random.Random(seed)
+    family = rng.choice(FAMILIES)
+    model = tiny_model(family, seed=seed).to(device)
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    batch, length = rng.randint(1, 3), rng.randint(1, 20)
+    ids = torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed)).to(device)
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    budget = rng.choice([expert, 2 * expert, 3 * expert, 0.25, 0.5])
+    eviction = rng.choice(sorted(specmd.POLICIES))
+    prefetch = rng.choice(["topk", "top-p", "threshold"])
+    specmd.offload(model, budget, eviction, device, prefetch=prefetch, lookahead=rng.randint(1, 3), seed=seed)
+    engine = model.specmd._engine
+    checker = SlotChecker(engine.cache, engine.cache._store)
+    got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    model.specmd.close()
+    assert checker.violations == []
+    assert checker.reads > 0
+    assert torch.equal(got, want), (family, budget, eviction, prefetch)
+
+
+def specmd_threads():
+    return [t for t in threading.enumerate() if t.name == "specmd-watchdog"]
+
+
+def test_watchdog_error_surfaces_in_the_model_thread_and_close_joins(device):
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
+    engine = model.specmd._engine
+
+    def broken_copy(key, target):
+        raise OSError("simulated copy failure")
+
+    engine.cache.prefetch = broken_copy  # the watchdog calls cache.prefetch for every request
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0)).to(device)
+    with pytest.raises(RuntimeError, match="simulated copy failure"):
+        for _ in range(3):
+            model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert isinstance(engine.watchdog.error, OSError)  # kept; the thread stops itself after a failure
+    model.specmd.close()
+    assert specmd_threads() == []
+
+
+def test_close_stops_the_thread_and_frees_the_slots(device):
+    before = len(specmd_threads())
+    model = specmd.offload(tiny_model("mixtral"), "25%", device=device, prefetch="topk", lookahead=2)
+    assert len(specmd_threads()) == before + 1
+    model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=3, do_sample=False)
+    model.specmd.close()
+    assert len(specmd_threads()) == before
+    assert model.specmd._engine.cache.pool.numel() == 0

@@ -1,0 +1,104 @@
+"""Speculative routing: the prediction policies, their metrics and the presets."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import specmd
+from specmd.prefetch import PrefetchConfig, Predictor
+from specmd.tiny import tiny_model
+
+
+def router_with_probs(probs):
+    """A router whose logits for the input [[1, 0, ...]] are log(probs), so softmax gives probs."""
+    router = nn.Linear(len(probs), len(probs), bias=False)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, 0] = torch.tensor(probs).log()
+    return router
+
+
+PROBS = [0.05, 0.4, 0.3, 0.15, 0.06, 0.04]
+X = torch.eye(6)[:1]  # one token: [1, 0, 0, 0, 0, 0]
+
+
+def predict(policy, **kw):
+    routers = [router_with_probs(PROBS)] * 4
+    return Predictor(PrefetchConfig(policy=policy, **kw), routers, top_k=2).predict(0, X)
+
+
+def test_topk_defaults_to_the_models_top_k():
+    assert predict("topk").tolist() == [[1, 2]]
+    assert predict("topk", k=3).tolist() == [[1, 2, 3]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # cap defaults to 2 * top_k = 4 candidates: 0.4, 0.3, 0.15, 0.06
+    assert predict("top-p", p=0.5).tolist() == [[1, 2, -1, -1]]  # 0.4 < 0.5, 0.7 reaches it
+    assert predict("top-p", p=0.8).tolist() == [[1, 2, 3, -1]]
+    assert predict("top-p", p=0.99, cap=3).tolist() == [[1, 2, 3]]
+
+
+def test_threshold_keeps_scores_above_tau():
+    assert predict("threshold", tau=0.1).tolist() == [[1, 2, 3, -1]]
+
+
+def test_lookahead_predicts_cyclic_layers_nearest_first():
+    routers = [router_with_probs(PROBS) for _ in range(4)]
+    p = Predictor(PrefetchConfig(policy="topk", lookahead=3), routers, top_k=2)
+    assert p.targets(0) == [1, 2, 3]
+    assert p.targets(3) == [0, 1, 2]  # the last layer predicts the next pass's first layers
+    assert p.predict(3, X).shape == (3, 2)
+    assert Predictor(PrefetchConfig(), routers, 2).predict(0, X) is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(policy="oracle"), "topk"), (dict(lookahead=4), "lookahead"), (dict(p=0.0), "p="),
+    (dict(k=0), "k="), (dict(tau=1.5), "tau"),
+])
+def test_bad_prefetch_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PrefetchConfig(**kw)
+
+
+def test_unknown_prefetch_name_through_the_api():
+    with pytest.raises(ValueError, match="threshold"):
+        specmd.offload(tiny_model("olmoe"), "50%", prefetch="psychic", device="cpu")
+
+
+def test_prefetch_metrics_on_a_repeated_prompt(device):
+    model = specmd.offload(tiny_model("olmoe"), "50%", "least-stale", device, prefetch="topk")
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(3)).to(device)
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    model.specmd.close()
+    # A 2-layer model at lookahead 1: each layer is predicted by the other one, every call after the first.
+    stats = model.specmd._engine.stats()
+    for layer in stats.layers:
+        assert layer.predicted_accesses > 0 and 0 <= layer.predicted_correct <= layer.predicted
+        assert 0.0 <= layer.precision <= 1.0 and 0.0 <= layer.recall <= 1.0
+    total = stats.total
+    assert total.prefetches > 0 and total.prefetch_bytes == total.prefetches * stats.expert_bytes
+    assert total.prefetch_hits <= total.hits
+    assert total.wasted_prefetch_bytes <= total.prefetch_bytes
+    assert stats.to_dict()["total"]["recall"] == total.recall
+
+
+def test_presets_load_by_name(device):
+    model = specmd.offload(tiny_model("olmoe"), "25%", device=device, preset="least-stale-top-p")
+    config = model.specmd.config
+    assert config.eviction == "least-stale" and config.prefetch.policy == "top-p" and config.prefetch.p == 0.9
+    model.specmd.close()
+    model = specmd.offload(tiny_model("olmoe"), "25%", "lru", device, preset="least-stale-topk")
+    assert model.specmd.config.eviction == "lru"  # an explicit argument wins over the preset
+    model.specmd.close()
+    with pytest.raises(ValueError, match="lru-topk"):
+        specmd.offload(tiny_model("olmoe"), "25%", preset="no-such-preset")
+
+
+def test_cli_runs_a_preset():
+    out = subprocess.run([sys.executable, "-m", "specmd.cli", "run", "--preset", "lru-topk", "--new-tokens", "8",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "prefetch: hits=" in out.stdout and "eviction: lru  prefetch: topk" in out.stdout

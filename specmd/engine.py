@@ -3,7 +3,8 @@
 Protocol note. Two threads: the model's thread (this module) and the watchdog (``watchdog.py``).
   1. ``run_layer`` scores the current hidden state with the next ``d`` routers (``Predictor``) and reads
      the routed ids and the predicted ids to the host in one ``.tolist()``: the one sync per layer.
-  2. ``SlotCache.set_position`` marks the layer as running: queued prefetches for it are now stale.
+  2. ``SlotCache.set_position`` marks the layer as running, after the sync: while the host waited there,
+     the watchdog could still issue this layer's predicted copies; from now on they are stale.
   3. For each chunk of at most ``num_slots`` distinct experts, ``SlotCache.acquire`` pins them, counts
      hits and issues demand misses host->slot on the cache's copy stream itself (never through the
      queue); the compute stream waits on the slots' ready events. The host never waits for a copy.
@@ -91,7 +92,6 @@ class Engine:
             self.cache.begin_pass()
         self._last_layer = layer
         position = self._pass_index * num_layers + layer
-        self.cache.set_position(position, layer, num_layers)
 
         num_tokens, top_k = top_k_index.shape
         hidden_dim = hidden_states.shape[-1]
@@ -102,6 +102,9 @@ class Engine:
             host_ids = flat_ids.tolist()  # the one device->host sync of this layer
         else:
             host_ids = torch.cat([flat_ids, predicted.reshape(-1).to(flat_ids.dtype)]).tolist()  # the one sync
+        # Only now does this layer count as running: while the host waited in the sync above (GIL
+        # released), the watchdog could still issue the prefetches predicted for it.
+        self.cache.set_position(position, layer, num_layers)
         counts = Counter(host_ids[:num_tokens * top_k])
         experts = sorted(counts)
         self._score_prediction(layer, experts)

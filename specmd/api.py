@@ -66,12 +66,13 @@ class OffloadHandle:
 
 def resolve_device(name: str | None) -> torch.device:
     """The device the model runs on; raises when CUDA is asked for and absent."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(name if name is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but CUDA is not available to torch {torch.__version__}; "
                            "pass device='cpu' (or None to pick automatically), or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: the watchdog thread must select the same device (set_device needs one).
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -68,25 +68,24 @@ class Watchdog:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        if self._cache.device.type == "cuda":
-            torch.cuda.set_device(self._cache.device)
-        while True:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._heap or self._stopping)
-                if self._stopping:
-                    return
-                _, _, target, key = heapq.heappop(self._heap)
-                self._busy = True
-            try:
-                self._cache.prefetch(key, target)
-            except BaseException as err:  # noqa: BLE001 - surfaced in the model's thread
-                log.exception("specmd watchdog failed")
+        try:
+            if self._cache.device.type == "cuda":
+                torch.cuda.set_device(self._cache.device)
+            while True:
                 with self._cond:
-                    self.error = err
-                    self._stopping = True
                     self._busy = False
-                    self._heap.clear()
                     self._cond.notify_all()
-                return
+                    self._cond.wait_for(lambda: self._heap or self._stopping)
+                    if self._stopping:
+                        return
+                    _, _, target, key = heapq.heappop(self._heap)
+                    self._busy = True
+                self._cache.prefetch(key, target)
+        except BaseException as err:  # noqa: BLE001 - surfaced in the model's thread
+            log.exception("specmd watchdog failed")
+            with self._cond:
+                self.error = err
+                self._stopping = True
+                self._busy = False
+                self._heap.clear()
+                self._cond.notify_all()

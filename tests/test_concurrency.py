@@ -130,3 +130,22 @@ def test_close_stops_the_thread_and_frees_the_slots(device):
     model.specmd.close()
     assert len(specmd_threads()) == before
     assert model.specmd._engine.cache.pool.numel() == 0
+
+
+def test_a_failure_outside_the_copy_still_surfaces(monkeypatch, device):
+    """Any exception in the thread (here: its queue) reaches the model's thread, not just copy errors."""
+    import heapq
+    import types
+
+    import specmd.watchdog
+
+    def broken_pop(heap):
+        raise RuntimeError("queue corrupted")
+
+    monkeypatch.setattr(specmd.watchdog, "heapq", types.SimpleNamespace(heappush=heapq.heappush, heappop=broken_pop))
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
+    with pytest.raises(RuntimeError, match="queue corrupted"):
+        for _ in range(3):
+            model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=4, do_sample=False)
+    model.specmd.close()
+    assert specmd_threads() == []

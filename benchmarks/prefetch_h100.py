@@ -60,10 +60,10 @@ def main() -> None:
                         "stats": stats.to_dict(),
                     })
                     print(json.dumps({k: v for k, v in results["runs"][-1].items() if k != "stats"}), flush=True)
+                    if args.out:  # after every run, so a run cut short still leaves its results
+                        with open(args.out, "w") as f:
+                            json.dump(results, f, indent=1)
                 model.specmd.close()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
     print(f"\n{results['gpu']}  OLMoE-1B-7B shapes bf16, {args.new_tokens} new tokens, counters of one generate")
     print(f"{'budget':>6} {'prompt':>6} {'config':<24}{'TTFT ms':>9}{'TPOT ms':>9}{'hit %':>7}{'pf hits':>8}"
           f"{'late':>6}{'stall ms':>9}{'copy ms':>9}{'prec':>6}{'rec':>6}  same")

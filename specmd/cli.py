@@ -1,4 +1,5 @@
-"""Command line: ``specmd run`` generates text through specmd and prints the cache statistics."""
+"""Command line: ``specmd run`` generates text through specmd and prints the cache statistics;
+``specmd sim`` replays a routing trace through the cache policies."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from .sim import simulate
+    from .trace import load_trace
+
+    trace = load_trace(args.trace)
+    total = trace.num_layers * trace.num_experts
+    rows = []
+    for budget in args.budget.split(","):
+        capacity = round(float(budget[:-1]) / 100 * total) if budget.endswith("%") else int(budget)
+        for eviction in args.eviction.split(","):
+            stats = simulate(trace, capacity, eviction, seed=args.seed)
+            rows.append({"budget": budget, "capacity": capacity, "eviction": eviction, **stats.to_dict()})
+            t = stats.total
+            print(f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
+                  f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
+                  f"collision {t.misses_collision})  evictions {t.evictions}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,11 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--prompt", default="def fibonacci(n):")
     run.add_argument("--new-tokens", type=int, default=32)
     run.add_argument("--stats-json", help="also write the statistics here")
+    sim = sub.add_parser("sim", help="replay a routing trace through the cache policies (demand-only)")
+    sim.add_argument("trace", help="routing trace file (see README)")
+    sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")
+    sim.add_argument("--eviction", default="lru,lfu,fifo,layer-distance,least-stale,belady",
+                     help="comma-separated eviction policies; 'belady' is the oracle")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", help="write the statistics as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return cmd_run(args)
-    except (ValueError, RuntimeError) as err:
+        return {"run": cmd_run, "sim": cmd_sim}[args.command](args)
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"specmd: {err}", file=sys.stderr)
         return 2
 

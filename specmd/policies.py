@@ -91,33 +91,29 @@ class FIFO(_OrderedPolicy):
 
 
 class LFU(EvictionPolicy):
-    """Least frequently used since it became resident; ties go to the least recently used."""
+    """Least frequently used, counting every access since the start (a key's count survives its eviction);
+    ties go to the least recently used. (Matches the reference figures in shared/traces/README.md.)"""
 
     name = "lfu"
 
     def __init__(self) -> None:
-        self._count: dict[Key, int] = {}
-        self._last: dict[Key, int] = {}
+        self._count: dict[Key, int] = {}  # every key ever seen
+        self._last: dict[Key, int] = {}  # resident keys -> time of last access
         self._clock = 0
 
-    def _tick(self, key: Key) -> None:
+    def _access(self, key: Key) -> None:
         self._clock += 1
+        self._count[key] = self._count.get(key, 0) + 1
         self._last[key] = self._clock
 
-    def insert(self, key: Key) -> None:
-        self._count[key] = 1
-        self._tick(key)
-
-    def lookup(self, key: Key) -> None:
-        self._count[key] += 1
-        self._tick(key)
+    insert = _access
+    lookup = _access
 
     def remove(self, key: Key) -> None:
-        self._count.pop(key, None)
         self._last.pop(key, None)
 
     def select_victim(self, exclude: Collection[Key] = ()) -> Key | None:
-        candidates = (k for k in self._count if k not in exclude)
+        candidates = (k for k in self._last if k not in exclude)
         return min(candidates, key=lambda k: (self._count[k], self._last[k]), default=None)
 
 
@@ -215,6 +211,33 @@ class LeastStale(EvictionPolicy):
             key=lambda k: (self._touched_pass[k] == self._pass, self._first_touch[k]),
             default=None,
         )
+
+
+class Belady(LRU):
+    """The oracle (simulator only): evict the key whose next access is furthest in the future; keys never
+    accessed again first; ties to the least recently used. ``next_access(key, now)`` answers from the trace;
+    the simulator calls ``set_now`` before each layer."""
+
+    name = "belady"
+
+    def __init__(self, next_access) -> None:
+        super().__init__()
+        self._next_access = next_access
+        self._now = 0
+
+    def set_now(self, now: int) -> None:
+        """The absolute position (pass * layers + layer) being executed (changes state)."""
+        self._now = now
+
+    def select_victim(self, exclude: Collection[Key] = ()) -> Key | None:
+        best, best_next = None, -1
+        for key in self._order:  # LRU order: the first key at the furthest next access wins ties
+            if key in exclude:
+                continue
+            upcoming = self._next_access(key, self._now)
+            if upcoming > best_next:
+                best, best_next = key, upcoming
+        return best
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {

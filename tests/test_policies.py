@@ -39,8 +39,8 @@ def test_lfu_evicts_least_frequent_then_least_recent():
     p.lookup("c")  # c: 2, more recent than b
     assert p.select_victim() == "b"
     p.remove("b")
-    p.insert("b")  # a frequency restarts at 1 on re-insertion
-    assert p.select_victim() == "b"
+    p.insert("b")  # counts survive eviction: b is back at 3, c (2) goes first
+    assert p.select_victim() == "c"
 
 
 def test_random_is_seeded_and_respects_exclude():
@@ -111,3 +111,21 @@ def test_unknown_policy_lists_valid_names():
     with pytest.raises(ValueError, match="least-stale") as err:
         make_policy("mru")
     assert "lru" in str(err.value)
+
+
+def test_belady_evicts_the_furthest_next_access():
+    from specmd.policies import Belady
+
+    future = {"a": [5, 9], "b": [3], "c": [7], "d": []}
+
+    def next_access(key, now):
+        return next((t for t in future[key] if t >= now), float("inf"))
+
+    p = Belady(next_access)
+    fill(p, ["a", "b", "c", "d"])
+    p.set_now(2)
+    assert p.select_victim() == "d"  # never again
+    assert p.select_victim(exclude={"d"}) == "c"  # 7 > 5 > 3
+    p.set_now(6)
+    assert p.select_victim(exclude={"d"}) == "b"  # b never again after 3
+    assert p.select_victim(exclude={"b", "d"}) == "a"  # a at 9, c at 7

@@ -1,0 +1,46 @@
+"""Routing traces: which experts each MoE layer routed to, per forward pass.
+
+Reader for the onnx-genai export (``shared/traces/granite-3.0-1b-a400m.json``): per prompt, ``prefill``
+[T][L][k] and ``decode`` [N][L][k]. A prefill is one forward pass (per layer, the ids of all its tokens);
+each decode token is one pass. Prompts are replayed in file order through one cache.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """``passes[p][l]``: the expert ids MoE layer ``l`` routed to in forward pass ``p`` (repeats allowed)."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    passes: list[list[list[int]]]
+    source: str = ""
+
+    def accesses(self) -> list[list[list[int]]]:
+        """Per pass and layer, the distinct ids in ascending order: what the engine makes resident."""
+        return [[sorted(set(ids)) for ids in layers] for layers in self.passes]
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Read a routing trace file; a ValueError names the keys a supported format needs."""
+    data = json.loads(Path(path).read_text())
+    if not (isinstance(data, dict) and "prompts" in data and "num_layers" in data):
+        raise ValueError(f"{path}: not a routing trace; expected keys num_layers, num_experts, top_k, prompts "
+                         "(onnx-genai export)")
+    num_layers = data["num_layers"]
+    passes = []
+    for name, prompt in data["prompts"].items():
+        prefill = prompt.get("prefill", [])
+        if prefill:
+            passes.append([[e for token in prefill for e in token[layer]] for layer in range(num_layers)])
+        for token in prompt.get("decode", []):
+            if len(token) != num_layers:
+                raise ValueError(f"{path}: prompt {name!r} has a decode step with {len(token)} layers, "
+                                 f"not {num_layers}")
+            passes.append([list(ids) for ids in token])
+    return RoutingTrace(num_layers, data["num_experts"], data["top_k"], passes, str(path))

@@ -31,11 +31,13 @@ def timed_generate(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
 
 
 def measure(model, ids, new_tokens: int, repeats: int, ttft_repeats: int = 3, before_last=None) -> dict:
-    """TTFT (generate of one token) and TPOT ((t_n - t_1) / (n - 1)), medians after a short warm-up.
+    """TTFT (generate of one token) and TPOT ((t_n - t_1) / (n - 1)), medians after a full-length warm-up.
 
     ``before_last`` runs before the last full repeat (e.g. to reset counters so they cover one generate).
     """
-    timed_generate(model, ids, min(new_tokens, 8))  # warm-up
+    # Full length: the 2026-11-23 prefetch run warmed up with 8 tokens and its full-GPU row came out
+    # suspiciously slow (README); a warm-up that covers every decode length rules that out.
+    timed_generate(model, ids, new_tokens)
     ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(ttft_repeats))
     totals, out = [], None
     for i in range(repeats):

@@ -15,7 +15,9 @@ from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, exp
 from .metrics import LayerStats, Stats
 from .policies import make_policy
 from .prefetch import PrefetchConfig, Predictor
+from .replay import RoutingReplay
 from .store import HostStore
+from .trace import RoutingTrace, load_trace
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +25,10 @@ log = logging.getLogger(__name__)
 class OffloadHandle:
     """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
 
-    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore) -> None:
+    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore, top_k: int) -> None:
         self.config = config
         self._engine = engine
+        self._top_k = top_k
         self._store = store  # kept after close: offloading the model again reuses it, no re-pinning
 
     @property
@@ -47,6 +50,19 @@ class OffloadHandle:
         """Zero the counters; cached experts stay resident."""
         self._check_open()
         self._engine.reset_stats()
+
+    def replay_routing(self, trace: RoutingTrace | str | Path | None) -> None:
+        """From the next forward pass on, take every MoE layer's expert ids from ``trace`` (a RoutingTrace or
+        a trace file) instead of the router, pass by pass; ``None`` returns to the router. Feed the trace's
+        prompts (``trace.prompts``: lengths and decode steps). For timing and cache studies: the outputs
+        are not the model's."""
+        self._check_open()
+        if trace is None:
+            self._engine.replay = None
+            return
+        if not isinstance(trace, RoutingTrace):
+            trace = load_trace(trace)
+        self._engine.replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
 
     def close(self) -> None:
         """Free the device slots. The experts stay in host memory (the model's parameters point there);
@@ -164,7 +180,7 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     for layer in layers:
         layer.module._specmd_binding = Binding(engine, layer.index)
     model.set_experts_implementation(IMPLEMENTATION_NAME)
-    model.specmd = OffloadHandle(engine, config, store)
+    model.specmd = OffloadHandle(engine, config, store, top_k)
     log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s, "
              "prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20,
              total_bytes / 2**20, config.eviction, config.prefetch.policy, config.prefetch.lookahead)

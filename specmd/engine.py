@@ -28,6 +28,7 @@ from .cache import SlotCache
 from .compute import expert_rows
 from .metrics import LayerStats, Stats
 from .prefetch import Predictor
+from .replay import RoutingReplay
 from .watchdog import Watchdog
 
 IMPLEMENTATION_NAME = "specmd"
@@ -70,6 +71,7 @@ class Engine:
         self._pass_index = 0  # never reset: positions (pass * layers + layer) must only grow
         self._predictions: dict[int, set[int]] = {}  # layer -> nearest prediction not yet checked
         self.watchdog = Watchdog(cache) if predictor.config.enabled else None
+        self.replay: RoutingReplay | None = None  # set by OffloadHandle.replay_routing
         self.closed = False
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -90,16 +92,22 @@ class Engine:
             self._forward_passes += 1
             self._pass_index += 1
             self.cache.begin_pass()
+            if self.replay is not None:
+                self.replay.begin_pass()
         self._last_layer = layer
         position = self._pass_index * num_layers + layer
 
         num_tokens, top_k = top_k_index.shape
         hidden_dim = hidden_states.shape[-1]
         device = hidden_states.device
-        flat_ids = top_k_index.reshape(-1)  # [T*k]
         predicted = self.predictor.predict(layer, hidden_states)  # [D, C] or None
+        if self.replay is not None:
+            # The gate ran; its choice is replaced by the trace's (the host already knows these ids).
+            replayed = self.replay.ids(layer, num_tokens)
+            top_k_index = torch.tensor(replayed).view(num_tokens, top_k).to(device, non_blocking=True)
+        flat_ids = top_k_index.reshape(-1)  # [T*k]
         if predicted is None:
-            host_ids = flat_ids.tolist()  # the one device->host sync of this layer
+            host_ids = replayed if self.replay is not None else flat_ids.tolist()  # the one sync of this layer
         else:
             host_ids = torch.cat([flat_ids, predicted.reshape(-1).to(flat_ids.dtype)]).tolist()  # the one sync
         # Only now does this layer count as running: while the host waited in the sync above (GIL

@@ -20,6 +20,8 @@ class RoutingTrace:
     top_k: int
     passes: list[list[list[int]]]
     source: str = ""
+    # (prompt tokens, decode passes) per recorded prompt, in order: what to feed a model to replay it
+    prompts: tuple[tuple[int, int], ...] = ()
 
     def accesses(self) -> list[list[list[int]]]:
         """Per pass and layer, the distinct ids in ascending order: what the engine makes resident."""
@@ -33,9 +35,10 @@ def load_trace(path: str | Path) -> RoutingTrace:
         raise ValueError(f"{path}: not a routing trace; expected keys num_layers, num_experts, top_k, prompts "
                          "(onnx-genai export)")
     num_layers = data["num_layers"]
-    passes = []
+    passes, prompts = [], []
     for name, prompt in data["prompts"].items():
         prefill = prompt.get("prefill", [])
+        prompts.append((len(prefill), len(prompt.get("decode", []))))
         if prefill:
             passes.append([[e for token in prefill for e in token[layer]] for layer in range(num_layers)])
         for token in prompt.get("decode", []):
@@ -43,4 +46,4 @@ def load_trace(path: str | Path) -> RoutingTrace:
                 raise ValueError(f"{path}: prompt {name!r} has a decode step with {len(token)} layers, "
                                  f"not {num_layers}")
             passes.append([list(ids) for ids in token])
-    return RoutingTrace(num_layers, data["num_experts"], data["top_k"], passes, str(path))
+    return RoutingTrace(num_layers, data["num_experts"], data["top_k"], passes, str(path), tuple(prompts))

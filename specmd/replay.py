@@ -1,0 +1,38 @@
+"""Routing replay: a model runs with its routers' choices replaced by a recorded trace.
+
+The gate still computes (its cost is real); the expert ids come from the trace, so a full-size
+random-weight model is timed with learned routing. Outputs are meaningless under replay: it is for
+timing and cache behaviour only.
+"""
+from __future__ import annotations
+
+from .trace import RoutingTrace
+
+
+class RoutingReplay:
+    """Hands out the trace's ids pass by pass; the engine calls ``begin_pass`` at each forward pass."""
+
+    def __init__(self, trace: RoutingTrace, num_layers: int, top_k: int) -> None:
+        if (trace.num_layers, trace.top_k) != (num_layers, top_k):
+            raise ValueError(f"trace has {trace.num_layers} MoE layers, top-{trace.top_k}; the model has "
+                             f"{num_layers}, top-{top_k}: replay needs the same topology")
+        self.trace = trace
+        self._pass = -1
+
+    @property
+    def passes_done(self) -> int:
+        return self._pass + 1
+
+    def begin_pass(self) -> None:
+        """Move to the next recorded pass (changes state); raises when the trace is exhausted."""
+        if self._pass + 1 >= len(self.trace.passes):
+            raise ValueError(f"routing replay: the trace has only {len(self.trace.passes)} forward passes")
+        self._pass += 1
+
+    def ids(self, layer: int, num_tokens: int) -> list[int]:
+        """The recorded ids of ``layer`` in the current pass, token-major ([T*k]); checks T."""
+        ids = self.trace.passes[self._pass][layer]
+        if len(ids) != num_tokens * self.trace.top_k:
+            raise ValueError(f"routing replay: pass {self._pass} recorded {len(ids) // self.trace.top_k} tokens "
+                             f"at MoE layer {layer}, the model ran {num_tokens}; feed the trace's prompts")
+        return ids

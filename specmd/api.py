@@ -15,6 +15,7 @@ from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, exp
 from .metrics import LayerStats, Stats
 from .policies import make_policy
 from .prefetch import PrefetchConfig, Predictor
+from .recorder import TraceRecorder
 from .replay import RoutingReplay
 from .store import HostStore
 from .trace import RoutingTrace, load_trace
@@ -63,6 +64,22 @@ class OffloadHandle:
         if not isinstance(trace, RoutingTrace):
             trace = load_trace(trace)
         self._engine.replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
+
+    def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
+        """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``
+        1..3) into the returned recorder; ``stop_recording`` ends it. Save with ``recorder.save(path)``."""
+        self._check_open()
+        layers = self._engine.layers
+        if any(layer.router is None for layer in layers):
+            raise ValueError("recording needs each MoE layer's router; this model has none")
+        recorder = TraceRecorder([layer.router for layer in layers], layers[0].layout.num_experts, self._top_k,
+                                 lookahead, candidates, model)
+        self._engine.recorder = recorder
+        return recorder
+
+    def stop_recording(self) -> None:
+        """Detach the recorder (it keeps what it recorded)."""
+        self._engine.recorder = None
 
     def close(self) -> None:
         """Free the device slots. The experts stay in host memory (the model's parameters point there);

@@ -1,5 +1,5 @@
 """Command line: ``specmd run`` generates text through specmd and prints the cache statistics;
-``specmd sim`` replays a routing trace through the cache policies."""
+``specmd trace`` records routing traces; ``specmd sim`` replays one through the cache policies."""
 from __future__ import annotations
 
 import argparse
@@ -17,23 +17,29 @@ RUN_MODEL = dict(family="olmoe", num_hidden_layers=4, num_experts=32, num_expert
                  intermediate_size=64)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load(path: str | None, settings: dict, dtype: str | None):
+    """(model offloaded with ``settings``, encode, decode): a local checkpoint with its tokenizer, or the
+    tiny run model with bytes as tokens."""
     import specmd
     from specmd.tiny import tiny_model
 
-    settings = dict(expert_budget=args.budget or "25%", eviction=args.eviction, device=args.device,
-                    prefetch=args.prefetch, lookahead=args.lookahead, preset=args.preset)
-    if args.model:
-        model = specmd.from_pretrained(args.model, dtype=args.dtype, **settings)
+    if path:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        encode, decode = (lambda s: tokenizer(s, return_tensors="pt").input_ids), tokenizer.decode
-    else:
-        kwargs = {k: v for k, v in RUN_MODEL.items() if k != "family"}
-        model = specmd.offload(tiny_model(RUN_MODEL["family"], **kwargs), **settings)
-        encode = lambda s: torch.tensor([list(s.encode("utf-8"))])  # noqa: E731
-        decode = lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+        model = specmd.from_pretrained(path, dtype=dtype, **settings)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return model, (lambda s: tokenizer(s, return_tensors="pt").input_ids), tokenizer.decode
+    kwargs = {k: v for k, v in RUN_MODEL.items() if k != "family"}
+    model = specmd.offload(tiny_model(RUN_MODEL["family"], **kwargs), **settings)
+    encode = lambda s: torch.tensor([list(s.encode("utf-8"))])  # noqa: E731
+    decode = lambda ids: bytes(int(i) for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    return model, encode, decode
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = dict(expert_budget=args.budget or "25%", eviction=args.eviction, device=args.device,
+                    prefetch=args.prefetch, lookahead=args.lookahead, preset=args.preset)
+    model, encode, decode = _load(args.model, settings, args.dtype)
     ids = encode(args.prompt).to(model.device)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -48,6 +54,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(stats.summary())
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1))
+    model.specmd.close()
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts (one per line)")
+    model, encode, _ = _load(None if args.model == "tiny" else args.model,
+                             dict(expert_budget=args.budget, device=args.device), args.dtype)
+    recorder = model.specmd.record_routing(lookahead=args.lookahead, model=args.model)
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = encode(prompt).to(model.device)
+            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    recorder.save(args.out)
+    print(f"{len(recorder.passes)} forward passes of {len(prompts)} prompts -> {args.out}")
     model.specmd.close()
     return 0
 
@@ -88,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--prompt", default="def fibonacci(n):")
     run.add_argument("--new-tokens", type=int, default=32)
     run.add_argument("--stats-json", help="also write the statistics here")
+    trace = sub.add_parser("trace", help="record routing traces (ids, weights, predictions) from a model")
+    trace.add_argument("model", help="local checkpoint directory, or 'tiny' for the run model")
+    trace.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    trace.add_argument("--out", required=True, help="trace file to write (JSON, format in README)")
+    trace.add_argument("--new-tokens", type=int, default=64)
+    trace.add_argument("--lookahead", type=int, default=3, help="record predictions 1..N layers ahead")
+    trace.add_argument("--budget", default="100%", help="expert budget while recording")
+    trace.add_argument("--device", help="cuda, cpu (default: CUDA when available)")
+    trace.add_argument("--dtype", default=None)
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies (demand-only)")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")
@@ -98,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"run": cmd_run, "sim": cmd_sim}[args.command](args)
+        return {"run": cmd_run, "trace": cmd_trace, "sim": cmd_sim}[args.command](args)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"specmd: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from .cache import SlotCache
 from .compute import expert_rows
 from .metrics import LayerStats, Stats
 from .prefetch import Predictor
+from .recorder import TraceRecorder
 from .replay import RoutingReplay
 from .watchdog import Watchdog
 
@@ -72,6 +73,7 @@ class Engine:
         self._predictions: dict[int, set[int]] = {}  # layer -> nearest prediction not yet checked
         self.watchdog = Watchdog(cache) if predictor.config.enabled else None
         self.replay: RoutingReplay | None = None  # set by OffloadHandle.replay_routing
+        self.recorder: TraceRecorder | None = None  # set by OffloadHandle.record_routing
         self.closed = False
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -88,7 +90,8 @@ class Engine:
         if self.watchdog is not None:
             self.watchdog.raise_if_failed()
         num_layers = len(self.layers)
-        if layer <= self._last_layer:
+        new_pass = layer <= self._last_layer
+        if new_pass:
             self._forward_passes += 1
             self._pass_index += 1
             self.cache.begin_pass()
@@ -110,6 +113,11 @@ class Engine:
             host_ids = replayed if self.replay is not None else flat_ids.tolist()  # the one sync of this layer
         else:
             host_ids = torch.cat([flat_ids, predicted.reshape(-1).to(flat_ids.dtype)]).tolist()  # the one sync
+        if self.recorder is not None:
+            if new_pass:
+                self.recorder.begin_pass(num_tokens)
+            if self.recorder.passes:  # attached mid-pass: start at the next pass
+                self.recorder.record(layer, host_ids[:num_tokens * top_k], top_k_weights, hidden_states)
         # Only now does this layer count as running: while the host waited in the sync above (GIL
         # released), the watchdog could still issue the prefetches predicted for it.
         self.cache.set_position(position, layer, num_layers)

@@ -66,23 +66,27 @@ class Predictor:
         n = len(self.routers)
         return [(layer + j) % n for j in range(1, self.config.lookahead + 1)] if self.config.enabled else []
 
-    def predict(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync."""
-        targets = self.targets(layer)
-        if not targets:
-            return None
-        rows = []
-        for target in targets:
+    def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([D, C] ids, [D, C] probabilities) of the ``candidates`` best experts of each looked-ahead layer,
+        best first, on the device. No sync."""
+        ids, probs = [], []
+        for target in self.targets(layer):
             router = self.routers[target]
             logits = F.linear(hidden_states.to(router.weight.dtype), router.weight,
                               getattr(router, "bias", None))  # [T, E]
-            probs = logits.float().softmax(-1).mean(0)  # [E]
-            top, ids = probs.topk(self.candidates)  # [C]
-            if self.config.policy == "top-p":
-                # keep the smallest prefix whose mass reaches p: an id stays if the mass before it is < p
-                keep = (top.cumsum(0) - top) < self.config.p
-                ids = torch.where(keep, ids, -1)
-            elif self.config.policy == "threshold":
-                ids = torch.where(top > self.config.tau, ids, -1)
-            rows.append(ids)
-        return torch.stack(rows)  # [D, C]
+            top, top_ids = logits.float().softmax(-1).mean(0).topk(candidates)  # [C]
+            ids.append(top_ids)
+            probs.append(top)
+        return torch.stack(ids), torch.stack(probs)
+
+    def predict(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync."""
+        if not self.targets(layer):
+            return None
+        ids, top = self.scores(layer, hidden_states, self.candidates)  # [D, C]
+        if self.config.policy == "top-p":
+            # keep the smallest prefix whose mass reaches p: an id stays if the mass before it is < p
+            ids = torch.where((top.cumsum(-1) - top) < self.config.p, ids, -1)
+        elif self.config.policy == "threshold":
+            ids = torch.where(top > self.config.tau, ids, -1)
+        return ids

@@ -1,6 +1,7 @@
 """Routing traces: which experts each MoE layer routed to, per forward pass.
 
-Reader for the onnx-genai export (``shared/traces/granite-3.0-1b-a400m.json``): per prompt, ``prefill``
+Two formats are read: specmd's own (``recorder.py`` documents it; it also carries the predictor's
+candidates), and the onnx-genai export (``shared/traces/granite-3.0-1b-a400m.json``): per prompt, ``prefill``
 [T][L][k] and ``decode`` [N][L][k]. A prefill is one forward pass (per layer, the ids of all its tokens);
 each decode token is one pass. Prompts are replayed in file order through one cache.
 """
@@ -22,6 +23,8 @@ class RoutingTrace:
     source: str = ""
     # (prompt tokens, decode passes) per recorded prompt, in order: what to feed a model to replay it
     prompts: tuple[tuple[int, int], ...] = ()
+    # predicted[p][l][j]: candidate ids, best first, for layer (l + j + 1) % L; None for ids-only traces
+    predicted: list[list[list[list[int]]]] | None = None
 
     def accesses(self) -> list[list[list[int]]]:
         """Per pass and layer, the distinct ids in ascending order: what the engine makes resident."""
@@ -31,9 +34,17 @@ class RoutingTrace:
 def load_trace(path: str | Path) -> RoutingTrace:
     """Read a routing trace file; a ValueError names the keys a supported format needs."""
     data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and data.get("format") == "specmd-routing-trace":
+        if data.get("version") != 1:
+            raise ValueError(f"{path}: specmd-routing-trace version {data.get('version')}; this specmd reads 1")
+        passes = [[layer["ids"] for layer in p["layers"]] for p in data["passes"]]
+        predicted = [[layer["predicted"] for layer in p["layers"]] for p in data["passes"]]
+        prompts = tuple((p["tokens"], p["decode"]) for p in data["prompts"])
+        return RoutingTrace(data["num_layers"], data["num_experts"], data["top_k"], passes, str(path), prompts,
+                            predicted)
     if not (isinstance(data, dict) and "prompts" in data and "num_layers" in data):
-        raise ValueError(f"{path}: not a routing trace; expected keys num_layers, num_experts, top_k, prompts "
-                         "(onnx-genai export)")
+        raise ValueError(f"{path}: not a routing trace; expected format 'specmd-routing-trace', or keys "
+                         "num_layers, num_experts, top_k, prompts (onnx-genai export)")
     num_layers = data["num_layers"]
     passes, prompts = [], []
     for name, prompt in data["prompts"].items():

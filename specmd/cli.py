@@ -83,10 +83,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
     total = trace.num_layers * trace.num_experts
     rows = []
     for budget in args.budget.split(","):
-        capacity = round(float(budget[:-1]) / 100 * total) if budget.endswith("%") else int(budget)
+        # percent of all experts, rounded down (the convention of shared/traces/README.md)
+        capacity = int(float(budget[:-1]) / 100 * total) if budget.endswith("%") else int(budget)
         for eviction in args.eviction.split(","):
-            stats = simulate(trace, capacity, eviction, seed=args.seed)
-            rows.append({"budget": budget, "capacity": capacity, "eviction": eviction, **stats.to_dict()})
+            stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
+                             lookahead=args.lookahead)
+            rows.append({"budget": budget, "capacity": capacity, "eviction": eviction, "prefetch": args.prefetch,
+                         "lookahead": args.lookahead, **stats.to_dict()})
             t = stats.total
             print(f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
                   f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
@@ -120,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--budget", default="100%", help="expert budget while recording")
     trace.add_argument("--device", help="cuda, cpu (default: CUDA when available)")
     trace.add_argument("--dtype", default=None)
-    sim = sub.add_parser("sim", help="replay a routing trace through the cache policies (demand-only)")
+    sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")
     sim.add_argument("--eviction", default="lru,lfu,fifo,layer-distance,least-stale,belady",
                      help="comma-separated eviction policies; 'belady' is the oracle")
+    sim.add_argument("--prefetch", default="none", help="none, topk (recorded predictions) or perfect (the bound)")
+    sim.add_argument("--lookahead", type=int, default=1)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", help="write the statistics as JSON")
     args = parser.parse_args(argv)

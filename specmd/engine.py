@@ -71,7 +71,8 @@ class Engine:
         self._forward_passes = 0  # counted for stats; reset_stats zeroes it
         self._pass_index = 0  # never reset: positions (pass * layers + layer) must only grow
         self._predictions: dict[int, set[int]] = {}  # layer -> nearest prediction not yet checked
-        self.watchdog = Watchdog(cache) if predictor.config.enabled else None
+        config = predictor.config
+        self.watchdog = Watchdog(cache) if config.enabled and not config.inline else None
         self.replay: RoutingReplay | None = None  # set by OffloadHandle.replay_routing
         self.recorder: TraceRecorder | None = None  # set by OffloadHandle.record_routing
         self.closed = False
@@ -136,7 +137,7 @@ class Engine:
             chunk = experts[start:start + num_slots]
             slots = self.cache.acquire(layer, chunk)
             if start == 0 and requests:
-                self.watchdog.submit(requests)
+                self._submit(requests)
             # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this
             # chunk's rows first, grouped by slot, without another sync.
             lut = [num_slots] * num_experts
@@ -154,6 +155,14 @@ class Engine:
             self.cache.release(slots)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
         return out.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+    def _submit(self, requests: list[tuple[int, int, tuple]]) -> None:
+        if self.watchdog is not None:
+            self.watchdog.submit(requests)
+            return
+        # inline: the watchdog's order (nearest layer first, then submission order), on this thread
+        for _, target, key in sorted(requests, key=lambda r: r[0]):
+            self.cache.prefetch(key, target)
 
     def _score_prediction(self, layer: int, experts: list[int]) -> None:
         predicted = self._predictions.pop(layer, None)

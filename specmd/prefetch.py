@@ -20,7 +20,9 @@ PREFETCH_POLICIES = ("none", "topk", "top-p", "threshold")
 @dataclass(frozen=True)
 class PrefetchConfig:
     """``policy``: none | topk | top-p | threshold; ``lookahead`` d in 1..3; ``k`` (topk; None = the model's
-    top-k); ``p`` and ``cap`` (top-p: smallest set reaching p, at most cap); ``tau`` (threshold)."""
+    top-k); ``p`` and ``cap`` (top-p: smallest set reaching p, at most cap); ``tau`` (threshold);
+    ``inline``: issue prefetches on the model's thread right after the layer's demand loads instead of on
+    the watchdog thread: deterministic, for experiments and for checking the simulator."""
 
     policy: str = "none"
     lookahead: int = 1
@@ -28,6 +30,7 @@ class PrefetchConfig:
     p: float = 0.9
     cap: int | None = None
     tau: float = 0.05
+    inline: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
@@ -64,7 +67,8 @@ class Predictor:
         """The (cyclic) MoE layers predicted from ``layer``, nearest first: the last layer predicts the
         next pass's first layers."""
         n = len(self.routers)
-        return [(layer + j) % n for j in range(1, self.config.lookahead + 1)] if self.config.enabled else []
+        depth = min(self.config.lookahead, n)  # beyond n the same layers would repeat
+        return [(layer + j) % n for j in range(1, depth + 1)] if self.config.enabled else []
 
     def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([D, C] ids, [D, C] probabilities) of the ``candidates`` best experts of each looked-ahead layer,

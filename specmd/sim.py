@@ -45,30 +45,59 @@ def _oracle(trace: RoutingTrace) -> Belady:
     return Belady(next_access)
 
 
-def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0) -> Stats:
+SIM_PREFETCH = ("none", "topk", "perfect")
+
+
+def _prefetch_ids(trace: RoutingTrace, accesses: list, prefetch: str, k: int, p: int, layer: int,
+                  distance: int) -> list[int]:
+    if prefetch == "topk":
+        return trace.predicted[p][layer][distance - 1][:k]
+    # perfect: the experts the target layer will really route to (a bound for ids-only traces)
+    target_pass, target_layer = divmod(p * trace.num_layers + layer + distance, trace.num_layers)
+    return accesses[target_pass][target_layer] if target_pass < len(accesses) else []
+
+
+def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, prefetch: str = "none",
+             lookahead: int = 1, k: int | None = None) -> Stats:
     """Replay ``trace`` through a cache of ``capacity`` experts with ``eviction`` (any of ``SIM_POLICIES``).
 
     The pass structure is the engine's: layers in order, each layer's distinct experts in ascending id
-    order, pinned while the layer runs, in chunks when a layer needs more than ``capacity``.
+    order, pinned while the layer runs, in chunks when a layer needs more than ``capacity``. Prefetch as
+    the engine's inline mode: after a layer's first chunk is resident, the predictions for the next
+    ``lookahead`` layers, nearest first: ``topk`` takes the first ``k`` (default top-k) candidates the
+    trace recorded; ``perfect`` the ids the target layer really routes to.
     """
     if eviction not in SIM_POLICIES:
         raise ValueError(f"unknown eviction policy {eviction!r}; choose one of: {', '.join(SIM_POLICIES)}")
     if capacity < 1:
         raise ValueError(f"capacity={capacity}: the cache needs at least one expert")
+    if prefetch not in SIM_PREFETCH:
+        raise ValueError(f"unknown simulator prefetch {prefetch!r}; choose one of: {', '.join(SIM_PREFETCH)}")
+    if prefetch == "topk" and trace.predicted is None:
+        raise ValueError(f"{trace.source}: an ids-only trace has no predictions; use prefetch='perfect' or 'none'")
+    k = k or trace.top_k
     policy: EvictionPolicy = _oracle(trace) if eviction == "belady" else make_policy(eviction, seed)
     layout = ExpertLayout(names=("expert",), shapes=((1,),), offsets=(0,), block_numel=1,
                           num_experts=trace.num_experts, dtype=torch.uint8, is_transposed=False, has_bias=False)
     layer_stats = [LayerStats() for _ in range(trace.num_layers)]
     capacity = min(capacity, trace.num_layers * trace.num_experts)
     cache = SlotCache(_SyntheticStore(), layout, capacity, capacity, policy, torch.device("cpu"), layer_stats)
-    for p, layers in enumerate(trace.accesses()):
+    num_layers = trace.num_layers
+    accesses = trace.accesses()
+    for p, layers in enumerate(accesses):
         cache.begin_pass()
         for layer, experts in enumerate(layers):
-            position = (p + 1) * trace.num_layers + layer  # as the engine numbers it
-            cache.set_position(position, layer, trace.num_layers)
+            position = (p + 1) * num_layers + layer  # as the engine numbers it
+            cache.set_position(position, layer, num_layers)
             if isinstance(policy, Belady):
-                policy.set_now(p * trace.num_layers + layer)
+                policy.set_now(p * num_layers + layer)
             for start in range(0, len(experts), capacity):
-                cache.release(cache.acquire(layer, experts[start:start + capacity]))
+                slots = cache.acquire(layer, experts[start:start + capacity])
+                if start == 0 and prefetch != "none":
+                    for distance in range(1, min(lookahead, num_layers) + 1):
+                        target = (layer + distance) % num_layers
+                        for expert in _prefetch_ids(trace, accesses, prefetch, k, p, layer, distance):
+                            cache.prefetch((target, expert), position + distance)
+                cache.release(slots)
     return Stats(num_slots=capacity, budget_bytes=capacity, expert_bytes=1,
                  forward_passes=len(trace.passes), layers=layer_stats)

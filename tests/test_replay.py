@@ -91,3 +91,44 @@ def test_granite_trace_replayed_live_matches_the_reference(device):
     live = replay_live(model, trace, 192 * expert, "lru", device)
     assert_same_counts(live, simulate(trace, 192, "lru"))
     assert round(100 * live.hit_rate, 1) == 39.6 and live.total.misses_collision == 497  # README figure
+
+
+PREFETCH_COUNTS = COUNTS + ("prefetch_hits", "prefetches")
+
+
+@pytest.mark.parametrize("eviction", sorted(specmd.POLICIES))
+def test_live_inline_prefetch_equals_the_simulator(eviction, device):
+    """With prefetch: record a run's routing and predictions, then simulate the recording; inline prefetch
+    makes the live run deterministic, so every count matches."""
+    from specmd.prefetch import PrefetchConfig
+
+    model = tiny_model("olmoe", num_hidden_layers=3, num_experts=8).to(device)
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    prefetched = 0
+    for capacity, lookahead in ((2, 1), (4, 2), (6, 3)):
+        config = PrefetchConfig(policy="topk", lookahead=lookahead, inline=True)
+        specmd.offload(model, capacity * expert, eviction, device, prefetch=config)
+        recorder = model.specmd.record_routing(lookahead=lookahead)
+        for length, decode in ((6, 5), (3, 4)):
+            ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+            model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
+        live = model.specmd.stats()
+        model.specmd.close()
+        trace = RoutingTrace(recorder.num_layers, recorder.num_experts, recorder.top_k,
+                             [[layer["ids"] for layer in p["layers"]] for p in recorder.passes], "recorded",
+                             predicted=[[layer["predicted"] for layer in p["layers"]] for p in recorder.passes])
+        sim = simulate(trace, capacity, eviction, prefetch="topk", lookahead=lookahead)
+        for layer, (a, b) in enumerate(zip(live.layers, sim.layers)):
+            assert [getattr(a, c) for c in PREFETCH_COUNTS] == [getattr(b, c) for c in PREFETCH_COUNTS], \
+                (capacity, lookahead, layer)
+            # wasted prefetches, counted in experts (the simulator's experts weigh one byte)
+            assert a.wasted_prefetch_bytes // live.expert_bytes == b.wasted_prefetch_bytes
+        prefetched += live.total.prefetches
+    assert prefetched > 0  # two slots leave no room beside a pinned layer; the larger caches prefetch
+
+
+def test_perfect_prefetch_bounds_topk():
+    trace = synthetic_trace(num_layers=3, seed=2)
+    demand = simulate(trace, 4, "least-stale").hit_rate
+    perfect = simulate(trace, 4, "least-stale", prefetch="perfect", lookahead=1).hit_rate
+    assert perfect > demand

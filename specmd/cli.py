@@ -76,24 +76,32 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from .costmodel import LinkProfile, ModelTiming
     from .sim import simulate
     from .trace import load_trace
 
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
+    timing = None
+    if args.hardware or args.model_timing:
+        if not (args.hardware and args.model_timing):
+            raise ValueError("time estimates need both --hardware (link) and --model-timing (expert size, layer time)")
+        timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
     rows = []
     for budget in args.budget.split(","):
         # percent of all experts, rounded down (the convention of shared/traces/README.md)
         capacity = int(float(budget[:-1]) / 100 * total) if budget.endswith("%") else int(budget)
         for eviction in args.eviction.split(","):
             stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
-                             lookahead=args.lookahead)
+                             lookahead=args.lookahead, timing=timing)
             rows.append({"budget": budget, "capacity": capacity, "eviction": eviction, "prefetch": args.prefetch,
                          "lookahead": args.lookahead, **stats.to_dict()})
             t = stats.total
             print(f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
                   f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
-                  f"collision {t.misses_collision})  evictions {t.evictions}")
+                  f"collision {t.misses_collision})  evictions {t.evictions}"
+                  + (f"  est. TTFT {stats.estimated_ttft_ms or 0:.1f} ms TPOT {stats.estimated_tpot_ms:.1f} ms "
+                     f"stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms" if timing else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="comma-separated eviction policies; 'belady' is the oracle")
     sim.add_argument("--prefetch", default="none", help="none, topk (recorded predictions) or perfect (the bound)")
     sim.add_argument("--lookahead", type=int, default=1)
+    sim.add_argument("--hardware", help="link profile for time estimates: configs/hardware/ name or YAML")
+    sim.add_argument("--model-timing", help="expert size and layer time: configs/models/ name or YAML")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", help="write the statistics as JSON")
     args = parser.parse_args(argv)

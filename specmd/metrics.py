@@ -52,6 +52,9 @@ class Stats:
     forward_passes: int = 0
     copy_busy_ms: float = 0.0  # copy stream busy, summed over copies (CUDA events)
     layers: list[LayerStats] = field(default_factory=list)
+    # Simulator only: its cost model's estimates (None in live runs, which measure instead)
+    estimated_ttft_ms: float | None = None
+    estimated_tpot_ms: float | None = None
 
     @property
     def total(self) -> LayerStats:
@@ -81,6 +84,8 @@ class Stats:
             "copy_busy_ms": self.copy_busy_ms,
             "stall_ms": self.stall_ms,
             "hit_rate": self.hit_rate,
+            **({"estimated_ttft_ms": self.estimated_ttft_ms, "estimated_tpot_ms": self.estimated_tpot_ms}
+               if self.estimated_tpot_ms is not None else {}),
             "total": layer_dict(self.total),
             "layers": [layer_dict(s) for s in self.layers],
         }

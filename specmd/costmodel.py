@@ -1,0 +1,99 @@
+"""Cost model of the simulator: a link profile (how fast experts cross to the device) and a model's
+compute timing, from YAML in configs/hardware/ and configs/models/.
+
+Timeline (one copy engine, one compute stream, as the live engine): a copy starts when it is issued and
+the copy engine is free, and takes expert_bytes / link rate + a per-copy overhead; a layer's compute
+starts when every expert it reads is ready and takes the model's layer time. Demand copies are issued
+when the layer starts, prefetches right after them, so prefetches never overtake demand but queue
+behind it (and ahead of later demand), as on the live copy stream. An estimate, not a measurement:
+compare it with a live run of the same trace before trusting it.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _load(cls, path: str | Path, folder: str):
+    candidate = Path(path)
+    if not candidate.exists():
+        candidate = CONFIGS / folder / f"{path}.yaml"
+    if not candidate.exists():
+        names = sorted(p.stem for p in (CONFIGS / folder).glob("*.yaml"))
+        raise ValueError(f"no {folder} profile {str(path)!r}; pass a YAML path or one of: {', '.join(names)}")
+    data = yaml.safe_load(candidate.read_text()) or {}
+    known = {f.name for f in fields(cls)}
+    if unknown := set(data) - known:
+        raise ValueError(f"{candidate}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    if missing := {f.name for f in fields(cls) if f.default is MISSING} - set(data) - {"name"}:
+        raise ValueError(f"{candidate}: missing keys {sorted(missing)}")
+    return cls(**{"name": candidate.stem, **data})
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """Host -> device link: achieved rate for expert-sized pinned copies, and a fixed cost per copy."""
+
+    name: str
+    link_gbps: float  # 1e9 bytes per second
+    copy_overhead_us: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.link_gbps <= 0 or self.copy_overhead_us < 0:
+            raise ValueError(f"link profile {self.name}: link_gbps must be > 0 and copy_overhead_us >= 0")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LinkProfile":
+        """From a YAML path or a name in configs/hardware/."""
+        return _load(cls, path, "hardware")
+
+    def copy_ms(self, nbytes: int) -> float:
+        return nbytes / (self.link_gbps * 1e9) * 1e3 + self.copy_overhead_us / 1e3
+
+
+@dataclass(frozen=True)
+class ModelTiming:
+    """A model's expert size and its per-MoE-layer time with every expert resident (full-GPU speed):
+    ``decode_layer_ms`` for one token, plus ``prefill_ms_per_token`` for each further token of a pass."""
+
+    name: str
+    expert_bytes: int
+    decode_layer_ms: float
+    prefill_ms_per_token: float = 0.0
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelTiming":
+        """From a YAML path or a name in configs/models/."""
+        return _load(cls, path, "models")
+
+    def layer_ms(self, tokens: int) -> float:
+        return self.decode_layer_ms + max(0, tokens - 1) * self.prefill_ms_per_token
+
+
+class Timeline:
+    """Simulated clocks of the copy engine and the compute stream (milliseconds)."""
+
+    def __init__(self, link: LinkProfile, model: ModelTiming) -> None:
+        self.copy_ms = link.copy_ms(model.expert_bytes)
+        self.model = model
+        self.now = 0.0  # compute stream
+        self.copy_free = 0.0  # copy engine
+        self.copy_busy_ms = 0.0
+        self._ready: dict[tuple[int, int], float] = {}
+
+    def load(self, key: tuple[int, int]) -> None:
+        """A copy of ``key`` is issued now."""
+        start = max(self.now, self.copy_free)
+        self.copy_free = start + self.copy_ms
+        self.copy_busy_ms += self.copy_ms
+        self._ready[key] = self.copy_free
+
+    def compute(self, keys: list[tuple[int, int]], ms: float) -> float:
+        """Run ``ms`` of compute reading ``keys``; returns how long the compute stream waited for copies."""
+        start = max([self.now] + [self._ready.get(k, 0.0) for k in keys])
+        stall, self.now = start - self.now, start + ms
+        return stall

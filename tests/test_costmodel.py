@@ -1,0 +1,63 @@
+"""The simulator's cost model: arithmetic, timeline, profiles."""
+import pytest
+
+from specmd.costmodel import LinkProfile, ModelTiming, Timeline
+from specmd.sim import simulate
+from specmd.trace import RoutingTrace
+
+LINK = LinkProfile("test", link_gbps=10.0, copy_overhead_us=100.0)  # 1e7 bytes: 1 ms + 0.1 ms
+MODEL = ModelTiming("test", expert_bytes=10_000_000, decode_layer_ms=2.0, prefill_ms_per_token=0.5)
+
+
+def test_copy_and_layer_arithmetic():
+    assert LINK.copy_ms(10_000_000) == pytest.approx(1.1)
+    assert MODEL.layer_ms(1) == 2.0 and MODEL.layer_ms(5) == pytest.approx(4.0)
+
+
+def test_timeline_serialises_copies_and_overlaps_compute():
+    t = Timeline(LINK, MODEL)
+    t.load((0, 0))
+    t.load((0, 1))  # queued behind the first: ready at 2.2
+    assert t.compute([(0, 0)], 2.0) == pytest.approx(1.1)  # waits for the first copy only
+    assert t.now == pytest.approx(3.1)
+    assert t.compute([(0, 1)], 1.0) == 0.0  # the second copy finished during the first compute
+    t.load((1, 0))  # copy engine idle: starts now (4.1)
+    assert t.compute([(1, 0)], 1.0) == pytest.approx(1.1)
+    assert t.copy_busy_ms == pytest.approx(3.3)
+
+
+def cyclic_trace():
+    layers = [[0, 1], [2, 3], [1, 2]]
+    return RoutingTrace(3, 4, 2, [[list(ids) * 3 for ids in layers]] + [[list(ids) for ids in layers]] * 6,
+                        prompts=((3, 6),))
+
+
+def test_simulated_times():
+    trace = cyclic_trace()
+    demand = simulate(trace, 2, "lru", timing=(LINK, MODEL))
+    # demand-only: every miss stalls for its whole copy
+    assert demand.stall_ms == pytest.approx(demand.copy_busy_ms)
+    assert demand.copy_busy_ms == pytest.approx(demand.total.misses * 1.1)
+    assert demand.estimated_tpot_ms == pytest.approx(3 * 2.0 + 2 * 3 * 1.1)  # 3 layers, 2 misses each
+    assert demand.estimated_ttft_ms == pytest.approx(3 * MODEL.layer_ms(3) + 6 * 1.1)
+    perfect = simulate(trace, 4, "least-stale", prefetch="perfect", timing=(LINK, MODEL))
+    assert perfect.stall_ms < perfect.copy_busy_ms
+    assert perfect.estimated_tpot_ms < demand.estimated_tpot_ms
+    assert "estimated_tpot_ms" in perfect.to_dict() and "estimated_tpot_ms" not in simulate(trace, 2, "lru").to_dict()
+
+
+def test_profiles_load_by_name_and_name_their_errors(tmp_path):
+    assert LinkProfile.load("h100-pcie-gen5-measured").link_gbps == 43.5
+    assert ModelTiming.load("olmoe-1b-7b").expert_bytes == 12 * 2**20
+    with pytest.raises(ValueError, match="pcie-gen4-x16"):
+        LinkProfile.load("pcie-gen9")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("link_gbps: 10\nlatency_us: 3\n")
+    with pytest.raises(ValueError, match="latency_us"):
+        LinkProfile.load(bad)
+    bad.write_text("copy_overhead_us: 3\n")
+    with pytest.raises(ValueError, match="link_gbps"):
+        LinkProfile.load(bad)
+    bad.write_text("link_gbps: 0\n")
+    with pytest.raises(ValueError, match="> 0"):
+        LinkProfile.load(bad)

@@ -77,6 +77,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     from .costmodel import LinkProfile, ModelTiming
+    from .report import hit_rate_plot, markdown_table
     from .sim import simulate
     from .trace import load_trace
 
@@ -104,6 +105,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
                      f"stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms" if timing else ""))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.table:
+        Path(args.table).write_text(markdown_table(rows))
+    if args.plot:
+        hit_rate_plot(rows, args.plot, title=f"{Path(args.trace).name}, prefetch {args.prefetch}")
     return 0
 
 
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--model-timing", help="expert size and layer time: configs/models/ name or YAML")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", help="write the statistics as JSON")
+    sim.add_argument("--table", help="write a Markdown table (hit rate / collision misses per budget)")
+    sim.add_argument("--plot", help="write a PNG: hit rate against budget per policy, Belady dashed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -68,3 +68,18 @@ def test_trace_reader_names_the_expected_keys(tmp_path):
     path.write_text('{"layers": []}')
     with pytest.raises(ValueError, match="num_layers"):
         load_trace(path)
+
+
+def test_table_and_plot_writers(tmp_path):
+    from specmd.report import hit_rate_plot, markdown_table
+
+    trace = cyclic_trace(4)
+    rows = [{"budget": f"{b}%", "eviction": e, "prefetch": "none", **simulate(trace, c, e).to_dict()}
+            for b, c in ((25, 3), (50, 6)) for e in ("lru", "belady")]
+    table = markdown_table(rows)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| budget | lru | belady |" and len(lines) == 4
+    assert lines[3].startswith("| 50% | 75.0% / 0 |")  # everything fits after the first pass
+    png = tmp_path / "hit.png"
+    hit_rate_plot(rows, png, title="cyclic")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -102,7 +102,6 @@ class Engine:
         position = self._pass_index * num_layers + layer
 
         num_tokens, top_k = top_k_index.shape
-        hidden_dim = hidden_states.shape[-1]
         device = hidden_states.device
         predicted = self.predictor.predict(layer, hidden_states)  # [D, C] or None
         if self.replay is not None:
@@ -123,13 +122,20 @@ class Engine:
         # released), the watchdog could still issue the prefetches predicted for it.
         self.cache.set_position(position, layer, num_layers)
         counts = Counter(host_ids[:num_tokens * top_k])
-        experts = sorted(counts)
-        self._score_prediction(layer, experts)
+        self._score_prediction(layer, sorted(counts))
         requests = self._prefetch_requests(layer, position, host_ids[num_tokens * top_k:])
+        return self._compute(layer, module, hidden_states, flat_ids, top_k_weights, counts, requests)
 
+    def _compute(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
+                 top_k_weights: torch.Tensor, counts: Counter, requests: list) -> torch.Tensor:
+        """Make the layer's experts resident chunk by chunk and compute their rows; submits ``requests``
+        once the first chunk's demand copies are queued. [T, H] out, no host sync."""
+        num_tokens, top_k = top_k_weights.shape
+        device = hidden_states.device
+        experts = sorted(counts)
         weights = top_k_weights.reshape(-1)  # [T*k]
         out_dtype = torch.promote_types(self.cache.layout.dtype, weights.dtype)
-        out = torch.empty(num_tokens * top_k, hidden_dim, dtype=out_dtype, device=device)  # [T*k, H]
+        out = torch.empty(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype, device=device)  # [T*k, H]
         num_experts = self.cache.layout.num_experts
         num_slots = self.cache.num_slots
         # A layer that needs more experts than there are slots runs in chunks (long prefills, small budgets).
@@ -154,7 +160,7 @@ class Engine:
             out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
             self.cache.release(slots)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
-        return out.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _submit(self, requests: list[tuple[int, int, tuple]]) -> None:
         if self.watchdog is not None:

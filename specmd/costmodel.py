@@ -67,11 +67,40 @@ class ModelTiming:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelTiming":
-        """From a YAML path or a name in configs/models/."""
-        return _load(cls, path, "models")
+        """The ``timing`` section of a model file: a YAML path or a name in configs/models/."""
+        spec = ModelSpec.load(path)
+        if spec.timing is None:
+            raise ValueError(f"model {spec.name} has no 'timing' section (expert_bytes, decode_layer_ms, "
+                             "prefill_ms_per_token): measure it on the GPU first")
+        return spec.timing
 
     def layer_ms(self, tokens: int) -> float:
         return self.decode_layer_ms + max(0, tokens - 1) * self.prefill_ms_per_token
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model file of configs/models/: the family, the transformers config of its real shapes, and
+    optionally its measured timing for the simulator."""
+
+    name: str
+    family: str
+    config: dict
+    timing: ModelTiming | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSpec":
+        """From a YAML path or a name in configs/models/; errors name the bad key."""
+        spec = _load(cls, path, "models")
+        timing = spec.timing
+        if timing is not None:
+            if not isinstance(timing, dict):
+                raise ValueError(f"model {spec.name}: 'timing' must be a mapping")
+            known = {f.name for f in fields(ModelTiming)} - {"name"}
+            if unknown := set(timing) - known:
+                raise ValueError(f"model {spec.name}: unknown timing keys {sorted(unknown)}; valid: {sorted(known)}")
+            timing = ModelTiming(spec.name, **timing)
+        return cls(spec.name, spec.family, dict(spec.config), timing)
 
 
 class Timeline:

@@ -48,7 +48,9 @@ def test_simulated_times():
 
 def test_profiles_load_by_name_and_name_their_errors(tmp_path):
     assert LinkProfile.load("h100-pcie-gen5-measured").link_gbps == 43.5
-    assert ModelTiming.load("olmoe-1b-7b").expert_bytes == 12 * 2**20
+    assert ModelTiming.load("olmoe-1b-7b-0924").expert_bytes == 12 * 2**20
+    with pytest.raises(ValueError, match="no 'timing'"):
+        ModelTiming.load("mixtral-8x7b")
     with pytest.raises(ValueError, match="pcie-gen4-x16"):
         LinkProfile.load("pcie-gen9")
     bad = tmp_path / "bad.yaml"
@@ -61,3 +63,17 @@ def test_profiles_load_by_name_and_name_their_errors(tmp_path):
     bad.write_text("link_gbps: 0\n")
     with pytest.raises(ValueError, match="> 0"):
         LinkProfile.load(bad)
+
+
+@pytest.mark.parametrize("name", ["olmoe-1b-7b-0924", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
+                                  "gpt-oss-20b", "mixtral-8x7b"])
+def test_model_shapes_build_configs(name):
+    """Every shipped model shape is a valid transformers config of its family (no weights built)."""
+    import transformers
+
+    from specmd.costmodel import ModelSpec
+    from specmd.tiny import TINY_CONFIGS
+
+    spec = ModelSpec.load(name)
+    config = getattr(transformers, TINY_CONFIGS[spec.family][0])(**spec.config)
+    assert config.num_hidden_layers == spec.config["num_hidden_layers"]

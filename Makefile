@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # build on local disk, so a plain `torch` requirement does not pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 # --system-site-packages: on a machine that already has a CUDA torch (the GPU box), use it.
 $(VENV)/.installed: pyproject.toml
@@ -19,6 +19,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The benchmark matrix; needs a CUDA GPU and says so without one.
+bench: $(VENV)/.installed
+	$(PY) -m specmd.cli bench configs/bench/default.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info

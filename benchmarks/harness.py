@@ -6,10 +6,10 @@ import time
 
 import torch
 
-# OLMoE-1B-7B-0924 shapes (OlmoeConfig() defaults differ: intermediate 2048).
-OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-                   num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=50279, pad_token_id=1)
+from specmd.costmodel import ModelSpec
+
+# OLMoE-1B-7B-0924 shapes, from configs/models/ (OlmoeConfig() defaults differ: intermediate 2048).
+OLMOE_1B_7B = ModelSpec.load("olmoe-1b-7b-0924").config
 
 
 def olmoe_on_gpu(seed: int = 0):

@@ -1,5 +1,6 @@
 """Command line: ``specmd run`` generates text through specmd and prints the cache statistics;
-``specmd trace`` records routing traces; ``specmd sim`` replays one through the cache policies."""
+``specmd trace`` records routing traces; ``specmd sim`` replays one through the cache policies;
+``specmd bench`` checks a benchmark matrix config (its GPU runner is not written yet)."""
 from __future__ import annotations
 
 import argparse
@@ -112,6 +113,20 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig
+
+    config = BenchConfig.load(args.config)  # a malformed config fails first, naming the key
+    if not torch.cuda.is_available():
+        print("specmd bench: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
+              "run it on the GPU machine", file=sys.stderr)
+        return 1
+    print(f"specmd bench: {args.config} is valid ({config.num_runs} specmd runs + baselines), but the GPU "
+          "runner is not written yet (issue 4); benchmarks/core_h100.py and benchmarks/prefetch_h100.py "
+          "measure today", file=sys.stderr)
+    return 3
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--budget", default="100%", help="expert budget while recording")
     trace.add_argument("--device", help="cuda, cpu (default: CUDA when available)")
     trace.add_argument("--dtype", default=None)
+    bench = sub.add_parser("bench", help="the benchmark matrix on a GPU (configs/bench/*.yaml)")
+    bench.add_argument("config", help="bench config YAML, e.g. configs/bench/default.yaml")
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")
@@ -152,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"run": cmd_run, "trace": cmd_trace, "sim": cmd_sim}[args.command](args)
+        return {"run": cmd_run, "trace": cmd_trace, "sim": cmd_sim, "bench": cmd_bench}[args.command](args)
     except (ValueError, RuntimeError, OSError) as err:
         print(f"specmd: {err}", file=sys.stderr)
         return 2

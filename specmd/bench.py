@@ -1,0 +1,96 @@
+"""``specmd bench``: the benchmark matrix, configured in configs/bench/*.yaml.
+
+This module holds the configuration and its validation. The GPU runner (baselines and specmd presets in
+one process, link emulation, result files) is not written yet; ``specmd bench`` says so on a GPU and
+refuses clearly without one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .config import Budget, preset_path
+from .costmodel import LinkProfile, ModelSpec
+
+BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
+NATIVE_LINK = "native"  # the machine's own link, measured at the start of a run
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark matrix: every model x budget x link x prompt x batch x preset, plus the baselines."""
+
+    models: tuple[str, ...]
+    budgets: tuple[str, ...]
+    prompts: tuple[int, ...]
+    links: tuple[str, ...] = (NATIVE_LINK,)
+    new_tokens: int = 64
+    batch: tuple[int, ...] = (1,)
+    repeats: int = 3
+    presets: tuple[str, ...] = ("lru-noprefetch", "least-stale-topk")
+    baselines: tuple[str, ...] = BASELINES
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchConfig":
+        """Read and validate a config; every error names the key (and the valid choices)."""
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a bench config is a mapping of keys to values")
+        known = [f.name for f in fields(cls)]
+        if unknown := sorted(set(data) - set(known)):
+            raise ValueError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(known)}")
+        for key in ("models", "budgets", "prompts"):
+            if key not in data:
+                raise ValueError(f"{path}: missing key {key!r}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if f.name in ("new_tokens", "repeats"):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{path}: {f.name!r} must be a positive integer, not {value!r}")
+                values[f.name] = value
+                continue
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{path}: {f.name!r} must be a non-empty list")
+            values[f.name] = tuple(value)
+        config = cls(**values)
+        config._check(str(path))
+        return config
+
+    def _check(self, where: str) -> None:
+        for name in self.models:
+            try:
+                ModelSpec.load(name)
+            except ValueError as err:
+                raise ValueError(f"{where}: models: {err}") from None
+        for budget in self.budgets:
+            try:
+                Budget.parse(budget)
+            except ValueError as err:
+                raise ValueError(f"{where}: budgets: {err}") from None
+        for link in self.links:
+            if link != NATIVE_LINK:
+                try:
+                    LinkProfile.load(link)
+                except ValueError as err:
+                    raise ValueError(f"{where}: links: {err} (or '{NATIVE_LINK}')") from None
+        for preset in self.presets:
+            try:
+                preset_path(preset)
+            except ValueError as err:
+                raise ValueError(f"{where}: presets: {err}") from None
+        if bad := [b for b in self.baselines if b not in BASELINES]:
+            raise ValueError(f"{where}: baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        for key in ("prompts", "batch"):
+            if bad := [v for v in getattr(self, key) if not isinstance(v, int) or isinstance(v, bool) or v < 1]:
+                raise ValueError(f"{where}: {key!r}: {bad[0]!r} is not a positive integer")
+
+    @property
+    def num_runs(self) -> int:
+        """specmd runs in the matrix (baselines not counted)."""
+        return (len(self.models) * len(self.budgets) * len(self.links) * len(self.prompts) * len(self.batch)
+                * len(self.presets))

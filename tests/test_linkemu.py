@@ -1,0 +1,30 @@
+import pytest
+
+from specmd.linkemu import achieved_gbps, sleep_cycles, stretch_seconds
+
+MIB12 = 12 * 2**20
+
+
+def test_stretch_to_a_slower_link():
+    # 12 MiB: 0.289 ms at 43.5 GB/s, 0.484 ms at 26 GB/s (the Gen4 profile): stretch by 0.195 ms
+    assert stretch_seconds(MIB12, 43.5, 26.0) == pytest.approx(MIB12 / 26e9 - MIB12 / 43.5e9)
+    assert stretch_seconds(MIB12, 43.5, 26.0) == pytest.approx(1.947e-4, rel=1e-3)  # 0.195 ms
+    assert stretch_seconds(MIB12, 26.0, 43.5) == 0.0  # a faster link than the machine's cannot be emulated
+    assert stretch_seconds(MIB12, 26.0, 26.0) == 0.0
+
+
+def test_emulated_copy_takes_the_target_time():
+    native, target = 43.5, 13.0
+    total = MIB12 / (native * 1e9) + stretch_seconds(MIB12, native, target)
+    assert achieved_gbps(MIB12, total) == pytest.approx(target)
+
+
+def test_sleep_cycles_and_errors():
+    assert sleep_cycles(1e-3, 1.755e9) == 1_755_000
+    assert sleep_cycles(0.0, 1e9) == 0
+    with pytest.raises(ValueError, match="calibrate"):
+        sleep_cycles(1e-3, 0)
+    with pytest.raises(ValueError, match="positive"):
+        stretch_seconds(1, 0, 1)
+    with pytest.raises(ValueError, match="positive"):
+        achieved_gbps(1, 0)

@@ -12,19 +12,23 @@ from pathlib import Path
 
 import torch
 
-# The model of `make run` until a trained checkpoint ships: a tiny OLMoE whose 256-token vocabulary
+# `--model tiny` (and `make run` where the shipped checkpoint is missing): a tiny OLMoE whose 256-token vocabulary
 # is read as bytes, so text goes in and (random-weight) text comes out without a tokenizer download.
 RUN_MODEL = dict(family="olmoe", num_hidden_layers=4, num_experts=32, num_experts_per_tok=4, hidden_size=128,
                  intermediate_size=64)
 
 
 def _load(path: str | None, settings: dict, dtype: str | None):
-    """(model offloaded with ``settings``, encode, decode): a local checkpoint with its tokenizer, or the
-    tiny run model with bytes as tokens."""
+    """(model offloaded with ``settings``, encode, decode): a local checkpoint with its tokenizer (by
+    default the shipped one), or, with ``path="tiny"`` or no shipped checkpoint, a tiny random model
+    with bytes as tokens."""
     import specmd
+    from specmd.shipped import SHIPPED_MODEL
     from specmd.tiny import tiny_model
 
-    if path:
+    if path is None and (SHIPPED_MODEL / "config.json").exists():
+        path = str(SHIPPED_MODEL)
+    if path and path != "tiny":
         from transformers import AutoTokenizer
 
         model = specmd.from_pretrained(path, dtype=dtype, **settings)
@@ -63,8 +67,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts (one per line)")
-    model, encode, _ = _load(None if args.model == "tiny" else args.model,
-                             dict(expert_budget=args.budget, device=args.device), args.dtype)
+    model, encode, _ = _load(args.model, dict(expert_budget=args.budget, device=args.device), args.dtype)
     recorder = model.specmd.record_routing(lookahead=args.lookahead, model=args.model)
     with torch.inference_mode():
         for prompt in prompts:
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text through specmd and print the cache statistics")
-    run.add_argument("--model", help="local checkpoint directory (default: a tiny OLMoE built from a config)")
+    run.add_argument("--model", help="local checkpoint directory (default: the shipped checkpoint; 'tiny' for a "
+                                     "random tiny OLMoE with bytes as tokens)")
     run.add_argument("--preset", help="policy preset: a name in configs/policies/ or a YAML path")
     run.add_argument("--budget", help="expert budget: bytes, '600MB', '5%%', 0.05 or 'auto' (default 25%%)")
     run.add_argument("--eviction", help="eviction policy (default least-stale)")
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--new-tokens", type=int, default=32)
     run.add_argument("--stats-json", help="also write the statistics here")
     trace = sub.add_parser("trace", help="record routing traces (ids, weights, predictions) from a model")
-    trace.add_argument("model", help="local checkpoint directory, or 'tiny' for the run model")
+    trace.add_argument("model", nargs="?", default=None,
+                       help="local checkpoint directory (default: the shipped checkpoint), or 'tiny'")
     trace.add_argument("--prompts", required=True, help="text file, one prompt per line")
     trace.add_argument("--out", required=True, help="trace file to write (JSON, format in README)")
     trace.add_argument("--new-tokens", type=int, default=64)

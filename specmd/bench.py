@@ -62,27 +62,17 @@ class BenchConfig:
         return config
 
     def _check(self, where: str) -> None:
-        for name in self.models:
-            try:
-                ModelSpec.load(name)
-            except ValueError as err:
-                raise ValueError(f"{where}: models: {err}") from None
-        for budget in self.budgets:
-            try:
-                Budget.parse(budget)
-            except ValueError as err:
-                raise ValueError(f"{where}: budgets: {err}") from None
-        for link in self.links:
-            if link != NATIVE_LINK:
+        def each(key: str, values, check, hint: str = "") -> None:
+            for value in values:
                 try:
-                    LinkProfile.load(link)
+                    check(value)
                 except ValueError as err:
-                    raise ValueError(f"{where}: links: {err} (or '{NATIVE_LINK}')") from None
-        for preset in self.presets:
-            try:
-                preset_path(preset)
-            except ValueError as err:
-                raise ValueError(f"{where}: presets: {err}") from None
+                    raise ValueError(f"{where}: {key}: {err}{hint}") from None
+
+        each("models", self.models, ModelSpec.load)
+        each("budgets", self.budgets, Budget.parse)
+        each("links", [link for link in self.links if link != NATIVE_LINK], LinkProfile.load, f" (or '{NATIVE_LINK}')")
+        each("presets", self.presets, preset_path)
         if bad := [b for b in self.baselines if b not in BASELINES]:
             raise ValueError(f"{where}: baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
         for key in ("prompts", "batch"):

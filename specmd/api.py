@@ -170,6 +170,8 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     total_bytes = layout.layer_bytes * len(layers)
     if config.expert_budget.kind != "auto":
         _slots_for(config.expert_budget.resolve(total_bytes), layout.expert_bytes, config.expert_budget)
+    top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
+    predictor = Predictor(config.prefetch, [layer.router for layer in layers], top_k)  # may refuse: before moving
 
     if isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
         store = handle._store  # closed earlier: the experts are already in (pinned) host memory
@@ -188,8 +190,7 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     layer_stats = [LayerStats() for _ in layers]
     cache = SlotCache(store, layout, num_slots, budget_bytes, make_policy(config.eviction, config.seed),
                       target, layer_stats)
-    top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
-    engine = Engine(layers, cache, layer_stats, Predictor(config.prefetch, [l.router for l in layers], top_k))
+    engine = Engine(layers, cache, layer_stats, predictor)
 
     from transformers.integrations.moe import ExpertsInterface
 

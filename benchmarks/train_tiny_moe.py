@@ -3,8 +3,8 @@ tokenizer trained here, and save it as a Hugging Face checkpoint (bf16 safetenso
 
     python benchmarks/train_tiny_moe.py --minutes 30 --out specmd/checkpoints/olmoe-pystdlib
 
-Data: benchmarks/data/python311-stdlib-toplevel.txt.xz (the top-level modules of CPython 3.11.7's
-library, concatenated; files whose name hashes to 0 mod 10 are held out for validation). Loss: next-token
+Data: benchmarks/data/python311-stdlib.txt.xz (CPython 3.11.7's library without its tests and
+site-packages, 836 files concatenated; files whose path hashes to 0 mod 10 are held out for validation). Loss: next-token
 cross-entropy plus OLMoE's load-balancing auxiliary loss (router_aux_loss_coef). Reports validation loss
 against a unigram baseline, per-layer expert-load entropy and how well next-layer speculation recalls
 the routed experts, into OUT/training_report.json.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parent / "data" / "python311-stdlib-toplevel.txt.xz"
+DATA = Path(__file__).resolve().parent / "data" / "python311-stdlib.txt.xz"
 
 
 def split_corpus(text: str) -> tuple[str, str]:

@@ -158,10 +158,8 @@ class SlotCache:
                 if key in self._prefetched:
                     self._prefetched[key] = max(self._prefetched[key], target)
                 return False
-            protected = {k for k, t in self._prefetched.items() if t > self.position}
-            if not self._free and self.policy.select_victim(exclude=self._pinned | protected) is None:
-                return False
-            self._load(key, protected)
+            if self._load(key, demand=False) is None:
+                return False  # every slot is pinned or holds a pending prefetch
             self.policy.insert(key)
             self._prefetched[key] = target
             stats = self._stats[key[0]]
@@ -242,13 +240,16 @@ class SlotCache:
             if len(self._stall_timings) > _MAX_PENDING_TIMINGS:
                 self.drain_timings(block=False)
 
-    def _take_slot(self, protected: set[Key]) -> int:
+    def _take_slot(self, demand: bool) -> int | None:
         if self._free:
             return self._free.pop()
+        protected = {k for k, t in self._prefetched.items() if t > self.position}
         victim = self.policy.select_victim(exclude=self._pinned | protected)
-        if victim is None:  # only pending prefetches are left: a demand load may take one of them
+        if victim is None and demand:  # only pending prefetches are left: a demand load may take one
             victim = self.policy.select_victim(exclude=self._pinned)
-        assert victim is not None, "acquire never pins more keys than there are slots"
+        if victim is None:
+            assert not demand, "acquire never pins more keys than there are slots"
+            return None
         slot = self._slot_of.pop(victim)
         assert self._state[slot] is SlotState.READY, "a pinned slot is never evicted"
         self._key_of[slot] = None
@@ -261,10 +262,12 @@ class SlotCache:
             stats.wasted_prefetch_bytes += self.layout.expert_bytes
         return slot
 
-    def _load(self, key: Key, protected: set[Key] | None = None) -> int:
-        if protected is None:
-            protected = {k for k, t in self._prefetched.items() if t > self.position}
-        slot = self._take_slot(protected)
+    def _load(self, key: Key, demand: bool = True) -> int | None:
+        """Copy ``key`` into a free or evicted slot; a prefetch (``demand=False``) gets None when no slot
+        can be taken without evicting a pinned key or a pending prefetch."""
+        slot = self._take_slot(demand)
+        if slot is None:
+            return None
         source = self._store.block(*key)
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):

@@ -122,7 +122,7 @@ class Engine:
         # released), the watchdog could still issue the prefetches predicted for it.
         self.cache.set_position(position, layer, num_layers)
         counts = Counter(host_ids[:num_tokens * top_k])
-        self._score_prediction(layer, sorted(counts))
+        self._score_prediction(layer, counts.keys())
         requests = self._prefetch_requests(layer, position, host_ids[num_tokens * top_k:])
         return self._compute(layer, module, hidden_states, flat_ids, top_k_weights, counts, requests)
 
@@ -170,7 +170,8 @@ class Engine:
         for _, target, key in sorted(requests, key=lambda r: r[0]):
             self.cache.prefetch(key, target)
 
-    def _score_prediction(self, layer: int, experts: list[int]) -> None:
+    def _score_prediction(self, layer: int, experts) -> None:
+        """Compare the nearest prediction for ``layer`` with the distinct ``experts`` it routed to."""
         predicted = self._predictions.pop(layer, None)
         if predicted is not None:
             stats = self._layer_stats[layer]

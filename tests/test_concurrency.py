@@ -26,8 +26,10 @@ class SlotChecker:
         self._generation = {}  # slot -> number of copies into it
         load, acquire, release = cache._load, cache.acquire, cache.release
 
-        def checked_load(key, protected=None):
-            slot = load(key, protected)
+        def checked_load(key, demand=True):
+            slot = load(key, demand)
+            if slot is None:  # a prefetch that found no slot copies nothing
+                return None
             with self._lock:
                 self._generation[slot] = self._generation.get(slot, 0) + 1
                 if slot in self._held:

@@ -1,6 +1,7 @@
 """Public entry points: ``offload`` a loaded model, or load one with ``from_pretrained``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_moe_layers
 from .cache import SlotCache
+from .compute import KernelPlan
 from .config import Budget, BudgetSpec, OffloadConfig, preset_path
 from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, experts_forward
 from .metrics import LayerStats, Stats
@@ -26,11 +28,14 @@ log = logging.getLogger(__name__)
 class OffloadHandle:
     """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
 
-    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore, top_k: int) -> None:
+    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore, top_k: int,
+                 implementation: str, model: nn.Module) -> None:
         self.config = config
         self._engine = engine
         self._top_k = top_k
         self._store = store  # kept after close: offloading the model again reuses it, no re-pinning
+        self.implementation = implementation  # the experts implementation the model had before offload
+        self._model = model
 
     @property
     def closed(self) -> bool:
@@ -85,6 +90,7 @@ class OffloadHandle:
         """Free the device slots. The experts stay in host memory (the model's parameters point there);
         the model cannot run until offloaded again. Safe to call twice."""
         self._engine.close()
+        self._model.__dict__.pop("_optimize_model_for_decode", None)
 
     def _check_open(self) -> None:
         if self._engine.closed:
@@ -173,6 +179,11 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
     predictor = Predictor(config.prefetch, [layer.router for layer in layers], top_k)  # may refuse: before moving
 
+    if isinstance(handle, OffloadHandle):
+        implementation = handle.implementation  # the model's config says "specmd" since the first offload
+    else:
+        # What the experts modules dispatch on (use_experts_implementation keeps their config).
+        implementation = getattr(layers[0].module.config, "_experts_implementation", None) or "eager"
     if isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
         store = handle._store  # closed earlier: the experts are already in (pinned) host memory
     else:
@@ -188,9 +199,10 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
                     layout.num_experts * len(layers))
     layer_stats = [LayerStats() for _ in layers]
+    threaded = config.prefetch.enabled and not config.prefetch.inline
     cache = SlotCache(store, layout, num_slots, budget_bytes, make_policy(config.eviction, config.seed),
-                      target, layer_stats)
-    engine = Engine(layers, cache, layer_stats, predictor)
+                      target, layer_stats, (config.prefetch.max_inflight or top_k) if threaded else None)
+    engine = Engine(layers, cache, layer_stats, predictor, KernelPlan.mirroring(implementation, target.type))
 
     from transformers.integrations.moe import ExpertsInterface
 
@@ -198,11 +210,31 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     for layer in layers:
         layer.module._specmd_binding = Binding(engine, layer.index)
     model.set_experts_implementation(IMPLEMENTATION_NAME)
-    model.specmd = OffloadHandle(engine, config, store, top_k)
+    _track_decode(model, engine)
+    model.specmd = OffloadHandle(engine, config, store, top_k, implementation, model)
     log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s, "
              "prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20,
              total_bytes / 2**20, config.eviction, config.prefetch.policy, config.prefetch.lookahead)
     return model
+
+
+def _track_decode(model: nn.Module, engine: Engine) -> None:
+    """Tell the engine when ``generate`` decodes: transformers switches grouped_mm to batched_mm there
+    (``_optimize_model_for_decode``), and the engine must switch kernels with it to stay bit-identical."""
+    original = getattr(type(model), "_optimize_model_for_decode", None)
+    if original is None:  # a transformers without the switch: prefill kernels throughout, as it does
+        return
+
+    @contextlib.contextmanager
+    def decoding(*args, **kwargs):
+        with original(model, *args, **kwargs):
+            engine.decoding = True
+            try:
+                yield
+            finally:
+                engine.decoding = False
+
+    model._optimize_model_for_decode = decoding  # on the instance; close() removes it
 
 
 def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:

@@ -5,9 +5,12 @@ it: the model's thread (``acquire``/``release``, demand loads) and the watchdog 
 ``_lock``, guards every table, the policy and the counters. Copies are issued under the lock, so a key
 is never visible half-loaded.
 
-Slot lifecycle: FREE -> READY (copy queued on the copy stream, ``ready`` event recorded after it) ->
+Slot lifecycle: FREE -> READY (copy queued on a copy stream, ``ready`` event recorded after it) ->
 IN_USE (pinned by the layer being computed) -> READY again on ``release`` (``last_use`` event recorded
-after the compute that read it) -> evicted: the copy stream waits on ``last_use`` before overwriting.
+after the compute that read it) -> evicted: the next copy into the slot waits on ``last_use`` (its
+readers) and on ``ready`` (the previous copy into it, which may be on the other copy stream).
+Demand copies and prefetch copies run on two streams, so a demand copy shares the link with the
+prefetches already in flight instead of queueing behind them; ``max_inflight_prefetches`` bounds those.
 A slot is published in the table as soon as its copy is queued, because every reader first makes the
 compute stream wait on ``ready``; the host never blocks on a copy.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +45,8 @@ class SlotCache:
     """A pool of ``num_slots`` expert-sized slots on ``device``, filled from ``store``."""
 
     def __init__(self, store: HostStore, layout: ExpertLayout, num_slots: int, budget_bytes: int,
-                 policy: EvictionPolicy, device: torch.device, stats: list[LayerStats]) -> None:
+                 policy: EvictionPolicy, device: torch.device, stats: list[LayerStats],
+                 max_inflight_prefetches: int | None = None) -> None:
         assert 1 <= num_slots and num_slots * layout.expert_bytes <= budget_bytes
         self.num_slots = num_slots
         self.budget_bytes = budget_bytes
@@ -72,18 +77,25 @@ class SlotCache:
         if self._cuda:
             # The stream that runs the model; captured once, so copies are ordered against it.
             self._compute_stream = torch.cuda.current_stream(device)
-            # Copies host -> slot run here, so they overlap compute.
-            self._copy_stream = torch.cuda.Stream(device)
-            # ready[s]: recorded by _load on the copy stream after the copy into s; waited on by acquire
-            # on the compute stream before any read of s.
+            # Copies host -> slot run on these, so they overlap compute: demand misses on the first
+            # (high priority), prefetches on the second.
+            self._demand_stream = torch.cuda.Stream(device, priority=-1)
+            self._prefetch_stream = torch.cuda.Stream(device)
+            # ready[s]: recorded by _load on its copy stream after the copy into s; waited on by acquire
+            # on the compute stream before any read of s, and by the next copy into s.
             self._ready = [torch.cuda.Event() for _ in range(num_slots)]
             # last_use[s]: recorded by release on the compute stream after the last queued read of s;
-            # waited on by _load on the copy stream before s is overwritten.
+            # waited on by _load on a copy stream before s is overwritten.
             self._last_use = [torch.cuda.Event() for _ in range(num_slots)]
             self._unwaited: set[int] = set()  # slots whose ready event the compute stream has not waited on
             # (start, end) timing events: copies on the copy stream; stalls (layer, ...) on the compute stream.
             self._copy_timings: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
             self._stall_timings: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        # End events of prefetch copies that may still run (oldest first); the watchdog waits on the
+        # oldest while there are max_inflight_prefetches of them.
+        self.max_inflight_prefetches = max_inflight_prefetches
+        self._inflight: deque[torch.cuda.Event] = deque()
+        self.peak_inflight_prefetches = 0
         self.copy_busy_ms = 0.0
 
     # -- called by the engine (model thread) ---------------------------------------------------------
@@ -147,6 +159,20 @@ class SlotCache:
 
     # -- called by the watchdog thread ---------------------------------------------------------------
 
+    def wait_for_prefetch_room(self) -> None:
+        """Block the calling (watchdog) thread until fewer than ``max_inflight_prefetches`` prefetch copies
+        may still be running. Never called by the model's thread."""
+        if not self._cuda or self.max_inflight_prefetches is None:
+            return
+        while True:
+            with self._lock:
+                while self._inflight and self._inflight[0].query():
+                    self._inflight.popleft()
+                if len(self._inflight) < self.max_inflight_prefetches:
+                    return
+                oldest = self._inflight[0]
+            oldest.synchronize()  # outside the lock: the model's thread keeps acquiring meanwhile
+
     def prefetch(self, key: Key, target: int) -> bool:
         """Load ``key`` ahead of its layer (absolute position ``target``) unless resident, stale, or no
         slot can be freed without evicting a pinned key or another pending prefetch. True if copied."""
@@ -207,7 +233,8 @@ class SlotCache:
         """Wait for queued copies, then drop the pool (changes state; the cache is unusable after)."""
         with self._lock:
             if self._cuda:
-                self._copy_stream.synchronize()
+                self._demand_stream.synchronize()
+                self._prefetch_stream.synchronize()
                 self._compute_stream.synchronize()
             self.pool = torch.empty(0, device=self.device)
             self.views = {}
@@ -270,16 +297,24 @@ class SlotCache:
             return None
         source = self._store.block(*key)
         if self._cuda:
-            with torch.cuda.stream(self._copy_stream):
+            stream = self._demand_stream if demand else self._prefetch_stream
+            with torch.cuda.stream(stream):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                # Readers of the previous occupant were queued before last_use: wait for them.
-                self._copy_stream.wait_event(self._last_use[slot])
-                start.record(self._copy_stream)
+                # Readers of the previous occupant were queued before last_use: wait for them; and for
+                # the previous copy into the slot (never read, maybe on the other stream).
+                stream.wait_event(self._last_use[slot])
+                stream.wait_event(self._ready[slot])
+                start.record(stream)
                 self.pool[slot].copy_(source, non_blocking=True)
-                end.record(self._copy_stream)
-                self._ready[slot].record(self._copy_stream)
+                end.record(stream)
+                self._ready[slot].record(stream)
             self._unwaited.add(slot)
             self._copy_timings.append((start, end))
+            if not demand:
+                while self._inflight and self._inflight[0].query():
+                    self._inflight.popleft()
+                self._inflight.append(end)
+                self.peak_inflight_prefetches = max(self.peak_inflight_prefetches, len(self._inflight))
             if len(self._copy_timings) > _MAX_PENDING_TIMINGS:
                 self.drain_timings(block=False)
         else:

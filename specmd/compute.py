@@ -2,21 +2,48 @@
 
 Legend: R routed (token, expert) rows of one chunk, H hidden, I expert intermediate, S slots.
 Rows arrive sorted by slot, so each slot's rows are contiguous (``groups``) as grouped kernels need.
+
+Which kernel runs is the one transformers would have run for the same call (``KernelPlan``): in bf16 a
+row's result depends on the kernel (batched products vs grouped products round differently), so
+mirroring transformers' choice is what keeps the output bit-identical to the unpatched model's.
 """
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapters import ExpertLayout
 
-# Up to this many rows, gather the rows' weights and use batched products (what transformers' generate
-# switches to for decode: faster than grouped products for a token or two, DESIGN.md section 2).
-GATHER_MAX_ROWS = 16
 # torch._grouped_mm refuses more groups than this ("Can't process more than 1024 groups").
 GROUPED_MM_MAX_GROUPS = 1024
+
+
+class Kernel(enum.Enum):
+    GROUPED = "grouped"  # one grouped product over the slot-sorted rows (a loop over slots where unavailable)
+    BATCHED = "batched"  # gather each row's expert weight, batched products (transformers' batched_mm)
+    LOOP = "loop"  # one product per slot (transformers' eager loop over experts)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The kernel for prefill-like calls and for decode steps of ``generate``."""
+
+    prefill: Kernel
+    decode: Kernel
+
+    @classmethod
+    def mirroring(cls, implementation: str, device_type: str) -> "KernelPlan":
+        """What transformers runs for ``implementation`` (the model's experts implementation before
+        offload): ``generate`` switches grouped_mm to batched_mm for decode off the CPU."""
+        if implementation == "grouped_mm":
+            return cls(Kernel.GROUPED, Kernel.BATCHED if device_type != "cpu" else Kernel.GROUPED)
+        if implementation == "batched_mm":
+            return cls(Kernel.BATCHED, Kernel.BATCHED)
+        return cls(Kernel.LOOP, Kernel.LOOP)
 
 
 def _grouped_mm_fn():
@@ -29,10 +56,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
-             groups: Sequence[tuple[int, int, int]], offsets: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+             groups: Sequence[tuple[int, int, int]], offsets: torch.Tensor | None, transposed: bool,
+             batched: bool) -> torch.Tensor:
     """One projection of every row by its slot's weight: x [R, in], weights [S, ...] -> [R, out]."""
     x = x.to(weights.dtype)
-    if x.shape[0] <= GATHER_MAX_ROWS:
+    if batched:
         w = weights[slots]  # [R, out, in] (or [R, in, out])
         out = (torch.bmm(x.unsqueeze(1), w).squeeze(1) if transposed
                else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1))  # [R, out]
@@ -47,21 +75,22 @@ def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.Tensor], x: torch.Tensor,
-                slots: torch.Tensor, groups: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+                slots: torch.Tensor, groups: Sequence[tuple[int, int, int]], kernel: Kernel) -> torch.Tensor:
     """Each row of ``x`` [R, H] through its expert held in slot ``slots[r]``: returns [R, H].
 
     ``groups`` lists (slot, first row, end row) of the slot-sorted rows.
     """
+    batched = kernel is Kernel.BATCHED
     num_slots = views["gate_up_proj"].shape[0]
     offsets = None
-    if (x.is_cuda and layout.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
-            and x.shape[0] > GATHER_MAX_ROWS and num_slots <= GROUPED_MM_MAX_GROUPS):
+    if (kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+            and num_slots <= GROUPED_MM_MAX_GROUPS):
         counts = [0] * num_slots
         for slot, start, end in groups:
             counts[slot] = end - start
         offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
     bias = views.get("gate_up_proj_bias")
-    h = _project(x, views["gate_up_proj"], bias, slots, groups, offsets, layout.is_transposed)  # [R, 2I]
+    h = _project(x, views["gate_up_proj"], bias, slots, groups, offsets, layout.is_transposed, batched)  # [R, 2I]
     h = module._apply_gate(h)  # [R, I]; the model's own gate (GPT-OSS: interleaved, clamped)
     bias = views.get("down_proj_bias")
-    return _project(h, views["down_proj"], bias, slots, groups, offsets, layout.is_transposed)  # [R, H]
+    return _project(h, views["down_proj"], bias, slots, groups, offsets, layout.is_transposed, batched)  # [R, H]

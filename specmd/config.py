@@ -83,7 +83,7 @@ class Budget:
         return max(0, free_device_bytes - headroom)
 
 
-_PREFETCH_KEYS = {"policy", "lookahead", "k", "p", "cap", "tau", "inline"}
+_PREFETCH_KEYS = {"policy", "lookahead", "k", "p", "cap", "tau", "inline", "max_inflight"}
 
 
 def _prefetch_config(spec, where: str) -> PrefetchConfig:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import MoELayer
 from .cache import SlotCache
-from .compute import expert_rows
+from .compute import KernelPlan, expert_rows
 from .metrics import LayerStats, Stats
 from .prefetch import Predictor
 from .recorder import TraceRecorder
@@ -62,8 +62,11 @@ class Engine:
     per forward pass."""
 
     def __init__(self, layers: list[MoELayer], cache: SlotCache, layer_stats: list[LayerStats],
-                 predictor: Predictor) -> None:
+                 predictor: Predictor, kernels: KernelPlan) -> None:
         self.layers = layers
+        self.kernels = kernels
+        # Set by the model's generate while it decodes (api.track_decode), as transformers switches kernels.
+        self.decoding = False
         self.cache = cache
         self.predictor = predictor
         self._layer_stats = layer_stats  # shared with the cache, which counts into it
@@ -138,6 +141,7 @@ class Engine:
         out = torch.empty(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype, device=device)  # [T*k, H]
         num_experts = self.cache.layout.num_experts
         num_slots = self.cache.num_slots
+        kernel = self.kernels.decode if self.decoding else self.kernels.prefill
         # A layer that needs more experts than there are slots runs in chunks (long prefills, small budgets).
         for start in range(0, len(experts), num_slots):
             chunk = experts[start:start + num_slots]
@@ -156,7 +160,8 @@ class Engine:
             row_slots = torch.tensor(lut).to(device, non_blocking=True)[flat_ids]  # [T*k]
             order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
             x = hidden_states[order // top_k]  # [R, H]
-            y = expert_rows(module, self.cache.layout, self.cache.views, x, row_slots[order], groups)  # [R, H]
+            y = expert_rows(module, self.cache.layout, self.cache.views, x, row_slots[order], groups,
+                            kernel)  # [R, H]
             out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
             self.cache.release(slots)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.

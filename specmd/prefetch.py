@@ -22,7 +22,10 @@ class PrefetchConfig:
     """``policy``: none | topk | top-p | threshold; ``lookahead`` d in 1..3; ``k`` (topk; None = the model's
     top-k); ``p`` and ``cap`` (top-p: smallest set reaching p, at most cap); ``tau`` (threshold);
     ``inline``: issue prefetches on the model's thread right after the layer's demand loads instead of on
-    the watchdog thread: deterministic, for experiments and for checking the simulator."""
+    the watchdog thread: deterministic, for experiments and for checking the simulator.
+    ``max_inflight``: prefetch copies queued on the device at once (None = the model's top-k); the
+    watchdog waits for one to finish before issuing more, so a demand copy never queues behind a
+    long run of speculative ones and predictions for layers that already ran are dropped unsent."""
 
     policy: str = "none"
     lookahead: int = 1
@@ -31,6 +34,7 @@ class PrefetchConfig:
     cap: int | None = None
     tau: float = 0.05
     inline: bool = False
+    max_inflight: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
@@ -39,6 +43,9 @@ class PrefetchConfig:
             raise ValueError(f"prefetch lookahead={self.lookahead}: must be 1, 2 or 3")
         if self.k is not None and self.k < 1:
             raise ValueError(f"prefetch k={self.k}: must be at least 1 (or None for the model's top-k)")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise ValueError(f"prefetch max_inflight={self.max_inflight}: must be at least 1 (or None for the "
+                             "model's top-k)")
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"prefetch p={self.p}: must be in (0, 1]")
         if not 0.0 < self.tau < 1.0:

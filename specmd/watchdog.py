@@ -1,7 +1,8 @@
 """The watchdog: an asynchronous thread that drains the prefetch queue into the slot cache.
 
 Requests are ``(distance, sequence, target, key)``: nearest layer first, then submission order. The
-thread pops one, asks ``SlotCache.prefetch`` to copy it (which drops requests whose layer already ran,
+thread waits until fewer than ``max_inflight`` prefetch copies are running, pops one, asks
+``SlotCache.prefetch`` to copy it (which drops requests whose layer already ran,
 keys already resident, and requests that would need to evict a pinned slot or another pending
 prefetch). Demand misses never enter this queue: the model's thread issues them itself, at once, so no
 demand ever waits behind a queued prefetch. An exception in the thread is kept and raised in the model's
@@ -74,6 +75,13 @@ class Watchdog:
                     self._cond.wait_for(lambda: self._heap or self._stopping)
                     if self._stopping:
                         return
+                # Only then pick the request: the queue may have moved on (stale ones are dropped).
+                self._cache.wait_for_prefetch_room()
+                with self._cond:
+                    if self._stopping:
+                        return
+                    if not self._heap:
+                        continue
                     _, _, target, key = heapq.heappop(self._heap)
                     self._busy = True
                 self._cache.prefetch(key, target)

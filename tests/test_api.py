@@ -179,3 +179,45 @@ def test_offload_again_after_close_reuses_the_host_store(device):
     assert [p.data_ptr() for layer in find_moe_layers(model) for p in layer.module.parameters()] == buffers
     assert torch.equal(run(model, device), want)
     model.specmd.close()
+
+
+def test_kernel_plan_mirrors_transformers():
+    from specmd.compute import Kernel, KernelPlan
+
+    assert KernelPlan.mirroring("grouped_mm", "cuda") == KernelPlan(Kernel.GROUPED, Kernel.BATCHED)
+    assert KernelPlan.mirroring("grouped_mm", "cpu") == KernelPlan(Kernel.GROUPED, Kernel.GROUPED)
+    assert KernelPlan.mirroring("batched_mm", "cpu") == KernelPlan(Kernel.BATCHED, Kernel.BATCHED)
+    assert KernelPlan.mirroring("eager", "cuda") == KernelPlan(Kernel.LOOP, Kernel.LOOP)
+
+
+def test_engine_knows_when_generate_decodes(device):
+    """transformers switches grouped_mm to batched_mm for decode; the engine is told so it can follow."""
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device)
+    engine = model.specmd._engine
+    seen = []
+    original = engine.run_layer
+
+    def spy(layer, *args):
+        seen.append(engine.decoding)
+        return original(layer, *args)
+
+    engine.run_layer = spy
+    run(model, device)  # prefill + 3 decode steps, 2 MoE layers each
+    assert seen == [False] * 2 + [True] * 6
+    model(torch.tensor([[5, 6, 7]], device=device))  # a plain forward is not a decode step
+    assert seen[-2:] == [False, False]
+    model.specmd.close()
+    assert "_optimize_model_for_decode" not in vars(model)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "eager"])
+def test_other_experts_implementations_stay_identical(implementation, device):
+    """Whatever kernel the unpatched model used, specmd uses its counterpart and matches it."""
+    ref = tiny_model("olmoe").to(device)
+    ref.set_experts_implementation(implementation)
+    want = run(ref, device)
+    model = tiny_model("olmoe")
+    model.set_experts_implementation(implementation)
+    specmd.offload(model, 2 * expert_bytes(model), "lru", device)
+    assert model.specmd.implementation == implementation
+    assert torch.equal(run(model, device), want)

@@ -56,7 +56,7 @@ def test_lookahead_predicts_cyclic_layers_nearest_first():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(policy="oracle"), "topk"), (dict(lookahead=4), "lookahead"), (dict(p=0.0), "p="),
-    (dict(k=0), "k="), (dict(tau=1.5), "tau"),
+    (dict(k=0), "k="), (dict(tau=1.5), "tau"), (dict(max_inflight=0), "max_inflight"),
 ])
 def test_bad_prefetch_config(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -83,6 +83,20 @@ def test_prefetch_metrics_on_a_repeated_prompt(device):
     assert total.prefetch_hits <= total.hits
     assert total.wasted_prefetch_bytes <= total.prefetch_bytes
     assert stats.to_dict()["total"]["recall"] == total.recall
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="in-flight copies exist only on CUDA")
+def test_prefetch_copies_in_flight_are_bounded():
+    ref = tiny_model("olmoe").cuda()
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(3)).cuda()
+    want = ref.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", "cuda",
+                           prefetch=PrefetchConfig("topk", lookahead=2, max_inflight=2))
+    assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
+    model.specmd._engine.watchdog.wait_idle()
+    cache = model.specmd._engine.cache
+    assert model.specmd.stats().total.prefetches > 0
+    assert 1 <= cache.peak_inflight_prefetches <= 2
 
 
 def test_presets_load_by_name(device):

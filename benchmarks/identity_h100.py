@@ -123,6 +123,8 @@ def main() -> None:
         result["reference_repeat_diff"] = [differing(a[-1], b[-1]) for a, b in zip(records, again)]
         experts = model.model.layers[0].mlp.experts
         result["kernel_probe_layer0"] = kernel_probe(experts, records[0][0], records[0][1])
+        print("reference repeat diffs:", result["reference_repeat_diff"], flush=True)
+        print("kernel probe (layer 0, differing elements vs 64 groups):", result["kernel_probe_layer0"], flush=True)
         full = [model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                do_sample=False) for _ in range(2)]
         full_short = model.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -152,8 +154,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print("reference repeat diffs:", result["reference_repeat_diff"])
-    print("kernel probe (layer 0, differing elements vs 64 groups):", result["kernel_probe_layer0"])
     for budget in ("5%", "25%", "100%"):
         p = result[f"engine_probe_{budget}"]
         print(f"engine {budget}: layers differing cold {sum(d > 0 for d in p['cold'])}/16, "

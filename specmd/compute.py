@@ -18,8 +18,9 @@ from torch import nn
 
 from .adapters import ExpertLayout
 
-# torch._grouped_mm refuses more groups than this ("Can't process more than 1024 groups").
-GROUPED_MM_MAX_GROUPS = 1024
+# torch._grouped_mm refuses 1024 groups or more (its message says "more than 1024"); a larger pool is
+# covered by several calls over windows of slots.
+GROUPED_MM_MAX_GROUPS = 1023
 
 
 class Kernel(enum.Enum):
@@ -55,8 +56,34 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x @ w if transposed else x @ w.transpose(-2, -1)
 
 
+@dataclass(frozen=True)
+class _GroupedCall:
+    """One grouped product: rows [first_row, end_row) against slots [first_slot, end_slot)."""
+
+    first_row: int
+    end_row: int
+    first_slot: int
+    end_slot: int
+    offsets: torch.Tensor  # [end_slot - first_slot] int32 cumulative row counts, on the device
+
+
+def _grouped_calls(groups: Sequence[tuple[int, int, int]], num_slots: int, device: torch.device) -> list[_GroupedCall]:
+    calls = []
+    for first_slot in range(0, num_slots, GROUPED_MM_MAX_GROUPS):
+        end_slot = min(first_slot + GROUPED_MM_MAX_GROUPS, num_slots)
+        inside = [(slot, start, end) for slot, start, end in groups if first_slot <= slot < end_slot]
+        if not inside:
+            continue
+        counts = [0] * (end_slot - first_slot)
+        for slot, start, end in inside:
+            counts[slot - first_slot] = end - start
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
+        calls.append(_GroupedCall(inside[0][1], inside[-1][2], first_slot, end_slot, offsets))
+    return calls
+
+
 def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
-             groups: Sequence[tuple[int, int, int]], offsets: torch.Tensor | None, transposed: bool,
+             groups: Sequence[tuple[int, int, int]], calls: list[_GroupedCall] | None, transposed: bool,
              batched: bool) -> torch.Tensor:
     """One projection of every row by its slot's weight: x [R, in], weights [S, ...] -> [R, out]."""
     x = x.to(weights.dtype)
@@ -64,9 +91,11 @@ def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, 
         w = weights[slots]  # [R, out, in] (or [R, in, out])
         out = (torch.bmm(x.unsqueeze(1), w).squeeze(1) if transposed
                else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1))  # [R, out]
-    elif offsets is not None:
+    elif calls is not None:
         w = weights if transposed else weights.transpose(-2, -1)  # [S, in, out]
-        out = _grouped_mm_fn()(x, w, offs=offsets)  # [R, out]
+        mm = _grouped_mm_fn()
+        parts = [mm(x[c.first_row:c.end_row], w[c.first_slot:c.end_slot], offs=c.offsets) for c in calls]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, out]
     else:
         out = torch.cat([_linear(x[start:end], weights[slot], transposed) for slot, start, end in groups])
     if bias is not None:
@@ -82,15 +111,11 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
     """
     batched = kernel is Kernel.BATCHED
     num_slots = views["gate_up_proj"].shape[0]
-    offsets = None
-    if (kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
-            and num_slots <= GROUPED_MM_MAX_GROUPS):
-        counts = [0] * num_slots
-        for slot, start, end in groups:
-            counts[slot] = end - start
-        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+    calls = None
+    if kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
+        calls = _grouped_calls(groups, num_slots, x.device)
     bias = views.get("gate_up_proj_bias")
-    h = _project(x, views["gate_up_proj"], bias, slots, groups, offsets, layout.is_transposed, batched)  # [R, 2I]
+    h = _project(x, views["gate_up_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, 2I]
     h = module._apply_gate(h)  # [R, I]; the model's own gate (GPT-OSS: interleaved, clamped)
     bias = views.get("down_proj_bias")
-    return _project(h, views["down_proj"], bias, slots, groups, offsets, layout.is_transposed, batched)  # [R, H]
+    return _project(h, views["down_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, H]

@@ -92,11 +92,11 @@ def test_prefetch_copies_in_flight_are_bounded():
     want = ref.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     model = specmd.offload(tiny_model("olmoe"), "50%", "lru", "cuda",
                            prefetch=PrefetchConfig("topk", lookahead=2, max_inflight=2))
-    assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
-    model.specmd._engine.watchdog.wait_idle()
-    cache = model.specmd._engine.cache
-    assert model.specmd.stats().total.prefetches > 0
-    assert 1 <= cache.peak_inflight_prefetches <= 2
+    with model.specmd:  # closed at the end: later tests count live watchdog threads
+        assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
+        model.specmd._engine.watchdog.wait_idle()
+        assert model.specmd.stats().total.prefetches > 0
+        assert 1 <= model.specmd._engine.cache.peak_inflight_prefetches <= 2
 
 
 def test_presets_load_by_name(device):

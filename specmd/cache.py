@@ -96,6 +96,10 @@ class SlotCache:
         self.max_inflight_prefetches = max_inflight_prefetches
         self._inflight: deque[torch.cuda.Event] = deque()
         self.peak_inflight_prefetches = 0
+        # Link emulation (benchmarks): each copy is followed by a GPU sleep on its stream, and copies
+        # wait for each other (one emulated link), so a copy lasts as long as on the slower link.
+        self._stretch_cycles = 0
+        self._link_free = torch.cuda.Event() if self._cuda else None
         self.copy_busy_ms = 0.0
 
     # -- called by the engine (model thread) ---------------------------------------------------------
@@ -156,6 +160,14 @@ class SlotCache:
                 self._pinned.discard(self._key_of[slot])
                 if self._cuda:
                     self._last_use[slot].record(self._compute_stream)
+
+    def emulate_link(self, stretch_cycles: int) -> None:
+        """Stretch every later copy by ``stretch_cycles`` GPU clock cycles (``specmd.linkemu``), and
+        serialize copies: an emulated link carries one copy at a time. 0 turns emulation off."""
+        if stretch_cycles and not self._cuda:
+            raise ValueError("link emulation needs CUDA (it sleeps on the copy streams)")
+        with self._lock:
+            self._stretch_cycles = int(stretch_cycles)
 
     # -- called by the watchdog thread ---------------------------------------------------------------
 
@@ -304,8 +316,13 @@ class SlotCache:
                 # the previous copy into the slot (never read, maybe on the other stream).
                 stream.wait_event(self._last_use[slot])
                 stream.wait_event(self._ready[slot])
+                if self._stretch_cycles:
+                    stream.wait_event(self._link_free)
                 start.record(stream)
                 self.pool[slot].copy_(source, non_blocking=True)
+                if self._stretch_cycles:
+                    torch.cuda._sleep(self._stretch_cycles)
+                    self._link_free.record(stream)
                 end.record(stream)
                 self._ready[slot].record(stream)
             self._unwaited.add(slot)

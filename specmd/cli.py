@@ -1,6 +1,6 @@
 """Command line: ``specmd run`` generates text through specmd and prints the cache statistics;
 ``specmd trace`` records routing traces; ``specmd sim`` replays one through the cache policies;
-``specmd bench`` checks a benchmark matrix config (its GPU runner is not written yet)."""
+``specmd bench`` runs a benchmark matrix on the GPU and writes JSON, Markdown and PNG results."""
 from __future__ import annotations
 
 import argparse
@@ -124,10 +124,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("specmd bench: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
               "run it on the GPU machine", file=sys.stderr)
         return 1
-    print(f"specmd bench: {args.config} is valid ({config.num_runs} specmd runs + baselines), but the GPU "
-          "runner is not written yet (issue 4); benchmarks/core_h100.py and benchmarks/prefetch_h100.py "
-          "measure today", file=sys.stderr)
-    return 3
+    from .benchrun import default_out_dir, run, summary_table, write_results
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    out_dir = Path(args.out) if args.out else default_out_dir(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.config).stem
+    print(f"specmd bench: {args.config}: {config.num_runs} specmd runs + baselines -> {out_dir}", file=sys.stderr)
+    results = run(config, device, log=lambda text: print(text, file=sys.stderr),
+                  on_row=lambda partial: write_results(partial, out_dir, stem, plots=False))
+    files = write_results(results, out_dir, stem)
+    print(summary_table(results))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0 if all(r["identical_tokens"] is not False for r in results["rows"]) else 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--dtype", default=None)
     bench = sub.add_parser("bench", help="the benchmark matrix on a GPU (configs/bench/*.yaml)")
     bench.add_argument("config", help="bench config YAML, e.g. configs/bench/default.yaml")
+    bench.add_argument("--out", help="results folder (default benchmarks/results/<date>-<gpu>/)")
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")

@@ -63,3 +63,96 @@ def hit_rate_plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- benchmark results (specmd bench) ---------------------------------------------------------------------
+
+def _bench_label(row: dict) -> str:
+    return row["name"] + (f" @ {row['budget']}" if row.get("budget") and row["name"] != "on-demand" else "")
+
+
+def bench_markdown(results: dict) -> str:
+    """One table per model: every result row with its timing, hit and copy figures and token check."""
+    lines = []
+    machine = results.get("machine", {})
+    lines.append(f"Machine: {machine.get('gpu', 'no GPU')}, driver {machine.get('driver', '?')}, PCIe gen "
+                 f"{machine.get('pcie_generation', '?')} x{machine.get('pcie_width', '?')}, "
+                 f"{machine.get('host_cores', '?')} host cores; torch {machine.get('torch')}, transformers "
+                 f"{machine.get('transformers')}, accelerate {machine.get('accelerate')}; specmd "
+                 f"{str(machine.get('specmd_commit', '?'))[:10]}.\n")
+    for model in dict.fromkeys(r["model"] for r in results["rows"]):
+        native = results.get("native_gbps", {}).get(model)
+        lines.append(f"### {model}" + (f" (native copy rate {native:.1f} GB/s)" if native else "") + "\n")
+        lines.append("| configuration | link (GB/s measured) | prompt x batch | new | TTFT ms | TPOT ms | tok/s "
+                     "| hit % | stall ms | GB copied | copy GB/s | peak VRAM GiB | same tokens |")
+        lines.append("|---" * 13 + "|")
+        for r in (r for r in results["rows"] if r["model"] == model):
+            link = f"{r['link']} ({r['link_gbps_measured']:.1f})" if r.get("link_gbps_measured") else r.get("link", "-")
+            hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
+            stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
+            copied = f"{r['bytes_copied'] / 1e9:.1f}" if "bytes_copied" in r else "-"
+            rate = f"{r['copy_gbps_achieved']:.1f}" if r.get("copy_gbps_achieved") else "-"
+            same = {True: "yes", False: "NO", None: "-"}[r["identical_tokens"]]
+            lines.append(f"| {_bench_label(r)} | {link} | {r['prompt']} x {r['batch']} | {r['new_tokens']} "
+                         f"| {r['ttft_ms']:.1f} | {r['tpot_ms']:.1f} | {r['tokens_per_s']:.1f} | {hit} | {stall} "
+                         f"| {copied} | {rate} | {r['peak_vram_bytes'] / 2**30:.2f} | {same} |")
+        lines.append("")
+    for why in results.get("skipped", []):
+        lines.append(f"Skipped: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
+    """PNGs per model: TPOT and TTFT against budget per preset (one panel per link x prompt, batch 1),
+    baselines as horizontal reference lines; hit rate against budget. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for r in results["rows"] if r["batch"] == min(x["batch"] for x in results["rows"])]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        specmd_rows = [r for r in mine if r["kind"] == "specmd"]
+        if not specmd_rows:
+            continue
+        links = list(dict.fromkeys(r["link"] for r in specmd_rows))
+        prompts = list(dict.fromkeys(r["prompt"] for r in specmd_rows))
+        presets = list(dict.fromkeys(r["name"] for r in specmd_rows))
+        for metric, label in (("tpot_ms", "TPOT (ms)"), ("ttft_ms", "TTFT (ms)"), ("hit_rate", "hit rate (%)")):
+            fig, axes = plt.subplots(len(links), len(prompts), figsize=(5 * len(prompts), 3.6 * len(links)),
+                                     squeeze=False)
+            for i, link in enumerate(links):
+                for j, prompt in enumerate(prompts):
+                    ax = axes[i][j]
+                    scale = 100 if metric == "hit_rate" else 1
+                    for preset in presets:
+                        points = sorted((_budget_value(r["budget"]), scale * r[metric]) for r in specmd_rows
+                                        if r["name"] == preset and r["link"] == link and r["prompt"] == prompt)
+                        ax.plot(*zip(*points), marker="o", label=preset)
+                    if metric != "hit_rate":
+                        for r in mine:
+                            if r["prompt"] != prompt or r["kind"] != "baseline":
+                                continue
+                            if r["name"].startswith("full-gpu") or (r["name"] == "on-demand" and r["link"] == link):
+                                ax.axhline(r[metric], linestyle="--", linewidth=1, color="gray")
+                                ax.annotate(r["name"], (0, r[metric]), xycoords=("axes fraction", "data"),
+                                            fontsize=7, color="gray", va="bottom")
+                        auto = sorted((_budget_value(r["budget"]), r[metric]) for r in mine
+                                      if r["name"] == "device-map-auto" and r["prompt"] == prompt)
+                        if auto:
+                            ax.plot(*zip(*auto), linestyle=":", marker="x", color="black", label="device_map=auto")
+                            ax.set_yscale("log")
+                    ax.set_title(f"{link}, prompt {prompt}", fontsize=9)
+                    ax.set_xlabel("expert budget (% of expert bytes)")
+                    ax.set_ylabel(label)
+                    ax.grid(alpha=0.3)
+                    ax.legend(fontsize=7)
+            fig.suptitle(f"{model}: {label}", fontsize=10)
+            fig.tight_layout()
+            path = Path(out_dir) / f"{stem}-{model}-{metric.replace('_ms', '')}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written

@@ -12,7 +12,8 @@ DEFAULT = "configs/bench/default.yaml"
 def test_default_matrix_is_valid():
     config = BenchConfig.load(DEFAULT)
     assert config.models == ("olmoe-1b-7b-0924",) and config.budgets == ("5%", "10%", "20%")
-    assert config.num_runs == 1 * 3 * 2 * 2 * 1 * 4
+    assert config.num_runs == 1 * 3 * 2 * 2 * 1 * 2
+    assert BenchConfig.load("configs/bench/prefetch.yaml").num_runs == 2 * 2 * 8
 
 
 @pytest.mark.parametrize("text, match", [
@@ -47,3 +48,47 @@ def test_bench_with_a_bad_config_exits_naming_the_key(tmp_path):
     path.write_text("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nwarmup: 3\n")
     run = subprocess.run([sys.executable, "-m", "specmd.cli", "bench", str(path)], capture_output=True, text=True)
     assert run.returncode == 2 and "'warmup'" in run.stderr
+
+
+TINY_SPEC = """family: olmoe
+config: {vocab_size: 256, hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4,
+         num_key_value_heads: 2, num_experts: 8, num_experts_per_tok: 2, max_position_embeddings: 128,
+         bos_token_id: 1, eos_token_id: 2, pad_token_id: 0}
+"""
+
+
+def test_runner_end_to_end_on_cpu_writes_json_table_and_plots(tmp_path):
+    """The runner's plumbing on a tiny model (CPU timings are never reported: the CLI refuses without CUDA)."""
+    import json
+
+    from specmd.benchrun import run, summary_table, write_results
+
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%', '50%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
+                    "batch: [1, 2]\npresets: [lru-noprefetch, least-stale-topk]\n"
+                    "baselines: [full-gpu, full-gpu-grouped-mm, on-demand, device-map-auto]\n")
+    config = BenchConfig.load(path)
+    written = []
+    results = run(config, torch.device("cpu"), progress=False, log=lambda _: None,
+                  on_row=lambda r: written.append(len(r["rows"])))
+    rows = results["rows"]
+    names = [r["name"] for r in rows]
+    assert names.count("full-gpu") == names.count("full-gpu-grouped-mm") == 2  # one per batch size
+    assert names.count("lru-noprefetch") == names.count("least-stale-topk") == 4  # 2 budgets x 2 batches
+    assert names.count("on-demand") == 2
+    assert written == list(range(1, len(rows) + 1))  # files can be written after every row
+    assert all(r["identical_tokens"] for r in rows)
+    assert all(r["tpot_ms"] > 0 and r["ttft_ms"] > 0 for r in rows)
+    on_demand = [r for r in rows if r["name"] == "on-demand"]
+    assert all(r["num_slots"] == 2 and r["hit_rate"] == 0.0 for r in on_demand)  # top-k slots, nothing reused
+    assert results["skipped"] == [f"{spec.stem}: device-map-auto needs CUDA"]
+    assert results["machine"]["host_cores"] >= 1 and results["machine"]["torch"]
+    files = write_results(results, tmp_path, "bench")
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["name"] == "full-gpu-grouped-mm"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| lru-noprefetch @ 25% |" in table and "| yes |" in table
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert len(pngs) == 3 and all(f.stat().st_size > 1000 for f in pngs)
+    assert "least-stale-topk @ 50%" in summary_table(results)

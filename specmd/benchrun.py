@@ -1,0 +1,361 @@
+"""The GPU runner of ``specmd bench``: baselines and specmd presets on the same model, in one process.
+
+Per model of the config (random weights, built on the GPU when the whole model fits there, else skipped
+with a message): the full-GPU baselines (transformers' eager experts and its default grouped_mm; the
+latter's tokens are the reference), then every budget x link x preset x prompt x batch through specmd,
+then on-demand loading (one layer's top-k slots, nothing reused) per link, and last
+``device_map="auto"`` with ``max_memory`` equal to specmd's VRAM (non-expert weights + expert budget),
+which rebuilds the model's placement and so ends its use.
+
+Timing: a full-length warm-up, TTFT as the median of one-token generates, TPOT as
+(median full generate - TTFT) / (new tokens - 1); the device is synchronized around every timed call.
+Counters (hits, stall, bytes) cover the last full generate. A slower link than the machine's is emulated
+by stretching each copy with a GPU sleep (``specmd.linkemu``), calibrated on the machine; the copy rate
+that results is measured and recorded next to each result.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bench import NATIVE_LINK, BenchConfig
+from .costmodel import LinkProfile, ModelSpec
+from .linkemu import achieved_gbps, sleep_cycles, stretch_seconds
+from .machine import machine_info
+
+# Device memory kept free when deciding whether a model fits (activations, KV cache, allocator slack).
+FIT_HEADROOM_BYTES = 6 * 2**30
+# device_map="auto" moves every offloaded weight on every forward (seconds per token at small budgets):
+# it is timed over fewer tokens, one repeat, a one-token warm-up.
+DEVICE_MAP_NEW_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Timed:
+    ttft_ms: float
+    tpot_ms: float
+    tokens: torch.Tensor
+    peak_vram_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1e3 / self.tpot_ms if self.tpot_ms > 0 else float("inf")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds for one greedy generate, device synchronized before and after, and its output."""
+    _sync(ids.device)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False)
+    _sync(ids.device)
+    return time.perf_counter() - start, out
+
+
+def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeats: int = 2,
+            before_last=None, warmup_tokens: int | None = None) -> Timed:
+    """Warm-up (full length unless ``warmup_tokens``), TTFT (median of one-token generates), TPOT from
+    the median full generate. ``before_last`` runs before the last full generate (e.g. to zero counters
+    so they cover it)."""
+    device = ids.device
+    timed_generate(model, ids, warmup_tokens or new_tokens)
+    ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(ttft_repeats))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    totals, out = [], None
+    for i in range(repeats):
+        if i == repeats - 1 and before_last is not None:
+            before_last()
+        seconds, out = timed_generate(model, ids, new_tokens)
+        totals.append(seconds)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    tpot = (statistics.median(totals) - ttft) / max(1, new_tokens - 1)
+    return Timed(ttft * 1e3, tpot * 1e3, out, peak)
+
+
+def copy_gbps(nbytes: int, device: torch.device, stretch_cycles: int = 0, repeats: int = 11) -> float:
+    """Median rate of a pinned host->device copy of ``nbytes`` on a side stream, stretched as the cache
+    stretches its copies when ``stretch_cycles`` > 0."""
+    source = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    times = []
+    with torch.cuda.stream(stream):
+        for _ in range(repeats + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            target.copy_(source, non_blocking=True)
+            if stretch_cycles:
+                torch.cuda._sleep(stretch_cycles)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    return achieved_gbps(nbytes, statistics.median(times[1:]))
+
+
+def sleep_cycles_per_second(device: torch.device) -> float:
+    """GPU clock cycles per second of ``torch.cuda._sleep``, timed with CUDA events."""
+    cycles = 50_000_000
+    with torch.cuda.device(device):
+        torch.cuda._sleep(1_000_000)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def _model_bytes_on_meta(spec: ModelSpec) -> tuple[int, object]:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from .tiny import TINY_CONFIGS
+
+    config = getattr(transformers, TINY_CONFIGS[spec.family][0])(**spec.config)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return sum(p.numel() * p.element_size() for p in meta.parameters()), config
+
+
+def build_model(spec: ModelSpec, device: torch.device, seed: int = 0):
+    """The model with random bf16 weights, initialised directly on ``device``; raises ``Skip`` when it
+    does not fit there."""
+    from transformers import AutoModelForCausalLM
+
+    nbytes, config = _model_bytes_on_meta(spec)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes + FIT_HEADROOM_BYTES > free:
+            raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of bf16 weights do not fit the device's "
+                       f"{free / 2**30:.1f} GiB free (building it straight into the host store is not done)")
+    try:
+        host = _host_bytes()
+    except (ValueError, OSError):
+        host = None
+    if host is not None and nbytes * 1.2 > host:
+        raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of experts do not fit {host / 2**30:.1f} GiB of host memory")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def _host_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Skip(Exception):
+    """A configuration that does not fit this machine; reported, not run."""
+
+
+def _prompts(config: BenchConfig, vocab: int, device: torch.device) -> dict[tuple[int, int], torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {(n, b): torch.randint(10, vocab - 1, (b, n), generator=gen).to(device)
+            for n in config.prompts for b in config.batch}
+
+
+def _stats_fields(stats) -> dict:
+    t = stats.total
+    return {"hit_rate": stats.hit_rate, "misses": t.misses, "misses_collision": t.misses_collision,
+            "prefetch_hits": t.prefetch_hits, "late_prefetches": t.late_prefetches, "stall_ms": t.stall_ms,
+            "copy_busy_ms": stats.copy_busy_ms, "bytes_copied": t.bytes_copied,
+            "copy_gbps_achieved": (t.bytes_copied / (stats.copy_busy_ms / 1e3) / 1e9) if stats.copy_busy_ms else None,
+            "precision": t.precision, "recall": t.recall, "stats": stats.to_dict()}
+
+
+def _row(model_name: str, kind: str, name: str, workload: tuple[int, int], new_tokens: int, timed: Timed,
+         reference: torch.Tensor | None, **extra) -> dict:
+    prompt, batch = workload
+    return {"model": model_name, "kind": kind, "name": name, "prompt": prompt, "batch": batch,
+            "new_tokens": new_tokens, "ttft_ms": timed.ttft_ms, "tpot_ms": timed.tpot_ms,
+            "tokens_per_s": timed.tokens_per_s * batch, "peak_vram_bytes": timed.peak_vram_bytes,
+            "identical_tokens": None if reference is None else bool(torch.equal(timed.tokens, reference)), **extra}
+
+
+def run(config: BenchConfig, device: torch.device, progress: bool = True, log=print, on_row=None) -> dict:
+    """Run the matrix on ``device``; returns {machine, config, rows, skipped, ...}. ``on_row(results)`` is
+    called after every result (to write files as it goes). On a CPU (tests only: ``specmd bench`` refuses)
+    links are not measured and only the native link, specmd and on-demand runs are possible."""
+    import specmd
+    from tqdm.auto import tqdm
+
+    from .adapters import find_moe_layers
+
+    results = {"machine": machine_info(device), "config": vars(config) | {}, "rows": [], "skipped": [],
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    rows = results["rows"]
+    cuda = device.type == "cuda"
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(results)
+
+    cps = sleep_cycles_per_second(device) if cuda else None
+    results["sleep_cycles_per_second"] = cps
+    for model_path in config.models:
+        spec = ModelSpec.load(model_path)
+        model_name = spec.name
+        try:
+            model = build_model(spec, device)
+        except Skip as why:
+            log(f"skip: {why}")
+            results["skipped"].append(str(why))
+            continue
+        layers = find_moe_layers(model)
+        layout = layers[0].layout
+        expert_bytes, total_expert_bytes = layout.expert_bytes, layout.layer_bytes * len(layers)
+        top_k = model.config.num_experts_per_tok
+        native = copy_gbps(expert_bytes, device) if cuda else None
+        results.setdefault("native_gbps", {})[model_name] = native
+        if cuda:
+            log(f"{model_name}: native pinned host->device copy of one expert ({expert_bytes / 2**20:.1f} MiB): "
+                f"{native:.1f} GB/s")
+        links = {}
+        for link in config.links:
+            if link == NATIVE_LINK:
+                links[link] = (native, 0)
+                continue
+            if not cuda:
+                raise ValueError(f"link {link!r} is emulated with GPU sleeps: it needs CUDA")
+            target = LinkProfile.load(link).link_gbps
+            cycles = sleep_cycles(stretch_seconds(expert_bytes, native, target), cps)
+            links[link] = (target, cycles)
+        workloads = _prompts(config, model.config.vocab_size, device)
+        runs = config.num_runs // len(config.models) + (len(links) * len(workloads) if "on-demand" in config.baselines
+                                                        else 0)
+        bar = tqdm(total=runs, desc=f"{model_name} specmd runs", disable=not progress)
+        reference: dict = {}
+        with torch.inference_mode():
+            # transformers' grouped_mm first: its tokens are what every other configuration must reproduce.
+            for name, implementation in (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager")):
+                if name != "full-gpu-grouped-mm" and name not in config.baselines:
+                    continue
+                model.set_experts_implementation(implementation)
+                for workload, ids in workloads.items():
+                    timed = measure(model, ids, config.new_tokens, config.repeats)
+                    reference.setdefault(workload, timed.tokens)
+                    if name in config.baselines:
+                        add(_row(model_name, "baseline", name, workload, config.new_tokens, timed,
+                                 reference[workload], experts_implementation=implementation))
+            model.set_experts_implementation("grouped_mm")
+
+            def specmd_run(name: str, budget, link: str, preset: str | None, **offload_kwargs) -> None:
+                target_gbps, cycles = links[link]
+                specmd.offload(model, budget, device=str(device), preset=preset, progress=progress, **offload_kwargs)
+                handle = model.specmd
+                if cycles:
+                    handle._engine.cache.emulate_link(cycles)
+                measured = copy_gbps(expert_bytes, device, cycles) if cycles else native
+                try:
+                    for workload, ids in workloads.items():
+                        timed = measure(model, ids, config.new_tokens, config.repeats, before_last=handle.reset_stats)
+                        add(_row(model_name, "specmd" if preset else "baseline", name, workload,
+                                         config.new_tokens, timed, reference[workload],
+                                         budget=str(budget), budget_bytes=handle.stats().budget_bytes,
+                                         num_slots=handle.num_slots, link=link, link_gbps_target=target_gbps,
+                                         link_gbps_measured=measured, **_stats_fields(handle.stats())))
+                        bar.update(1)
+                finally:
+                    handle.close()
+
+            for budget in config.budgets:
+                for link in links:
+                    for preset in config.presets:
+                        specmd_run(preset, budget, link, preset)
+            if "on-demand" in config.baselines:
+                for link in links:
+                    specmd_run("on-demand", top_k * expert_bytes, link, None, eviction="fifo", prefetch="none")
+            bar.close()
+            if "device-map-auto" in config.baselines:
+                if cuda:
+                    _device_map_auto(model, config, device, workloads, reference, add, model_name,
+                                     total_expert_bytes, log)
+                else:
+                    results["skipped"].append(f"{model_name}: device-map-auto needs CUDA")
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def _device_map_auto(model, config: BenchConfig, device: torch.device, workloads: dict, reference: dict,
+                     add, model_name: str, total_expert_bytes: int, log) -> None:
+    """accelerate's placement with max_memory = non-expert weights + the expert budget, per budget."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_submodules
+
+    from .config import Budget
+
+    handle = getattr(model, "specmd", None)
+    model.set_experts_implementation(handle.implementation if handle is not None else "grouped_mm")
+    model.to("cpu")
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    non_expert = total_bytes - total_expert_bytes
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for budget in config.budgets:
+        budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
+        vram = non_expert + budget_bytes
+        device_map = infer_auto_device_map(model, max_memory={index: vram, "cpu": _host_bytes()},
+                                           no_split_module_classes=model._no_split_modules)
+        on_gpu = sum(1 for d in device_map.values() if d == index)
+        dispatch_model(model, device_map=device_map, main_device=index)
+        try:
+            for workload, ids in workloads.items():
+                timed = measure(model, ids, DEVICE_MAP_NEW_TOKENS, 1, ttft_repeats=1, warmup_tokens=1)
+                add(_row(model_name, "baseline", "device-map-auto", workload, DEVICE_MAP_NEW_TOKENS, timed,
+                                 reference[workload][:, :ids.shape[1] + DEVICE_MAP_NEW_TOKENS], budget=str(budget),
+                                 budget_bytes=budget_bytes, max_memory_bytes=vram, modules_on_gpu=on_gpu))
+        finally:
+            remove_hook_from_submodules(model)
+            model.to("cpu")
+        log(f"device_map=auto at {budget}: {on_gpu} of {len(device_map)} placed modules on the GPU")
+
+
+def write_results(results: dict, out_dir: Path, stem: str, plots: bool = True) -> list[Path]:
+    """``<stem>.json`` (everything), ``<stem>.md`` (the table) and, with ``plots``, the PNGs."""
+    import json
+
+    from .report import bench_markdown, bench_plots
+
+    def plain(value):  # tuples of the config -> lists; anything else JSON cannot hold -> str
+        return list(value) if isinstance(value, tuple) else str(value)
+
+    files = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    files[0].write_text(json.dumps(results, indent=1, default=plain))
+    files[1].write_text(bench_markdown(results))
+    if plots:
+        files += bench_plots(results, out_dir, stem)
+    return files
+
+
+def summary_table(results: dict) -> str:
+    """A short fixed-width table of every row, printed last."""
+    lines = [f"{'configuration':<28}{'link':<15}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'hit %':>7}"
+             f"{'stall ms':>9}  same"]
+    for r in results["rows"]:
+        name = r["name"] + (f" @ {r['budget']}" if r.get("budget") and r["name"] != "on-demand" else "")
+        hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
+        stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
+        same = {True: "yes", False: "NO", None: "-"}[r["identical_tokens"]]
+        lines.append(f"{name:<28}{r.get('link', '-'):<15}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}"
+                     f"{hit:>7}{stall:>9}  {same}")
+    return "\n".join(lines)
+
+
+def default_out_dir(device: torch.device) -> Path:
+    """benchmarks/results/<date>-<gpu>/ under the repository."""
+    name = torch.cuda.get_device_name(device).lower()
+    gpu = next((w for w in name.replace("nvidia", "").split() if any(c.isdigit() for c in w)), "gpu")
+    return Path(__file__).resolve().parent.parent / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{gpu}"

@@ -1,8 +1,10 @@
-"""Policy study on learned routing: record a routing trace from the shipped checkpoint on held-out text,
-then simulate every eviction policy (Belady included) x prefetch {none, recorded top-k d=1, perfect d=1}
-at several budgets; write the trace, a Markdown table and hit-rate plots.
+"""Policy study on learned routing: record a routing trace from a trained checkpoint (default: the shipped
+one) on held-out text, then simulate every eviction policy (Belady included) x prefetch {none, recorded
+top-k d=1, perfect d=1} at budgets 2/5/10/20/50%; write the trace, a Markdown table and hit-rate plots.
 
     python benchmarks/trace_study.py --out benchmarks/results/2026-11-23-cpu
+    python benchmarks/trace_study.py --model CKPT --name olmoe16x64-stdlib --trace-dir benchmarks/traces \
+        --out benchmarks/results/DATE-olmoe16x64 --hardware h100-pcie-gen5-measured
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from specmd.shipped import shipped_model_path
 from specmd.sim import SIM_POLICIES, simulate
 from specmd.trace import load_trace
 
-BUDGETS = (2, 5, 10, 25, 50)
+BUDGETS = (2, 5, 10, 20, 50)
 
 
 def main() -> None:
@@ -30,38 +32,56 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped one)")
+    parser.add_argument("--name", default="olmoe-pystdlib", help="names the trace and result files")
+    parser.add_argument("--trace-dir", default=None, help="where the trace goes (default: --out)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record-only", action="store_true", help="record the trace, simulate nothing")
+    parser.add_argument("--hardware", default=None, help="link profile: adds estimated TPOT to the table")
+    parser.add_argument("--model-timing", default="olmoe-1b-7b-0924")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = shipped_model_path()
+    path = Path(args.model) if args.model else shipped_model_path()
+    trace_path = Path(args.trace_dir or out) / f"trace-{args.name}.json"
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _, held_out = split_corpus(lzma.open(DATA, "rt", encoding="utf-8").read())
     ids = tokenizer(held_out).input_ids
     stride = len(ids) // args.prompts
-    model = specmd.from_pretrained(path, "100%", "lru", "cpu", dtype=torch.float32, progress=False)
+    model = specmd.from_pretrained(path, "100%", "lru", args.device, dtype=torch.float32, progress=False)
     recorder = model.specmd.record_routing(lookahead=3, model=path.name)
     with torch.inference_mode():
         for i in range(args.prompts):
-            prompt = torch.tensor([ids[i * stride:i * stride + args.prompt_tokens]])
+            prompt = torch.tensor([ids[i * stride:i * stride + args.prompt_tokens]]).to(model.device)
             model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    recorder.save(out / "trace-olmoe-pystdlib.json")
-    trace = load_trace(out / "trace-olmoe-pystdlib.json")
+    recorder.save(trace_path)
+    print(f"{trace_path}: {trace_path.stat().st_size / 1e6:.1f} MB")
+    if args.record_only:
+        return
+    trace = load_trace(trace_path)
+    timing = None
+    if args.hardware:
+        from specmd.costmodel import LinkProfile, ModelTiming
+
+        timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
     total = trace.num_layers * trace.num_experts
     rows = []
     for prefetch in ("none", "topk", "perfect"):
         for budget in BUDGETS:
             for eviction in SIM_POLICIES:
-                stats = simulate(trace, max(1, total * budget // 100), eviction, prefetch=prefetch, lookahead=1)
+                stats = simulate(trace, max(1, total * budget // 100), eviction, prefetch=prefetch, lookahead=1,
+                                 timing=timing)
                 rows.append({"budget": f"{budget}%", "eviction": eviction, "prefetch": prefetch, "lookahead": 1,
                              **stats.to_dict()})
-    (out / "sim-olmoe-pystdlib.json").write_text(json.dumps(rows, indent=1))
+    (out / f"sim-{args.name}.json").write_text(json.dumps(rows, indent=1))
     tables = []
     for prefetch in ("none", "topk", "perfect"):
         subset = [r for r in rows if r["prefetch"] == prefetch]
         tables.append(f"### prefetch: {prefetch}\n\n" + markdown_table(subset))
         hit_rate_plot(subset, out / f"hit-rate-{prefetch}.png",
-                      title=f"shipped olmoe-pystdlib, learned routing, prefetch {prefetch}")
-    (out / "sim-olmoe-pystdlib.md").write_text("\n".join(tables))
+                      title=f"{args.name}, learned routing, prefetch {prefetch}")
+    (out / f"sim-{args.name}.md").write_text("\n".join(tables))
     print("\n".join(tables))
 
 

@@ -169,6 +169,23 @@ class SlotCache:
         with self._lock:
             self._stretch_cycles = int(stretch_cycles)
 
+    def drop_resident(self, requests: list[tuple[int, int, Key]]) -> list[tuple[int, int, Key]]:
+        """Handle every ``(distance, target, key)`` request whose key is already resident as ``prefetch``
+        would (notify the policy, extend a pending prefetch's protection) and return the others, in order.
+        One lock for the whole layer, on the model's thread, so the watchdog wakes only for real copies:
+        each request it handles costs the model's thread the GIL for a while."""
+        with self._lock:
+            rest = []
+            for request in sorted(requests, key=lambda r: r[0]):
+                _, target, key = request
+                if key not in self._slot_of:
+                    rest.append(request)
+                elif target > self.position:
+                    self.policy.touch(key)
+                    if key in self._prefetched:
+                        self._prefetched[key] = max(self._prefetched[key], target)
+            return rest
+
     # -- called by the watchdog thread ---------------------------------------------------------------
 
     def wait_for_prefetch_room(self) -> None:

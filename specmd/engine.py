@@ -169,7 +169,7 @@ class Engine:
 
     def _submit(self, requests: list[tuple[int, int, tuple]]) -> None:
         if self.watchdog is not None:
-            self.watchdog.submit(requests)
+            self.watchdog.submit(self.cache.drop_resident(requests))
             return
         # inline: the watchdog's order (nearest layer first, then submission order), on this thread
         for _, target, key in sorted(requests, key=lambda r: r[0]):

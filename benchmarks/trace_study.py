@@ -26,24 +26,10 @@ from specmd.trace import load_trace
 BUDGETS = (2, 5, 10, 20, 50)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=96)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped one)")
-    parser.add_argument("--name", default="olmoe-pystdlib", help="names the trace and result files")
-    parser.add_argument("--trace-dir", default=None, help="where the trace goes (default: --out)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--record-only", action="store_true", help="record the trace, simulate nothing")
-    parser.add_argument("--hardware", default=None, help="link profile: adds estimated TPOT to the table")
-    parser.add_argument("--model-timing", default="olmoe-1b-7b-0924")
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def record(args) -> Path:
+    """Record the checkpoint's routing on held-out text; returns the trace file."""
     path = Path(args.model) if args.model else shipped_model_path()
-    trace_path = Path(args.trace_dir or out) / f"trace-{args.name}.json"
+    trace_path = Path(args.trace_dir or args.out) / f"trace-{args.name}.json"
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _, held_out = split_corpus(lzma.open(DATA, "rt", encoding="utf-8").read())
@@ -57,8 +43,32 @@ def main() -> None:
             model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     recorder.save(trace_path)
     print(f"{trace_path}: {trace_path.stat().st_size / 1e6:.1f} MB")
-    if args.record_only:
-        return
+    return trace_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped one)")
+    parser.add_argument("--name", default="olmoe-pystdlib", help="names the trace and result files")
+    parser.add_argument("--trace-dir", default=None, help="where the trace goes (default: --out)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record-only", action="store_true", help="record the trace, simulate nothing")
+    parser.add_argument("--trace", default=None, help="simulate this recorded trace instead of recording one")
+    parser.add_argument("--hardware", default=None, help="link profile: adds estimated TPOT to the table")
+    parser.add_argument("--model-timing", default="olmoe-1b-7b-0924")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.trace:
+        trace_path = Path(args.trace)
+    else:
+        trace_path = record(args)
+        if args.record_only:
+            return
     trace = load_trace(trace_path)
     timing = None
     if args.hardware:

@@ -63,19 +63,19 @@ def evaluate(model, val_ids: torch.Tensor, seq: int, routers, top_k: int, lookah
     hit = torch.zeros(lookahead)
     total = torch.zeros(lookahead)
     for start in range(0, min(len(val_ids) - seq - 1, 64 * seq), seq):
-        chunk = val_ids[start:start + seq + 1].unsqueeze(0)
+        chunk = val_ids[start:start + seq + 1].unsqueeze(0).to(model.device)
         out = model(chunk[:, :-1], labels=chunk[:, 1:].clone())
         losses.append(out.loss.item() - (model.config.router_aux_loss_coef * out.aux_loss.item()
                                          if out.aux_loss is not None else 0.0))
         for layer, (hidden, index) in captured.items():
-            loads[layer] += torch.bincount(index.reshape(-1), minlength=loads.shape[1]).float()
+            loads[layer] += torch.bincount(index.reshape(-1), minlength=loads.shape[1]).float().cpu()
             for d in range(1, lookahead + 1):
                 target = layer + d
                 if target >= len(routers):
                     continue
                 pred = torch.nn.functional.linear(hidden, routers[target].weight).topk(top_k, -1).indices  # [T, k]
                 truth = captured[target][1]  # [T, k]
-                hit[d - 1] += (pred.unsqueeze(-1) == truth.unsqueeze(-2)).any(-1).sum()
+                hit[d - 1] += (pred.unsqueeze(-1) == truth.unsqueeze(-2)).any(-1).sum().item()
                 total[d - 1] += truth.numel()
     for h in hooks:
         h.remove()

@@ -136,7 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     files = write_results(results, out_dir, stem)
     print(summary_table(results))
     print("wrote " + ", ".join(str(f) for f in files))
-    return 0 if all(r["identical_tokens"] is not False for r in results["rows"]) else 2
+    # Baselines may round differently (transformers' eager vs grouped_mm); specmd must not.
+    return 0 if all(r["identical_tokens"] is not False for r in results["rows"] if r["kind"] == "specmd") else 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,3 +156,32 @@ def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
             plt.close(fig)
             written.append(path)
     return written
+
+
+def bench_pivot_markdown(results: dict) -> str:
+    """The README's results table: one line per configuration and budget, "TTFT / TPOT ms" per link x
+    prompt (batch 1), the hit rate and stall of the first link's shortest prompt, and whether every
+    workload of the line reproduced the reference tokens."""
+    rows = [r for r in results["rows"] if r["batch"] == 1]
+    columns = list(dict.fromkeys((r.get("link", "-"), r["prompt"]) for r in rows if r["kind"] == "specmd"))
+    prompts = sorted({r["prompt"] for r in rows})
+    head = "| configuration | " + " | ".join(f"{link} p{prompt}" for link, prompt in columns) + \
+        " | hit % | stall ms / gen | same tokens |"
+    lines = [head, "|---" * (len(columns) + 4) + "|"]
+    lines.append("| *TTFT / TPOT ms* |" + " |" * (len(columns) + 3))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_bench_label(r), []).append(r)
+    for label, mine in groups.items():
+        cells = []
+        for link, prompt in columns:
+            # baselines without a link (full GPU, device_map=auto) fill every link's column of their prompt
+            match = [r for r in mine if r["prompt"] == prompt and r.get("link", link) == link]
+            cells.append(f"{match[0]['ttft_ms']:.0f} / {match[0]['tpot_ms']:.1f}" if match else "")
+        first = next((r for r in mine if r["prompt"] == prompts[0] and "hit_rate" in r), None)
+        hit = f"{100 * first['hit_rate']:.1f}" if first else "-"
+        stall = f"{first['stall_ms']:.0f}" if first else "-"
+        checks = [r["identical_tokens"] for r in mine if r["identical_tokens"] is not None]
+        same = "-" if not checks else "yes" if all(checks) else f"no ({checks.count(False)} of {len(checks)})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {hit} | {stall} | {same} |")
+    return "\n".join(lines) + "\n"

@@ -116,3 +116,14 @@ def test_cli_runs_a_preset():
                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "prefetch: hits=" in out.stdout and "eviction: lru  prefetch: topk" in out.stdout
+
+
+def test_resident_predictions_never_reach_the_watchdog(device):
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
+    cache = model.specmd._engine.cache
+    with model.specmd:
+        slots = cache.acquire(1, [0, 3])
+        cache.release(slots)
+        cache.position = 10
+        requests = [(2, 12, (1, 5)), (1, 11, (1, 0)), (1, 11, (1, 4)), (1, 11, (1, 3))]
+        assert cache.drop_resident(requests) == [(1, 11, (1, 4)), (2, 12, (1, 5))]  # nearest first

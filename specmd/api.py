@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ class OffloadHandle:
         self._top_k = top_k
         self._store = store  # kept after close: offloading the model again reuses it, no re-pinning
         self.implementation = implementation  # the experts implementation the model had before offload
-        self._model = model
+        self._model = weakref.ref(model)  # the model holds the handle: no cycle keeping both alive
 
     @property
     def closed(self) -> bool:
@@ -90,7 +91,9 @@ class OffloadHandle:
         """Free the device slots. The experts stay in host memory (the model's parameters point there);
         the model cannot run until offloaded again. Safe to call twice."""
         self._engine.close()
-        self._model.__dict__.pop("_optimize_model_for_decode", None)
+        model = self._model()
+        if model is not None:
+            model.__dict__.pop("_optimize_model_for_decode", None)
 
     def _check_open(self) -> None:
         if self._engine.closed:
@@ -179,11 +182,11 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
     predictor = Predictor(config.prefetch, [layer.router for layer in layers], top_k)  # may refuse: before moving
 
-    if isinstance(handle, OffloadHandle):
-        implementation = handle.implementation  # the model's config says "specmd" since the first offload
-    else:
-        # What the experts modules dispatch on (use_experts_implementation keeps their config).
-        implementation = getattr(layers[0].module.config, "_experts_implementation", None) or "eager"
+    # What the experts modules dispatch on (use_experts_implementation keeps their config); since an earlier
+    # offload it says "specmd", unless the user set another implementation after closing that one.
+    implementation = getattr(layers[0].module.config, "_experts_implementation", None) or "eager"
+    if implementation == IMPLEMENTATION_NAME and isinstance(handle, OffloadHandle):
+        implementation = handle.implementation
     if isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
         store = handle._store  # closed earlier: the experts are already in (pinned) host memory
     else:

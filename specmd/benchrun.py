@@ -15,6 +15,7 @@ that results is measured and recorded next to each result.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class Timed:
 
     @property
     def tokens_per_s(self) -> float:
-        return 1e3 / self.tpot_ms if self.tpot_ms > 0 else float("inf")
+        return 1e3 / self.tpot_ms if self.tpot_ms > 0 else 0.0  # 0: not measured (one token), not infinite
 
 
 def _sync(device: torch.device) -> None:
@@ -306,6 +307,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                 else:
                     results["skipped"].append(f"{model_name}: device-map-auto needs CUDA")
         del model
+        gc.collect()  # the model's modules reference each other: free its device memory before the next one
         if cuda:
             torch.cuda.empty_cache()
     return results

@@ -146,24 +146,26 @@ class Engine:
         for start in range(0, len(experts), num_slots):
             chunk = experts[start:start + num_slots]
             slots = self.cache.acquire(layer, chunk)
-            if start == 0 and requests:
-                self._submit(requests)
-            # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this
-            # chunk's rows first, grouped by slot, without another sync.
-            lut = [num_slots] * num_experts
-            for expert, slot in zip(chunk, slots):
-                lut[expert] = slot
-            rows_total, groups = 0, []
-            for slot, expert in sorted(zip(slots, chunk)):
-                groups.append((slot, rows_total, rows_total + counts[expert]))
-                rows_total += counts[expert]
-            row_slots = torch.tensor(lut).to(device, non_blocking=True)[flat_ids]  # [T*k]
-            order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
-            x = hidden_states[order // top_k]  # [R, H]
-            y = expert_rows(module, self.cache.layout, self.cache.views, x, row_slots[order], groups,
-                            kernel)  # [R, H]
-            out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
-            self.cache.release(slots)
+            try:  # a failure mid-chunk must not leave slots pinned for good
+                if start == 0 and requests:
+                    self._submit(requests)
+                # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this
+                # chunk's rows first, grouped by slot, without another sync.
+                lut = [num_slots] * num_experts
+                for expert, slot in zip(chunk, slots):
+                    lut[expert] = slot
+                rows_total, groups = 0, []
+                for slot, expert in sorted(zip(slots, chunk)):
+                    groups.append((slot, rows_total, rows_total + counts[expert]))
+                    rows_total += counts[expert]
+                row_slots = torch.tensor(lut).to(device, non_blocking=True)[flat_ids]  # [T*k]
+                order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
+                x = hidden_states[order // top_k]  # [R, H]
+                y = expert_rows(module, self.cache.layout, self.cache.views, x, row_slots[order], groups,
+                                kernel)  # [R, H]
+                out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
+            finally:
+                self.cache.release(slots)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
@@ -200,6 +202,8 @@ class Engine:
     def stats(self) -> Stats:
         """A snapshot of the counters (copies). Synchronizes the device to read the CUDA timings."""
         cache = self.cache
+        if self.watchdog is not None:  # its last requests (the next pass's first layers) count too
+            self.watchdog.wait_idle()
         cache.drain_timings()
         return Stats(num_slots=cache.num_slots, budget_bytes=cache.budget_bytes,
                      expert_bytes=cache.layout.expert_bytes, forward_passes=self._forward_passes,

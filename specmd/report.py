@@ -170,8 +170,9 @@ def bench_pivot_markdown(results: dict) -> str:
     lines = [head, "|---" * (len(columns) + 4) + "|"]
     lines.append("| *TTFT / TPOT ms* |" + " |" * (len(columns) + 3))
     groups: dict[str, list[dict]] = {}
+    several_models = len({r["model"] for r in rows}) > 1
     for r in rows:
-        groups.setdefault(_bench_label(r), []).append(r)
+        groups.setdefault((f"{r['model']}: " if several_models else "") + _bench_label(r), []).append(r)
     for label, mine in groups.items():
         cells = []
         for link, prompt in columns:

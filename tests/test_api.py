@@ -221,3 +221,46 @@ def test_other_experts_implementations_stay_identical(implementation, device):
     specmd.offload(model, 2 * expert_bytes(model), "lru", device)
     assert model.specmd.implementation == implementation
     assert torch.equal(run(model, device), want)
+
+
+def test_a_failure_mid_layer_leaves_no_slot_pinned(monkeypatch, device):
+    import specmd.engine
+
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device)
+    cache = model.specmd._engine.cache
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(specmd.engine, "expert_rows", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        run(model, device)
+    assert cache._pinned == set()
+    monkeypatch.undo()
+    run(model, device)  # the cache is still usable
+
+
+def test_offload_again_follows_an_implementation_set_after_close(device):
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device)
+    assert model.specmd.implementation == "grouped_mm"
+    model.specmd.close()
+    model.set_experts_implementation("eager")
+    specmd.offload(model, "50%", "lru", device)
+    assert model.specmd.implementation == "eager"
+    model.specmd.close()
+    specmd.offload(model, "50%", "lru", device)  # the config says "specmd" again: the last choice stays
+    assert model.specmd.implementation == "eager"
+
+
+def test_handle_does_not_keep_a_deleted_model_alive(device):
+    import gc
+    import weakref
+
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device)
+    model.specmd.close()
+    handle = model.specmd
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    handle.close()  # still safe

@@ -1,4 +1,5 @@
-"""A small model through the CUDA path (copy stream, events, pinned memory, watchdog thread), for
+"""A small model through the CUDA path (demand and prefetch copy streams, events, pinned memory, the
+watchdog thread, in-flight bounds, link emulation's sleeps), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py`.
 Exits non-zero if the tokens differ from the unpatched model's."""
 import sys
@@ -16,8 +17,11 @@ ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
 expert = find_moe_layers(model)[0].layout.expert_bytes
 ok = True
-for budget, eviction, prefetch, lookahead in [(2 * expert, "lru", "topk", 2), (6 * expert, "least-stale", "top-p", 1)]:
+for budget, eviction, prefetch, lookahead, stretch in [(2 * expert, "lru", "topk", 2, 0),
+                                                      (6 * expert, "least-stale", "top-p", 1, 0),
+                                                      (4 * expert, "lru", "topk", 1, 20_000)]:
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead)
+    model.specmd._engine.cache.emulate_link(stretch)
     got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     print(budget // expert, "slots", eviction, prefetch, "identical:", torch.equal(got, want),
           model.specmd.stats().summary())

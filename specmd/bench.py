@@ -1,8 +1,6 @@
 """``specmd bench``: the benchmark matrix, configured in configs/bench/*.yaml.
 
-This module holds the configuration and its validation. The GPU runner (baselines and specmd presets in
-one process, link emulation, result files) is not written yet; ``specmd bench`` says so on a GPU and
-refuses clearly without one.
+This module holds the configuration and its validation; ``benchrun.py`` runs it on the GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from .config import Budget, preset_path
 from .costmodel import LinkProfile, ModelSpec
 
 BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
-NATIVE_LINK = "native"  # the machine's own link, measured at the start of a run
+NATIVE_LINK = "native"  # the machine's own link, measured before each run
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ then on-demand loading (one layer's top-k slots, nothing reused) per link, and l
 ``device_map="auto"`` with ``max_memory`` equal to specmd's VRAM (non-expert weights + expert budget),
 which rebuilds the model's placement and so ends its use.
 
-Timing: a full-length warm-up, TTFT as the median of one-token generates, TPOT as
+Timing: a warm-up (full length for the full-GPU baselines, a few tokens for specmd runs, whose kernels
+are warm by then), TTFT as the median of one-token generates, TPOT as
 (median full generate - TTFT) / (new tokens - 1); the device is synchronized around every timed call.
 Counters (hits, stall, bytes) cover the last full generate. A slower link than the machine's is emulated
 by stretching each copy with a GPU sleep (``specmd.linkemu``), calibrated on the machine; the copy rate
@@ -26,7 +27,8 @@ import torch
 from .bench import NATIVE_LINK, BenchConfig
 from .costmodel import LinkProfile, ModelSpec
 from .linkemu import achieved_gbps, sleep_cycles, stretch_seconds
-from .machine import machine_info
+from .machine import host_memory_bytes, machine_info
+from .report import bench_label, same_tokens_text
 
 # Device memory kept free when deciding whether a model fits (activations, KV cache, allocator slack).
 FIT_HEADROOM_BYTES = 6 * 2**30
@@ -160,20 +162,14 @@ def build_model(spec: ModelSpec, device: torch.device, seed: int = 0):
             raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of bf16 weights do not fit the device's "
                        f"{free / 2**30:.1f} GiB free (building it straight into the host store is not done)")
     try:
-        host = _host_bytes()
+        host = host_memory_bytes()
     except (ValueError, OSError):
         host = None
     if host is not None and nbytes * 1.2 > host:
-        raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of experts do not fit {host / 2**30:.1f} GiB of host memory")
+        raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of weights do not fit {host / 2**30:.1f} GiB of host memory")
     torch.manual_seed(seed)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-
-
-def _host_bytes() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Skip(Exception):
@@ -213,7 +209,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
 
     from .adapters import find_moe_layers
 
-    results = {"machine": machine_info(device), "config": vars(config) | {}, "rows": [], "skipped": [],
+    results = {"machine": machine_info(device), "config": dict(vars(config)), "rows": [], "skipped": [],
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     rows = results["rows"]
     cuda = device.type == "cuda"
@@ -283,11 +279,11 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                         # Kernels are warm from the baselines; a short warm-up keeps the matrix under 10 minutes.
                         timed = measure(model, ids, config.new_tokens, config.repeats, before_last=handle.reset_stats,
                                         warmup_tokens=SPECMD_WARMUP_TOKENS)
-                        add(_row(model_name, "specmd" if preset else "baseline", name, workload,
-                                         config.new_tokens, timed, reference[workload],
-                                         budget=str(budget), budget_bytes=handle.stats().budget_bytes,
-                                         num_slots=handle.num_slots, link=link, link_gbps_target=target_gbps,
-                                         link_gbps_measured=measured, stretch_cycles=cycles, **_stats_fields(handle.stats())))
+                        stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
+                        add(_row(model_name, "specmd" if preset else "baseline", name, workload, config.new_tokens,
+                                 timed, reference[workload], budget=str(budget), budget_bytes=stats.budget_bytes,
+                                 num_slots=handle.num_slots, link=link, link_gbps_target=target_gbps,
+                                 link_gbps_measured=measured, stretch_cycles=cycles, **_stats_fields(stats)))
                         bar.update(1)
                 finally:
                     handle.close()
@@ -330,7 +326,7 @@ def _device_map_auto(model, config: BenchConfig, device: torch.device, workloads
     for budget in config.budgets:
         budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
         vram = non_expert + budget_bytes
-        device_map = infer_auto_device_map(model, max_memory={index: vram, "cpu": _host_bytes()},
+        device_map = infer_auto_device_map(model, max_memory={index: vram, "cpu": host_memory_bytes()},
                                            no_split_module_classes=model._no_split_modules)
         on_gpu = sum(1 for d in device_map.values() if d == index)
         dispatch_model(model, device_map=device_map, main_device=index)
@@ -368,10 +364,9 @@ def summary_table(results: dict) -> str:
     lines = [f"{'configuration':<28}{'link':<15}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'hit %':>7}"
              f"{'stall ms':>9}  same"]
     for r in results["rows"]:
-        name = r["name"] + (f" @ {r['budget']}" if r.get("budget") and r["name"] != "on-demand" else "")
+        name, same = bench_label(r), same_tokens_text(r)
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
         stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
-        same = {True: "yes", False: "NO", None: "-"}[r["identical_tokens"]]
         lines.append(f"{name:<28}{r.get('link', '-'):<15}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}"
                      f"{hit:>7}{stall:>9}  {same}")
     return "\n".join(lines)

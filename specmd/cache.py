@@ -181,9 +181,7 @@ class SlotCache:
                 if key not in self._slot_of:
                     rest.append(request)
                 elif target > self.position:
-                    self.policy.touch(key)
-                    if key in self._prefetched:
-                        self._prefetched[key] = max(self._prefetched[key], target)
+                    self._predicted_resident(key, target)
             return rest
 
     # -- called by the watchdog thread ---------------------------------------------------------------
@@ -195,8 +193,7 @@ class SlotCache:
             return
         while True:
             with self._lock:
-                while self._inflight and self._inflight[0].query():
-                    self._inflight.popleft()
+                self._prune_inflight()
                 if len(self._inflight) < self.max_inflight_prefetches:
                     return
                 oldest = self._inflight[0]
@@ -209,9 +206,7 @@ class SlotCache:
             if target <= self.position:
                 return False  # its layer already ran or is running: the demand path owns it now
             if key in self._slot_of:
-                self.policy.touch(key)
-                if key in self._prefetched:
-                    self._prefetched[key] = max(self._prefetched[key], target)
+                self._predicted_resident(key, target)
                 return False
             if self._load(key, demand=False) is None:
                 return False  # every slot is pinned or holds a pending prefetch
@@ -279,6 +274,17 @@ class SlotCache:
         else:
             stats.misses_capacity += 1
 
+    def _predicted_resident(self, key: Key, target: int) -> None:
+        """A prediction for a key already resident: tell the policy; a pending prefetch stays protected
+        until the later of its targets."""
+        self.policy.touch(key)
+        if key in self._prefetched:
+            self._prefetched[key] = max(self._prefetched[key], target)
+
+    def _prune_inflight(self) -> None:
+        while self._inflight and self._inflight[0].query():
+            self._inflight.popleft()
+
     def _wait_ready(self, layer: int, slots: list[int], timed: bool) -> None:
         waits = [s for s in slots if s in self._unwaited]
         if not waits:
@@ -345,8 +351,7 @@ class SlotCache:
             self._unwaited.add(slot)
             self._copy_timings.append((start, end))
             if not demand:
-                while self._inflight and self._inflight[0].query():
-                    self._inflight.popleft()
+                self._prune_inflight()
                 self._inflight.append(end)
                 self.peak_inflight_prefetches = max(self.peak_inflight_prefetches, len(self._inflight))
             if len(self._copy_timings) > _MAX_PENDING_TIMINGS:

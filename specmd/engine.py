@@ -6,10 +6,11 @@ Protocol note. Two threads: the model's thread (this module) and the watchdog (`
   2. ``SlotCache.set_position`` marks the layer as running, after the sync: while the host waited there,
      the watchdog could still issue this layer's predicted copies; from now on they are stale.
   3. For each chunk of at most ``num_slots`` distinct experts, ``SlotCache.acquire`` pins them, counts
-     hits and issues demand misses host->slot on the cache's copy stream itself (never through the
-     queue); the compute stream waits on the slots' ready events. The host never waits for a copy.
+     hits and issues demand misses host->slot on the cache's demand copy stream itself (never through
+     the queue); the compute stream waits on the slots' ready events. The host never waits for a copy.
   4. After the first chunk is acquired (so demand copies are queued first), the predictions go to the
-     watchdog, nearest layer first; it issues them on the same copy stream while this layer computes.
+     watchdog (those already resident are settled here first), nearest layer first; it issues them on
+     the cache's prefetch stream while this layer computes.
   5. The chunk is computed from the slots on the compute stream; ``SlotCache.release`` records each
      slot's last-use event, which a later overwrite of that slot waits on.
 Locks: ``SlotCache._lock`` guards the slot table, the policy and the counters; ``Watchdog._cond`` guards

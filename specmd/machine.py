@@ -25,6 +25,11 @@ def specmd_commit() -> str:
         return "unknown"
 
 
+def host_memory_bytes() -> int:
+    """Physical memory of this host (POSIX)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _nvml(index: int) -> dict:
     try:
         import pynvml
@@ -52,7 +57,7 @@ def machine_info(device: torch.device | None = None) -> dict:
     info = {"host_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "specmd_commit": specmd_commit()}
     try:
-        info["host_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        info["host_memory_bytes"] = host_memory_bytes()
     except (ValueError, OSError):
         pass
     for name in _LIBRARIES:

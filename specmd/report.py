@@ -67,8 +67,14 @@ def hit_rate_plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 # -- benchmark results (specmd bench) ---------------------------------------------------------------------
 
-def _bench_label(row: dict) -> str:
+def bench_label(row: dict) -> str:
+    """A bench row's configuration: its name, with the budget unless the budget is implied (on-demand)."""
     return row["name"] + (f" @ {row['budget']}" if row.get("budget") and row["name"] != "on-demand" else "")
+
+
+def same_tokens_text(row: dict) -> str:
+    """yes / NO / - (not compared) for a bench row's token check."""
+    return {True: "yes", False: "NO", None: "-"}[row["identical_tokens"]]
 
 
 def bench_markdown(results: dict) -> str:
@@ -92,8 +98,8 @@ def bench_markdown(results: dict) -> str:
             stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
             copied = f"{r['bytes_copied'] / 1e9:.1f}" if "bytes_copied" in r else "-"
             rate = f"{r['copy_gbps_achieved']:.1f}" if r.get("copy_gbps_achieved") else "-"
-            same = {True: "yes", False: "NO", None: "-"}[r["identical_tokens"]]
-            lines.append(f"| {_bench_label(r)} | {link} | {r['prompt']} x {r['batch']} | {r['new_tokens']} "
+            same = same_tokens_text(r)
+            lines.append(f"| {bench_label(r)} | {link} | {r['prompt']} x {r['batch']} | {r['new_tokens']} "
                          f"| {r['ttft_ms']:.1f} | {r['tpot_ms']:.1f} | {r['tokens_per_s']:.1f} | {hit} | {stall} "
                          f"| {copied} | {rate} | {r['peak_vram_bytes'] / 2**30:.2f} | {same} |")
         lines.append("")
@@ -172,7 +178,7 @@ def bench_pivot_markdown(results: dict) -> str:
     groups: dict[str, list[dict]] = {}
     several_models = len({r["model"] for r in rows}) > 1
     for r in rows:
-        groups.setdefault((f"{r['model']}: " if several_models else "") + _bench_label(r), []).append(r)
+        groups.setdefault((f"{r['model']}: " if several_models else "") + bench_label(r), []).append(r)
     for label, mine in groups.items():
         cells = []
         for link, prompt in columns:

@@ -51,7 +51,7 @@ class Watchdog:
             raise RuntimeError(f"specmd watchdog thread failed: {self.error!r}") from self.error
 
     def wait_idle(self) -> None:
-        """Block until the queue is empty and the request in hand is done (tests and benchmarks)."""
+        """Block until the queue is empty and the request in hand is done (``Engine.stats``, tests)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._heap and not self._busy or self._stopping or self.error)
 

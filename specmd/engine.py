@@ -8,9 +8,10 @@ Protocol note. Two threads: the model's thread (this module) and the watchdog (`
   3. For each chunk of at most ``num_slots`` distinct experts, ``SlotCache.acquire`` pins them, counts
      hits and issues demand misses host->slot on the cache's demand copy stream itself (never through
      the queue); the compute stream waits on the slots' ready events. The host never waits for a copy.
-  4. After the first chunk is acquired (so demand copies are queued first), the predictions go to the
-     watchdog (those already resident are settled here first), nearest layer first; it issues them on
-     the cache's prefetch stream while this layer computes.
+  4. After the first chunk is acquired (so demand copies are queued first), the predictions are
+     triaged nearest layer first (``SlotCache.start_prefetches``): those already resident are settled,
+     those that fit under the in-flight bound are issued on the cache's prefetch stream at once (on
+     CUDA), and the rest go to the watchdog, which issues them as earlier prefetch copies finish.
   5. The chunk is computed from the slots on the compute stream; ``SlotCache.release`` records each
      slot's last-use event, which a later overwrite of that slot waits on.
 Locks: ``SlotCache._lock`` guards the slot table, the policy and the counters; ``Watchdog._cond`` guards
@@ -172,7 +173,7 @@ class Engine:
 
     def _submit(self, requests: list[tuple[int, int, tuple]]) -> None:
         if self.watchdog is not None:
-            self.watchdog.submit(self.cache.drop_resident(requests))
+            self.watchdog.submit(self.cache.start_prefetches(requests))
             return
         # inline: the watchdog's order (nearest layer first, then submission order), on this thread
         for _, target, key in sorted(requests, key=lambda r: r[0]):

@@ -69,6 +69,7 @@ class Predictor:
         k = config.k or top_k
         self.candidates = min(num_experts, {"topk": k, "top-p": config.cap or 2 * top_k,
                                             "threshold": config.cap or 2 * top_k}.get(config.policy, 0))
+        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> routers ahead of it
 
     def targets(self, layer: int) -> list[int]:
         """The (cyclic) MoE layers predicted from ``layer``, nearest first: the last layer predicts the
@@ -80,20 +81,18 @@ class Predictor:
     def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([D, C] ids, [D, C] probabilities) of the ``candidates`` best experts of each looked-ahead layer,
         best first, on the device. No sync."""
-        ids, probs = [], []
-        for target in self.targets(layer):
-            router = self.routers[target]
-            logits = F.linear(hidden_states.to(router.weight.dtype), router.weight,
-                              getattr(router, "bias", None))  # [T, E]
-            top, top_ids = logits.float().softmax(-1).mean(0).topk(candidates)  # [C]
-            ids.append(top_ids)
-            probs.append(top)
-        return torch.stack(ids), torch.stack(probs)
+        logits = self._logits(layer, hidden_states)  # [T, D, E]
+        top, top_ids = logits.float().softmax(-1).mean(0).topk(candidates, dim=-1)  # [D, C]
+        return top_ids, top
 
     def predict(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync."""
         if not self.targets(layer):
             return None
+        if self.config.policy == "topk" and hidden_states.shape[0] == 1:
+            # One token (decode): softmax is monotonic, so the best logits are the best probabilities;
+            # two launches instead of five, on the model's thread, every layer of every step.
+            return self._logits(layer, hidden_states)[0].topk(self.candidates, dim=-1).indices
         ids, top = self.scores(layer, hidden_states, self.candidates)  # [D, C]
         if self.config.policy == "top-p":
             # keep the smallest prefix whose mass reaches p: an id stays if the mass before it is < p
@@ -101,3 +100,28 @@ class Predictor:
         elif self.config.policy == "threshold":
             ids = torch.where(top > self.config.tau, ids, -1)
         return ids
+
+    def _logits(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, D, E] router logits of every looked-ahead layer, in one product."""
+        weight, bias = self._stacked_router(layer, hidden_states.device)
+        logits = F.linear(hidden_states.to(weight.dtype), weight, bias)  # [T, D*E]
+        return logits.view(hidden_states.shape[0], -1, weight.shape[0] // len(self.targets(layer)))
+
+    def _stacked_router(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The looked-ahead routers' weights [D*E, H] (and biases) concatenated, built on first use (the
+        routers reach the device after the predictor is made) and again if they move."""
+        cached = self._stacked.get(layer)
+        if cached is not None and cached[0].device == device:
+            return cached
+        routers = [self.routers[t] for t in self.targets(layer)]
+        if len(routers) == 1:  # the router's own tensors: nothing copied
+            cached = routers[0].weight, getattr(routers[0], "bias", None)
+        else:
+            biases = [getattr(r, "bias", None) for r in routers]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b if b is not None else r.weight.new_zeros(r.weight.shape[0])
+                                  for b, r in zip(biases, routers)])
+            cached = torch.cat([r.weight for r in routers]), bias
+        self._stacked[layer] = cached
+        return cached

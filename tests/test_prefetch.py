@@ -54,6 +54,21 @@ def test_lookahead_predicts_cyclic_layers_nearest_first():
     assert Predictor(PrefetchConfig(), routers, 2).predict(0, X) is None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_routers_predict_what_each_router_predicts(bias):
+    """One product over the looked-ahead routers (and the one-token top-k shortcut) picks, per layer,
+    the experts that layer's own router ranks best by mean probability."""
+    torch.manual_seed(0)
+    routers = [nn.Linear(16, 8, bias=bias) for _ in range(4)]
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 16)
+        for policy in ("topk", "top-p"):
+            p = Predictor(PrefetchConfig(policy=policy, lookahead=3, p=0.999), routers, top_k=3)
+            got = p.predict(1, x)
+            want = torch.stack([r(x).softmax(-1).mean(0).topk(p.candidates).indices for r in routers[2:] + routers[:1]])
+            assert got.tolist() == want.tolist(), (tokens, policy)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(policy="oracle"), "topk"), (dict(lookahead=4), "lookahead"), (dict(p=0.0), "p="),
     (dict(k=0), "k="), (dict(tau=1.5), "tau"), (dict(max_inflight=0), "max_inflight"),
@@ -126,4 +141,24 @@ def test_resident_predictions_never_reach_the_watchdog(device):
         cache.release(slots)
         cache.position = 10
         requests = [(2, 12, (1, 5)), (1, 11, (1, 0)), (1, 11, (1, 4)), (1, 11, (1, 3))]
-        assert cache.drop_resident(requests) == [(1, 11, (1, 4)), (2, 12, (1, 5))]  # nearest first
+        rest = cache.start_prefetches(requests)
+        if cache.device.type == "cpu":  # a CPU copy would block the model's thread: all to the watchdog
+            assert rest == [(1, 11, (1, 4)), (2, 12, (1, 5))]  # nearest first
+        else:  # on CUDA they fit under the in-flight bound (top-k = 2): issued at once, nearest first
+            assert rest == [] and (1, 4) in cache.resident() and (1, 5) in cache.resident()
+
+
+def test_prefetches_beyond_the_inflight_bound_wait_for_the_watchdog(device):
+    """On CUDA the model's thread issues what fits under max_inflight itself, nearest first; the rest
+    queue for the watchdog in order (on a CPU every copy goes to the watchdog: see the test above)."""
+    if device == "cpu":
+        pytest.skip("in-flight copies exist only on CUDA")
+    config = PrefetchConfig(policy="topk", max_inflight=1)
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch=config)
+    cache = model.specmd._engine.cache
+    with model.specmd:
+        cache.emulate_link(200_000_000)  # ~0.1 s per copy: the first is still in flight below
+        cache.position = 10
+        requests = [(2, 12, (1, 5)), (1, 11, (1, 4)), (1, 11, (1, 6))]
+        assert cache.start_prefetches(requests) == [(1, 11, (1, 6)), (2, 12, (1, 5))]
+        assert list(cache.resident()) == [(1, 4)]

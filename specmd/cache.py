@@ -75,8 +75,6 @@ class SlotCache:
         self.position = -1  # absolute position of the layer executing; set by the engine
         self._cuda = device.type == "cuda"
         if self._cuda:
-            # The stream that runs the model; captured once, so copies are ordered against it.
-            self._compute_stream = torch.cuda.current_stream(device)
             # Copies host -> slot run on these, so they overlap compute: demand misses on the first
             # (high priority), prefetches on the second.
             self._demand_stream = torch.cuda.Stream(device, priority=-1)
@@ -88,6 +86,7 @@ class SlotCache:
             # waited on by _load on a copy stream before s is overwritten.
             self._last_use = [torch.cuda.Event() for _ in range(num_slots)]
             self._unwaited: set[int] = set()  # slots whose ready event the compute stream has not waited on
+            self._compute_stream: torch.cuda.Stream | None = None  # the one _unwaited refers to
             # The copy stream that last wrote each slot: a copy on the same stream is ordered after it
             # without waiting on ``ready`` (every CUDA call costs the host microseconds under the GIL).
             self._copied_on: list[torch.cuda.Stream | None] = [None] * num_slots
@@ -159,12 +158,13 @@ class SlotCache:
     def release(self, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute reading them is queued (records their last-use events)."""
         with self._lock:
+            compute = torch.cuda.current_stream(self.device) if self._cuda else None
             for slot in slots:
                 assert self._state[slot] is SlotState.IN_USE
                 self._state[slot] = SlotState.READY
                 self._pinned.discard(self._key_of[slot])
                 if self._cuda:
-                    self._last_use[slot].record(self._compute_stream)
+                    self._last_use[slot].record(compute)
 
     def emulate_link(self, stretch_cycles: int) -> None:
         """Stretch every later copy by ``stretch_cycles`` GPU clock cycles (``specmd.linkemu``), and
@@ -278,7 +278,7 @@ class SlotCache:
             if self._cuda:
                 self._demand_stream.synchronize()
                 self._prefetch_stream.synchronize()
-                self._compute_stream.synchronize()
+                torch.cuda.synchronize(self.device)  # whichever streams read the pool
             self.pool = torch.empty(0, device=self.device)
             self.views = {}
             self._slot_of.clear()
@@ -305,18 +305,24 @@ class SlotCache:
             self._inflight.popleft()
 
     def _wait_ready(self, layer: int, slots: list[int], timed: bool) -> None:
+        # The stream the model runs on now: a generate under another stream context has waited on
+        # nothing yet, so every resident slot counts as unwaited for it.
+        compute = torch.cuda.current_stream(self.device)
+        if compute != self._compute_stream:
+            self._compute_stream = compute
+            self._unwaited = set(self._slot_of.values())
         waits = [s for s in slots if s in self._unwaited]
         if not waits:
             return
         start = end = None
         if timed:
             start, end = self._timing_pair()
-            start.record(self._compute_stream)
+            start.record(compute)
         for slot in waits:
-            self._compute_stream.wait_event(self._ready[slot])
+            compute.wait_event(self._ready[slot])
             self._unwaited.discard(slot)
         if timed:
-            end.record(self._compute_stream)
+            end.record(compute)
             self._stall_timings.append((layer, start, end))
             if len(self._stall_timings) > _MAX_PENDING_TIMINGS:
                 self.drain_timings(block=False)

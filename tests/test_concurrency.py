@@ -153,3 +153,23 @@ def test_a_failure_outside_the_copy_still_surfaces(monkeypatch, device):
             model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=4, do_sample=False)
     model.specmd.close()
     assert specmd_threads() == []
+
+
+def test_generate_on_another_stream_waits_for_the_copies(device):
+    """Slots are waited on by the stream the model runs on at each layer, not the one current at
+    offload: a generate under a side stream (after one on the default stream) still reads complete
+    copies, across a slow emulated link."""
+    if device == "cpu":
+        pytest.skip("streams exist only on CUDA")
+    model = tiny_model("olmoe").to(device)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    with specmd.offload(model, 3 * expert, "lru", device, prefetch="topk").specmd as handle:
+        handle._engine.cache.emulate_link(2_000_000)  # ~1 ms per copy: reads would race a missing wait
+        assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        side.synchronize()
+        assert torch.equal(got, want)

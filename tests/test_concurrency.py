@@ -10,6 +10,7 @@ import torch
 import specmd
 import specmd.engine
 from specmd.adapters import find_moe_layers
+from specmd.prefetch import PrefetchConfig
 from specmd.tiny import tiny_model
 
 
@@ -108,11 +109,19 @@ def specmd_threads():
 
 
 def test_watchdog_error_surfaces_in_the_model_thread_and_close_joins(device):
-    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
+    # One prefetch in flight at a time over a slow link: on CUDA the model's thread issues only what
+    # fits, so the watchdog gets the rest (on a CPU it gets every copy).
+    config = PrefetchConfig(policy="topk", max_inflight=1)
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch=config)
     engine = model.specmd._engine
+    if device != "cpu":
+        engine.cache.emulate_link(2_000_000)
+    real_prefetch = engine.cache.prefetch
 
     def broken_copy(key, target):
-        raise OSError("simulated copy failure")
+        if threading.current_thread().name == "specmd-watchdog":
+            raise OSError("simulated copy failure")
+        return real_prefetch(key, target)
 
     engine.cache.prefetch = broken_copy  # the watchdog calls cache.prefetch for every request
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0)).to(device)
@@ -147,7 +156,10 @@ def test_a_failure_outside_the_copy_still_surfaces(monkeypatch, device):
         raise RuntimeError("queue corrupted")
 
     monkeypatch.setattr(specmd.watchdog, "heapq", types.SimpleNamespace(heappush=heapq.heappush, heappop=broken_pop))
-    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
+    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device,
+                           prefetch=PrefetchConfig(policy="topk", max_inflight=1))
+    if device != "cpu":  # copies stay in flight, so requests queue for the thread (see above)
+        model.specmd._engine.cache.emulate_link(2_000_000)
     with pytest.raises(RuntimeError, match="queue corrupted"):
         for _ in range(3):
             model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=4, do_sample=False)

@@ -171,8 +171,9 @@ def bench_pivot_markdown(results: dict) -> str:
     rows = [r for r in results["rows"] if r["batch"] == 1]
     columns = list(dict.fromkeys((r.get("link", "-"), r["prompt"]) for r in rows if r["kind"] == "specmd"))
     prompts = sorted({r["prompt"] for r in rows})
+    where = f" ({columns[0][0]} p{prompts[0]})" if columns else ""
     head = "| configuration | " + " | ".join(f"{link} p{prompt}" for link, prompt in columns) + \
-        " | hit % | stall ms / gen | same tokens |"
+        f" | hit %{where} | stall ms / gen{where} | same tokens |"
     lines = [head, "|---" * (len(columns) + 4) + "|"]
     lines.append("| *TTFT / TPOT ms* |" + " |" * (len(columns) + 3))
     groups: dict[str, list[dict]] = {}

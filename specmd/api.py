@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import weakref
 from pathlib import Path
@@ -163,12 +164,22 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. preset: a name in configs/policies/
     (or a YAML path) supplying any of these that are not passed.
     """
+    config = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    return _offload(model, config, progress=progress)
+
+
+def _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed) -> OffloadConfig:
+    """``offload``'s arguments, a preset filling what they leave out, as a validated config."""
     if preset is not None:
-        config = OffloadConfig.from_yaml(preset_path(preset), expert_budget=expert_budget, eviction=eviction,
-                                         device=device, prefetch=prefetch, lookahead=lookahead, seed=seed)
-    else:
-        config = OffloadConfig.create("auto" if expert_budget is None else expert_budget,
-                                      eviction or "least-stale", device, seed, prefetch or "none", lookahead)
+        return OffloadConfig.from_yaml(preset_path(preset), expert_budget=expert_budget, eviction=eviction,
+                                       device=device, prefetch=prefetch, lookahead=lookahead, seed=seed)
+    return OffloadConfig.create("auto" if expert_budget is None else expert_budget, eviction or "least-stale",
+                                device, seed, prefetch or "none", lookahead)
+
+
+def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = None,
+             progress: bool = False) -> nn.Module:
+    """``offload`` with a validated config; ``store``: the experts already in host memory (``from_config``)."""
     handle = getattr(model, "specmd", None)
     if isinstance(handle, OffloadHandle) and not handle.closed:
         raise RuntimeError("this model is already offloaded by specmd; call model.specmd.close() before "
@@ -187,7 +198,9 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     implementation = getattr(layers[0].module.config, "_experts_implementation", None) or "eager"
     if implementation == IMPLEMENTATION_NAME and isinstance(handle, OffloadHandle):
         implementation = handle.implementation
-    if isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
+    if store is not None:
+        assert store.num_layers == len(layers)
+    elif isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
         store = handle._store  # closed earlier: the experts are already in (pinned) host memory
     else:
         store = HostStore(pin=torch.cuda.is_available())
@@ -261,14 +274,39 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
     """
     from transformers import AutoModelForCausalLM
 
-    settings = dict(device=device, prefetch=prefetch, lookahead=lookahead, preset=preset, seed=seed)
-    if preset is None:  # bad arguments fail before the load
-        OffloadConfig.create("auto" if expert_budget is None else expert_budget, eviction or "least-stale",
-                             device, seed, prefetch or "none", lookahead)
-    else:
-        preset_path(preset)
-    resolve_device(device)
+    config = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)  # fails before the load
+    resolve_device(config.device)
     hf_kwargs.setdefault("local_files_only", True)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
     model.eval()
-    return offload(model, expert_budget, eviction, progress=progress, **settings)
+    return _offload(model, config, progress=progress)
+
+
+def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
+                device: str | None = None, *, dtype: torch.dtype = torch.bfloat16,
+                prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
+                preset: str | None = None, seed: int = 0, progress: bool = False) -> nn.Module:
+    """Build a model of a transformers ``config`` with random weights straight where they belong, and
+    offload it (arguments as ``offload``): the module tree is made on the meta device, non-expert weights
+    are allocated on ``device``, each MoE layer's experts in a (pinned) host buffer, and transformers' own
+    initialisation (seeded by ``seed``) fills both in place. No copy of the whole model exists anywhere,
+    so models larger than the device run (benchmarks of real shapes; the outputs are random text)."""
+    from transformers import AutoModelForCausalLM
+
+    settings = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    target = resolve_device(settings.device)
+    torch.manual_seed(seed)
+    with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    layers = find_moe_layers(model)
+    store = HostStore(pin=torch.cuda.is_available())
+    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+        store.add_layer(layer, copy=False)
+    experts = {id(layer.module) for layer in layers}
+    with torch.no_grad():
+        for module in model.modules():
+            if id(module) not in experts:
+                module.to_empty(device=target, recurse=False)
+        model.initialize_weights()  # every weight and buffer, the host experts included, in place
+        model.tie_weights()  # to_empty gave tied modules separate tensors
+    return _offload(model.eval(), settings, store=store, progress=progress)

@@ -14,6 +14,7 @@ from .costmodel import LinkProfile, ModelSpec
 
 BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
 NATIVE_LINK = "native"  # the machine's own link, measured before each run
+PLACES = ("device", "host")  # where a model is built: whole on the GPU, or experts in the host store
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class BenchConfig:
     repeats: int = 3
     presets: tuple[str, ...] = ("lru-noprefetch", "least-stale-topk")
     baselines: tuple[str, ...] = BASELINES
+    # None: on the device when the whole model fits there, else into the host store (benchrun.build_model)
+    place: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchConfig":
@@ -47,6 +50,12 @@ class BenchConfig:
             if f.name not in data:
                 continue
             value = data[f.name]
+            if f.name == "place":
+                if value not in PLACES:
+                    raise ValueError(f"{path}: 'place' must be one of {', '.join(PLACES)} (or left out), "
+                                     f"not {value!r}")
+                values[f.name] = value
+                continue
             if f.name in ("new_tokens", "repeats"):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"{path}: {f.name!r} must be a positive integer, not {value!r}")

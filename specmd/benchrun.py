@@ -1,8 +1,10 @@
 """The GPU runner of ``specmd bench``: baselines and specmd presets on the same model, in one process.
 
-Per model of the config (random weights, built on the GPU when the whole model fits there, else skipped
-with a message): the full-GPU baselines (transformers' eager experts and its default grouped_mm; the
-latter's tokens are the reference), then every budget x link x preset x prompt x batch through specmd,
+Per model of the config (random weights, built on the GPU when the whole model fits there; else built
+straight into place by ``specmd.from_config``, non-expert weights on the GPU and experts in the host
+store, when those fit; else skipped with a message): the full-GPU baselines when the model fits
+(transformers' eager experts and its default grouped_mm; the latter's tokens are the reference, else the
+first specmd configuration's are), then every budget x link x preset x prompt x batch through specmd,
 then on-demand loading (one layer's top-k slots, nothing reused) per link, and last
 ``device_map="auto"`` with ``max_memory`` equal to specmd's VRAM (non-expert weights + expert budget),
 which rebuilds the model's placement and so ends its use.
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .bench import NATIVE_LINK, BenchConfig
+from .config import Budget
 from .costmodel import LinkProfile, ModelSpec
 from .linkemu import achieved_gbps, sleep_cycles, stretch_seconds
 from .machine import host_memory_bytes, machine_info
@@ -138,38 +141,56 @@ def sleep_cycles_per_second(device: torch.device) -> float:
     return cycles / (start.elapsed_time(end) / 1e3)
 
 
-def _model_bytes_on_meta(spec: ModelSpec) -> tuple[int, object]:
+def _sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
+    """(transformers config, all weight bytes, expert bytes, one expert's bytes) in bf16, from a meta model."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from .adapters import find_moe_layers
     from .tiny import TINY_CONFIGS
 
     config = getattr(transformers, TINY_CONFIGS[spec.family][0])(**spec.config)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return sum(p.numel() * p.element_size() for p in meta.parameters()), config
+    layers = find_moe_layers(meta)
+    layout = layers[0].layout
+    total = sum(p.numel() * p.element_size() for p in meta.parameters())
+    return config, total, layout.layer_bytes * len(layers), layout.expert_bytes
 
 
-def build_model(spec: ModelSpec, device: torch.device, seed: int = 0):
-    """The model with random bf16 weights, initialised directly on ``device``; raises ``Skip`` when it
-    does not fit there."""
+def build_model(spec: ModelSpec, device: torch.device, seed: int = 0, place: str | None = None):
+    """(model, placement) with random bf16 weights, initialised where they belong: placement "device", the
+    whole model on ``device`` when it fits (the full-GPU baselines can run), else "host": non-expert
+    weights on ``device`` and the experts in the host store (``specmd.from_config``; offloaded once and
+    closed, so each run offloads it again without copying). ``place`` forces one (tests). Raises
+    ``Skip`` when neither fits."""
+    import specmd
     from transformers import AutoModelForCausalLM
 
-    nbytes, config = _model_bytes_on_meta(spec)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if nbytes + FIT_HEADROOM_BYTES > free:
-            raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of bf16 weights do not fit the device's "
-                       f"{free / 2**30:.1f} GiB free (building it straight into the host store is not done)")
+    config, nbytes, expert_bytes, one_expert = _sizes_on_meta(spec)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     try:
         host = host_memory_bytes()
     except (ValueError, OSError):
         host = None
-    if host is not None and nbytes * 1.2 > host:
-        raise Skip(f"{spec.name}: {nbytes / 2**30:.1f} GiB of weights do not fit {host / 2**30:.1f} GiB of host memory")
+    gib = 2**30
+    if place is None:
+        place = "device" if free is None or nbytes + FIT_HEADROOM_BYTES <= free else "host"
+    if place == "device" and host is not None and nbytes * 1.2 > host:  # offload pins a copy of the experts
+        raise Skip(f"{spec.name}: {nbytes / gib:.1f} GiB of weights do not fit {host / gib:.1f} GiB of host memory")
+    if place == "host":
+        if free is not None and nbytes - expert_bytes + FIT_HEADROOM_BYTES > free:
+            raise Skip(f"{spec.name}: its {(nbytes - expert_bytes) / gib:.1f} GiB of non-expert weights do not "
+                       f"fit the device's {free / gib:.1f} GiB free")
+        if host is not None and expert_bytes * 1.1 > host:
+            raise Skip(f"{spec.name}: {expert_bytes / gib:.1f} GiB of experts do not fit {host / gib:.1f} GiB of "
+                       "host memory")
+        model = specmd.from_config(config, one_expert, device=str(device), seed=seed, progress=True)
+        model.specmd.close()
+        return model, place
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval(), place
 
 
 class Skip(Exception):
@@ -225,11 +246,22 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
         spec = ModelSpec.load(model_path)
         model_name = spec.name
         try:
-            model = build_model(spec, device)
+            model, placement = build_model(spec, device, place=config.place)
         except Skip as why:
             log(f"skip: {why}")
             results["skipped"].append(str(why))
             continue
+        results.setdefault("placement", {})[model_name] = placement
+        on_device = placement == "device"
+        results.setdefault("reference", {})[model_name] = ("full-gpu-grouped-mm" if on_device
+                                                           else "the first specmd configuration")
+        if not on_device:
+            for name in ("full-gpu-grouped-mm", "full-gpu", "device-map-auto"):
+                if name in config.baselines or name == "full-gpu-grouped-mm":
+                    why = (f"{model_name}: {name} skipped: the model does not fit the device whole (built into "
+                           "the host store); tokens are checked against the first specmd configuration")
+                    log(f"skip: {why}")
+                    results["skipped"].append(why)
         layers = find_moe_layers(model)
         layout = layers[0].layout
         expert_bytes, total_expert_bytes = layout.expert_bytes, layout.layer_bytes * len(layers)
@@ -252,7 +284,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
         with torch.inference_mode():
             # transformers' grouped_mm first: its tokens are what every other configuration must reproduce.
             for name, implementation in (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager")):
-                if name != "full-gpu-grouped-mm" and name not in config.baselines:
+                if not on_device or name != "full-gpu-grouped-mm" and name not in config.baselines:
                     continue
                 model.set_experts_implementation(implementation)
                 for workload, ids in workloads.items():
@@ -270,6 +302,16 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                         target_gbps = measured = copy_gbps(expert_bytes, device)
                     else:
                         cycles, measured, _ = calibrate_link(expert_bytes, target_gbps, device, cps)
+                if cuda:
+                    budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
+                    free = torch.cuda.mem_get_info(device)[0]
+                    if budget_bytes + FIT_HEADROOM_BYTES > free:
+                        why = (f"{model_name}: {name} at {budget} skipped: {budget_bytes / 2**30:.1f} GiB of slots do "
+                               f"not fit the device's {free / 2**30:.1f} GiB free")
+                        log(f"skip: {why}")
+                        results["skipped"].append(why)
+                        bar.update(len(workloads))
+                        return
                 specmd.offload(model, budget, device=str(device), preset=preset, progress=progress, **offload_kwargs)
                 handle = model.specmd
                 if cycles:
@@ -281,9 +323,10 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                                         warmup_tokens=SPECMD_WARMUP_TOKENS)
                         stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
                         add(_row(model_name, "specmd" if preset else "baseline", name, workload, config.new_tokens,
-                                 timed, reference[workload], budget=str(budget), budget_bytes=stats.budget_bytes,
+                                 timed, reference.get(workload), budget=str(budget), budget_bytes=stats.budget_bytes,
                                  num_slots=handle.num_slots, link=link, link_gbps_target=target_gbps,
                                  link_gbps_measured=measured, stretch_cycles=cycles, **_stats_fields(stats)))
+                        reference.setdefault(workload, timed.tokens)  # without full-GPU runs: the first one's
                         bar.update(1)
                 finally:
                     handle.close()
@@ -296,7 +339,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                 for link in links:
                     specmd_run("on-demand", top_k * expert_bytes, link, None, eviction="fifo", prefetch="none")
             bar.close()
-            if "device-map-auto" in config.baselines:
+            if "device-map-auto" in config.baselines and on_device:
                 if cuda:
                     _device_map_auto(model, config, device, workloads, reference, add, model_name,
                                      total_expert_bytes, log)
@@ -314,8 +357,6 @@ def _device_map_auto(model, config: BenchConfig, device: torch.device, workloads
     """accelerate's placement with max_memory = non-expert weights + the expert budget, per budget."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.hooks import remove_hook_from_submodules
-
-    from .config import Budget
 
     handle = getattr(model, "specmd", None)
     model.set_experts_implementation(handle.implementation if handle is not None else "grouped_mm")

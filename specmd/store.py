@@ -36,14 +36,17 @@ class HostStore:
         self.pin = pin
         self._buffers: list[torch.Tensor] = []  # layer -> [E, block]
 
-    def add_layer(self, layer: MoELayer) -> None:
-        """Move ``layer``'s experts into a new host buffer and point its parameters at it (changes the module)."""
+    def add_layer(self, layer: MoELayer, copy: bool = True) -> None:
+        """Move ``layer``'s experts into a new host buffer and point its parameters at it (changes the module).
+        ``copy=False`` leaves the buffer unwritten (the parameters may be on the meta device): the caller
+        fills it through the module's parameters, e.g. by the model's own initialisation."""
         assert layer.index == len(self._buffers), "layers are added in order"
         layout, module = layer.layout, layer.module
         with torch.inference_mode(False):  # normal tensors, whatever mode offload is called in
             buffer = torch.empty(layout.num_experts, layout.block_numel, dtype=layout.dtype, pin_memory=self.pin)
             for name, view in layout_views(buffer, layout).items():
-                view.copy_(getattr(module, name).detach())
+                if copy:
+                    view.copy_(getattr(module, name).detach())
                 # Replacing the parameter frees the original (device or host) tensor right away.
                 setattr(module, name, nn.Parameter(view, requires_grad=False))
         if not getattr(module, "_specmd_state_dict_hook", False):

@@ -26,6 +26,7 @@ def test_default_matrix_is_valid():
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nrepeats: many\n", "'repeats'"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nbaselines: [vllm]\n", "baselines: unknown 'vllm'"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\npresets: [lru-psychic]\n", "presets"),
+    ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nplace: gpu\n", "'place' must be one of device, host"),
     ("- just a list\n", "mapping"),
 ])
 def test_malformed_config_names_the_bad_key(tmp_path, text, match):
@@ -92,3 +93,22 @@ def test_runner_end_to_end_on_cpu_writes_json_table_and_plots(tmp_path):
     pngs = [f for f in files if f.suffix == ".png"]
     assert len(pngs) == 3 and all(f.stat().st_size > 1000 for f in pngs)
     assert "least-stale-topk @ 50%" in summary_table(results)
+
+
+def test_runner_builds_into_the_host_store_when_told(tmp_path):
+    """place: host (what a model larger than the GPU gets): no full-GPU baselines, each skip said, and every
+    configuration checked against the first specmd configuration's tokens."""
+    from specmd.benchrun import run
+
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%', '50%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
+                    "presets: [lru-noprefetch, least-stale-topk]\nplace: host\n")
+    results = run(BenchConfig.load(path), torch.device("cpu"), progress=False, log=lambda _: None)
+    rows = results["rows"]
+    assert [r["name"] for r in rows] == ["lru-noprefetch", "least-stale-topk"] * 2 + ["on-demand"]
+    assert rows[0]["identical_tokens"] is None and all(r["identical_tokens"] for r in rows[1:])
+    assert results["placement"] == {spec.stem: "host"}
+    assert results["reference"] == {spec.stem: "the first specmd configuration"}
+    assert len(results["skipped"]) == 3 and all("does not fit the device whole" in s for s in results["skipped"])

@@ -287,10 +287,11 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
                 prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
                 preset: str | None = None, seed: int = 0, progress: bool = False) -> nn.Module:
     """Build a model of a transformers ``config`` with random weights straight where they belong, and
-    offload it (arguments as ``offload``): the module tree is made on the meta device, non-expert weights
-    are allocated on ``device``, each MoE layer's experts in a (pinned) host buffer, and transformers' own
-    initialisation (seeded by ``seed``) fills both in place. No copy of the whole model exists anywhere,
-    so models larger than the device run (benchmarks of real shapes; the outputs are random text)."""
+    offload it (arguments as ``offload``): the module tree is made on the meta device, each MoE layer's
+    experts go to a (pinned) host buffer filled as transformers would (N(0, initializer_range), zero
+    biases; drawn on ``device``), and non-expert weights are allocated on ``device`` and initialised by
+    transformers, all seeded by ``seed``. No copy of the whole model exists anywhere, so models larger
+    than the device run (benchmarks of real shapes; the outputs are random text)."""
     from transformers import AutoModelForCausalLM
 
     settings = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
@@ -300,13 +301,17 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
     layers = find_moe_layers(model)
     store = HostStore(pin=torch.cuda.is_available())
+    std = getattr(model.config, "initializer_range", 0.02)
     for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
         store.add_layer(layer, copy=False)
+        store.fill_random(layer, std, target)
+        # transformers' initialisation would draw them again, on the CPU: minutes for a large model
+        layer.module._is_hf_initialized = True
     experts = {id(layer.module) for layer in layers}
     with torch.no_grad():
         for module in model.modules():
             if id(module) not in experts:
                 module.to_empty(device=target, recurse=False)
-        model.initialize_weights()  # every weight and buffer, the host experts included, in place
+        model.initialize_weights()  # every other weight and buffer, in place on the device
         model.tie_weights()  # to_empty gave tied modules separate tensors
     return _offload(model.eval(), settings, store=store, progress=progress)

@@ -54,6 +54,20 @@ class HostStore:
             module._specmd_state_dict_hook = True
         self._buffers.append(buffer)
 
+    def fill_random(self, layer: MoELayer, std: float, device: torch.device, chunk_bytes: int = 256 * 2**20) -> None:
+        """Fill ``layer``'s experts as transformers initialises them, N(0, std) weights and zero biases,
+        drawn on ``device`` in chunks of rows and copied in: a CPU draws about 0.3 GB/s per core, a GPU
+        fills GiBs in a second. Deterministic under ``torch.manual_seed``."""
+        buffer = self._buffers[layer.index]
+        rows = max(1, chunk_bytes // (buffer.shape[1] * buffer.element_size()))
+        with torch.inference_mode(False):
+            for start in range(0, buffer.shape[0], rows):
+                chunk = buffer[start:start + rows]
+                chunk.copy_(torch.empty(chunk.shape, dtype=chunk.dtype, device=device).normal_(0.0, std))
+            for name, view in layout_views(buffer, layer.layout).items():
+                if name.endswith("_bias"):
+                    view.zero_()
+
     def block(self, layer: int, expert: int) -> torch.Tensor:
         """The contiguous 1-D block of one expert."""
         return self._buffers[layer][expert]

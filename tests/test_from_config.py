@@ -13,6 +13,7 @@ from specmd.tiny import tiny_config
 def test_built_in_place_generates_what_its_weights_do_unpatched(family, device):
     config = tiny_config(family)
     model = specmd.from_config(config, "25%", "lru", device, dtype=torch.float32, prefetch="topk", seed=3)
+    assert getattr(config, "_experts_implementation", None) != "specmd"  # the caller's config is not touched
     layers = find_moe_layers(model)
     experts = {id(p) for layer in layers for p in layer.module.parameters()}
     assert all(p.device.type == "cpu" for layer in layers for p in layer.module.parameters())
@@ -42,3 +43,14 @@ def test_seed_decides_the_weights(device):
 def test_bad_arguments_fail_before_anything_is_built():
     with pytest.raises(ValueError, match="unknown eviction"):
         specmd.from_config(tiny_config("olmoe"), "25%", eviction="nope")
+
+
+def test_transformers_does_not_draw_the_experts_again(monkeypatch):
+    """The experts are filled once, by the store (drawn on the device); transformers' initialisation, which
+    would draw them on the CPU, skips them."""
+    from specmd.store import HostStore
+
+    monkeypatch.setattr(HostStore, "fill_random", lambda self, layer, std, device: self._buffers[layer.index].fill_(7.0))
+    model = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32)
+    with model.specmd:
+        assert all(torch.all(v == 7.0) for k, v in model.state_dict().items() if ".experts." in k)

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     device = torch.device("cuda", 0)
-    model = build_model(ModelSpec.load(args.model), device)
+    model, _ = build_model(ModelSpec.load(args.model), device, place="device")
     ids = torch.randint(10, model.config.vocab_size - 1, (1, args.prompt),
                         generator=torch.Generator().manual_seed(0)).to(device)
     rows = []

@@ -1,10 +1,19 @@
-"""Is a 51-slot LRU pool really slower than 8 FIFO slots at 0% hits? Alternating repeats."""
-import statistics, sys, time, torch, specmd
+"""Is a 51-slot LRU pool really slower than 8 FIFO slots at 0% hits? Alternating repeats on the GPU
+(result: benchmarks/results/2026-11-23-h100/slots-probe.txt).
+
+    python benchmarks/slots_probe.py
+"""
+import statistics
+
+import torch
+
+import specmd
+from specmd.adapters import find_moe_layers
 from specmd.benchrun import build_model, measure
 from specmd.costmodel import ModelSpec
-from specmd.adapters import find_moe_layers
+
 device = torch.device("cuda", 0)
-model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), device)
+model, _ = build_model(ModelSpec.load("olmoe-1b-7b-0924"), device, place="device")
 ids = torch.randint(10, 50000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
 expert = find_moe_layers(model)[0].layout.expert_bytes
 res = {}

@@ -345,7 +345,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                                      total_expert_bytes, log)
                 else:
                     results["skipped"].append(f"{model_name}: device-map-auto needs CUDA")
-        del model
+        model = None  # (not del: the runs above close over it)
         gc.collect()  # the model's modules reference each other: free its device memory before the next one
         if cuda:
             torch.cuda.empty_cache()

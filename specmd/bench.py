@@ -17,6 +17,12 @@ NATIVE_LINK = "native"  # the machine's own link, measured before each run
 PLACES = ("device", "host")  # where a model is built: whole on the GPU, or experts in the host store
 
 
+def _fixed_budget(spec) -> None:
+    if Budget.parse(spec).kind == "auto":
+        raise ValueError("'auto' depends on the free device memory at run time; give a fraction or bytes "
+                         "so every run of the matrix gets the same budget")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark matrix: every model x budget x link x prompt x batch x preset, plus the baselines."""
@@ -77,7 +83,7 @@ class BenchConfig:
                     raise ValueError(f"{where}: {key}: {err}{hint}") from None
 
         each("models", self.models, ModelSpec.load)
-        each("budgets", self.budgets, Budget.parse)
+        each("budgets", self.budgets, _fixed_budget)
         each("links", [link for link in self.links if link != NATIVE_LINK], LinkProfile.load, f" (or '{NATIVE_LINK}')")
         each("presets", self.presets, preset_path)
         if bad := [b for b in self.baselines if b not in BASELINES]:

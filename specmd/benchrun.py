@@ -302,8 +302,9 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                         target_gbps = measured = copy_gbps(expert_bytes, device)
                     else:
                         cycles, measured, _ = calibrate_link(expert_bytes, target_gbps, device, cps)
-                if cuda:
+                if cuda and not on_device:  # a model that fit whole fits any pool: its experts left the device
                     budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
+                    torch.cuda.empty_cache()  # memory torch caches but no tensor holds counts as free
                     free = torch.cuda.mem_get_info(device)[0]
                     if budget_bytes + FIT_HEADROOM_BYTES > free:
                         why = (f"{model_name}: {name} at {budget} skipped: {budget_bytes / 2**30:.1f} GiB of slots do "

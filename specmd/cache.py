@@ -158,6 +158,8 @@ class SlotCache:
     def release(self, slots: Sequence[int]) -> None:
         """Unpin ``slots`` once the compute reading them is queued (records their last-use events)."""
         with self._lock:
+            # Recorded on the stream the model runs on now; reads of the slot still queued on another
+            # stream (overlapping generates on two streams, with no sync between) are not covered.
             compute = torch.cuda.current_stream(self.device) if self._cuda else None
             for slot in slots:
                 assert self._state[slot] is SlotState.IN_USE
@@ -201,6 +203,16 @@ class SlotCache:
             return rest
 
     # -- called by the watchdog thread ---------------------------------------------------------------
+
+    def prefetch_if_room(self, key: Key, target: int) -> bool | None:
+        """``prefetch``, unless ``max_inflight_prefetches`` copies may still run: then None (the watchdog
+        queues the request again). Checked under the lock: the model's thread issues prefetches too."""
+        with self._lock:
+            if self._cuda and self.max_inflight_prefetches is not None:
+                self._prune_inflight()
+                if len(self._inflight) >= self.max_inflight_prefetches:
+                    return None
+            return self.prefetch(key, target)
 
     def wait_for_prefetch_room(self) -> int | None:
         """Block the calling (watchdog) thread until fewer than ``max_inflight_prefetches`` prefetch copies
@@ -252,11 +264,15 @@ class SlotCache:
         with self._lock:
             if block:
                 torch.cuda.synchronize(self.device)
+            # A prefetch's end event also bounds the copies in flight: reuse it only once it left that list.
+            self._prune_inflight()
+            inflight = {id(event) for event in self._inflight}
             keep_copies, keep_stalls = [], []
             for start, end in self._copy_timings:
                 if block or end.query():
                     self.copy_busy_ms += start.elapsed_time(end)
-                    self._spare_timings.append((start, end))
+                    if id(end) not in inflight:
+                        self._spare_timings.append((start, end))
                 else:
                     keep_copies.append((start, end))
             for layer, start, end in self._stall_timings:

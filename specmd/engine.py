@@ -173,6 +173,8 @@ class Engine:
 
     def _submit(self, requests: list[tuple[int, int, tuple]]) -> None:
         if self.watchdog is not None:
+            # Not held back while the watchdog still has older requests: with lookahead 1 those are stale by
+            # now, and handing every request to the thread brings back its GIL cost.
             self.watchdog.submit(self.cache.start_prefetches(requests))
             return
         # inline: the watchdog's order (nearest layer first, then submission order), on this thread

@@ -69,7 +69,8 @@ class Predictor:
         k = config.k or top_k
         self.candidates = min(num_experts, {"topk": k, "top-p": config.cap or 2 * top_k,
                                             "threshold": config.cap or 2 * top_k}.get(config.policy, 0))
-        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> routers ahead of it
+        # layer -> (signature of the routers ahead of it, their weights, biases), for lookahead > 1
+        self._stacked: dict[int, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
     def targets(self, layer: int) -> list[int]:
         """The (cyclic) MoE layers predicted from ``layer``, nearest first: the last layer predicts the
@@ -109,19 +110,30 @@ class Predictor:
 
     def _stacked_router(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The looked-ahead routers' weights [D*E, H] (and biases) concatenated, built on first use (the
-        routers reach the device after the predictor is made) and again if they move."""
-        cached = self._stacked.get(layer)
-        if cached is not None and cached[0].device == device:
-            return cached
+        routers reach the device after the predictor is made) and again when a router's weight changes
+        (moved, replaced, or written in place)."""
         routers = [self.routers[t] for t in self.targets(layer)]
-        if len(routers) == 1:  # the router's own tensors: nothing copied
-            cached = routers[0].weight, getattr(routers[0], "bias", None)
-        else:
+        if len(routers) == 1:  # the router's own tensors: nothing copied, never stale
+            return routers[0].weight, getattr(routers[0], "bias", None)
+        signature = tuple((r.weight.data_ptr(), _version(r.weight), _version(getattr(r, "bias", None)))
+                          for r in routers)
+        cached = self._stacked.get(layer)
+        if cached is not None and cached[0] == signature and cached[1].device == device:
+            return cached[1], cached[2]
+        # Plain tensors even under inference_mode, so a later forward with autograd on can use them.
+        with torch.inference_mode(False), torch.no_grad():
             biases = [getattr(r, "bias", None) for r in routers]
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat([b if b is not None else r.weight.new_zeros(r.weight.shape[0])
                                   for b, r in zip(biases, routers)])
-            cached = torch.cat([r.weight for r in routers]), bias
-        self._stacked[layer] = cached
-        return cached
+            weight = torch.cat([r.weight for r in routers])
+        self._stacked[layer] = signature, weight, bias
+        return weight, bias
+
+
+def _version(tensor: torch.Tensor | None) -> int | None:
+    """In-place write counter of ``tensor`` (None for none, and for inference tensors, which keep none)."""
+    if tensor is None or tensor.is_inference():
+        return None
+    return tensor._version

@@ -2,7 +2,8 @@
 
 Requests are ``(distance, sequence, target, key)``: nearest layer first, then submission order. The
 thread waits until fewer than ``max_inflight`` prefetch copies are running, pops as many as may start
-(one wake-up, one GIL handoff, for the lot), asks ``SlotCache.prefetch`` to copy each (which drops
+(one wake-up, one GIL handoff, for the lot), asks ``SlotCache.prefetch_if_room`` to copy each (which
+queues it again when the model's thread took the room meanwhile, and drops
 requests whose layer already ran,
 keys already resident, and requests that would need to evict a pinned slot or another pending
 prefetch). Demand misses never enter this queue: the model's thread issues them itself, at once, so no
@@ -88,8 +89,12 @@ class Watchdog:
                     # even when it copied nothing).
                     batch = [heapq.heappop(self._heap) for _ in range(min(room or 1, len(self._heap)))]
                     self._busy = True
-                for _, _, target, key in batch:
-                    self._cache.prefetch(key, target)
+                for i, (_, _, target, key) in enumerate(batch):
+                    if self._cache.prefetch_if_room(key, target) is None:  # the model's thread took the room
+                        with self._cond:
+                            for request in batch[i:]:
+                                heapq.heappush(self._heap, request)
+                        break
         except BaseException as err:  # noqa: BLE001 - surfaced in the model's thread
             log.exception("specmd watchdog failed")
             with self._cond:

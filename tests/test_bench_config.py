@@ -21,6 +21,7 @@ def test_default_matrix_is_valid():
     ("budgets: ['5%']\nprompts: [16]\n", "missing key 'models'"),
     ("models: [olmoe-9000]\nbudgets: ['5%']\nprompts: [16]\n", "models: .*mixtral-8x7b"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: [lots]\nprompts: [16]\n", "budgets"),
+    ("models: [olmoe-1b-7b-0924]\nbudgets: [auto]\nprompts: [16]\n", "budgets: 'auto' depends on the free"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nlinks: [pcie-gen7]\n", "links: .*native"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [0]\n", "'prompts'"),
     ("models: [olmoe-1b-7b-0924]\nbudgets: ['5%']\nprompts: [16]\nrepeats: many\n", "'repeats'"),

@@ -162,3 +162,19 @@ def test_prefetches_beyond_the_inflight_bound_wait_for_the_watchdog(device):
         requests = [(2, 12, (1, 5)), (1, 11, (1, 4)), (1, 11, (1, 6))]
         assert cache.start_prefetches(requests) == [(1, 11, (1, 6)), (2, 12, (1, 5))]
         assert list(cache.resident()) == [(1, 4)]
+
+
+def test_batched_routers_follow_weights_written_in_place():
+    torch.manual_seed(0)
+    routers = [nn.Linear(16, 8, bias=False) for _ in range(3)]
+    p = Predictor(PrefetchConfig(policy="topk", lookahead=2), routers, top_k=2)
+    x = torch.randn(1, 16)
+    p.predict(0, x)
+    with torch.no_grad():
+        routers[2].weight.zero_()
+        routers[2].weight[5, 0] = 100.0  # layer 2 now always prefers expert 5
+    assert p.predict(0, x.abs())[1, 0].item() == 5
+    with torch.inference_mode():  # cached products made under inference_mode stay usable with autograd on
+        p.predict(1, x)
+    x.requires_grad_(True)
+    p.predict(1, x)

@@ -7,17 +7,12 @@ from specmd import benchrun
 from specmd.benchrun import timed_generate  # noqa: F401 - re-exported for the scripts
 from specmd.costmodel import ModelSpec
 
-# OLMoE-1B-7B-0924 shapes, from configs/models/ (OlmoeConfig() defaults differ: intermediate 2048).
-OLMOE_1B_7B = ModelSpec.load("olmoe-1b-7b-0924").config
-
 
 def olmoe_on_gpu(seed: int = 0):
-    """The OLMoE-shaped model with random bf16 weights, initialised directly on the GPU."""
-    from transformers import AutoModelForCausalLM, OlmoeConfig
-
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        return AutoModelForCausalLM.from_config(OlmoeConfig(**OLMOE_1B_7B), dtype=torch.bfloat16).eval()
+    """The OLMoE-1B-7B-shaped model (configs/models/) with random bf16 weights, initialised directly on
+    the GPU (``benchrun.build_model``)."""
+    return benchrun.build_model(ModelSpec.load("olmoe-1b-7b-0924"), torch.device("cuda", 0), seed,
+                                place="device")[0]
 
 
 def measure(model, ids, new_tokens: int, repeats: int, ttft_repeats: int = 3, before_last=None) -> dict:

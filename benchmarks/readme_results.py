@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from specmd.report import bench_pivot_markdown
+from specmd.report import bench_pivot_markdown, same_tokens_text
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- bench:(?P<path>[^ ]+) -->\n)(.*?)(<!-- /bench -->)", re.S)
@@ -23,7 +23,7 @@ def prefetch_host_markdown(results: dict) -> str:
     lines = ["| budget | variant | TTFT / TPOT ms | hit % | prefetches | stall ms / gen | model thread CPU ms / token "
              "| watchdog CPU ms / token | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        same = {True: "yes", False: "NO", None: "-"}[r.get("identical_tokens")]
+        same = same_tokens_text(r)
         lines.append(f"| {r['budget']} | {r['variant']} | {r['ttft_ms']:.0f} / {r['tpot_ms']:.1f} "
                      f"| {100 * r.get('hit_rate', 1):.1f} | {r.get('prefetches', 0)} | {r.get('stall_ms', 0):.0f} "
                      f"| {r.get('model_cpu_ms_per_token', 0):.1f} | {r.get('watchdog_cpu_ms_per_token', 0):.2f} | {same} |")

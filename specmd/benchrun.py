@@ -143,13 +143,11 @@ def sleep_cycles_per_second(device: torch.device) -> float:
 
 def _sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
     """(transformers config, all weight bytes, expert bytes, one expert's bytes) in bf16, from a meta model."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from .adapters import find_moe_layers
-    from .tiny import TINY_CONFIGS
 
-    config = getattr(transformers, TINY_CONFIGS[spec.family][0])(**spec.config)
+    config = spec.transformers_config()
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     layers = find_moe_layers(meta)
@@ -240,6 +238,10 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
         if on_row is not None:
             on_row(results)
 
+    def skip(why: str) -> None:
+        log(f"skip: {why}")
+        results["skipped"].append(why)
+
     cps = sleep_cycles_per_second(device) if cuda else None
     results["sleep_cycles_per_second"] = cps
     for model_path in config.models:
@@ -248,8 +250,7 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
         try:
             model, placement = build_model(spec, device, place=config.place)
         except Skip as why:
-            log(f"skip: {why}")
-            results["skipped"].append(str(why))
+            skip(str(why))
             continue
         results.setdefault("placement", {})[model_name] = placement
         on_device = placement == "device"
@@ -258,10 +259,8 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
         if not on_device:
             for name in ("full-gpu-grouped-mm", "full-gpu", "device-map-auto"):
                 if name in config.baselines or name == "full-gpu-grouped-mm":
-                    why = (f"{model_name}: {name} skipped: the model does not fit the device whole (built into "
-                           "the host store); tokens are checked against the first specmd configuration")
-                    log(f"skip: {why}")
-                    results["skipped"].append(why)
+                    skip(f"{model_name}: {name} skipped: the model does not fit the device whole (built into "
+                         "the host store); tokens are checked against the first specmd configuration")
         layers = find_moe_layers(model)
         layout = layers[0].layout
         expert_bytes, total_expert_bytes = layout.expert_bytes, layout.layer_bytes * len(layers)
@@ -296,23 +295,21 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
             model.set_experts_implementation("grouped_mm")
 
             def specmd_run(name: str, budget, link: str, preset: str | None, **offload_kwargs) -> None:
+                if cuda and not on_device:  # a model that fit whole fits any pool: its experts left the device
+                    budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
+                    torch.cuda.empty_cache()  # memory torch caches but no tensor holds counts as free
+                    free = torch.cuda.mem_get_info(device)[0]
+                    if budget_bytes + FIT_HEADROOM_BYTES > free:
+                        skip(f"{model_name}: {name} at {budget} skipped: {budget_bytes / 2**30:.1f} GiB of slots do "
+                             f"not fit the device's {free / 2**30:.1f} GiB free")
+                        bar.update(len(workloads))
+                        return
                 target_gbps, cycles, measured = links[link], 0, None
                 if cuda:  # calibrated right before each run: the link's rate drifts over a long matrix
                     if target_gbps is None:
                         target_gbps = measured = copy_gbps(expert_bytes, device)
                     else:
                         cycles, measured, _ = calibrate_link(expert_bytes, target_gbps, device, cps)
-                if cuda and not on_device:  # a model that fit whole fits any pool: its experts left the device
-                    budget_bytes = Budget.parse(budget).resolve(total_expert_bytes)
-                    torch.cuda.empty_cache()  # memory torch caches but no tensor holds counts as free
-                    free = torch.cuda.mem_get_info(device)[0]
-                    if budget_bytes + FIT_HEADROOM_BYTES > free:
-                        why = (f"{model_name}: {name} at {budget} skipped: {budget_bytes / 2**30:.1f} GiB of slots do "
-                               f"not fit the device's {free / 2**30:.1f} GiB free")
-                        log(f"skip: {why}")
-                        results["skipped"].append(why)
-                        bar.update(len(workloads))
-                        return
                 specmd.offload(model, budget, device=str(device), preset=preset, progress=progress, **offload_kwargs)
                 handle = model.specmd
                 if cycles:

@@ -187,9 +187,8 @@ class SlotCache:
         with self._lock:
             room = 0
             if self._cuda:
-                self._prune_inflight()
-                bound = self.max_inflight_prefetches
-                room = len(requests) if bound is None else bound - len(self._inflight)
+                bound = self._prefetch_room()
+                room = len(requests) if bound is None else bound
             rest = []
             for request in sorted(requests, key=lambda r: r[0]):
                 _, target, key = request
@@ -208,10 +207,9 @@ class SlotCache:
         """``prefetch``, unless ``max_inflight_prefetches`` copies may still run: then None (the watchdog
         queues the request again). Checked under the lock: the model's thread issues prefetches too."""
         with self._lock:
-            if self._cuda and self.max_inflight_prefetches is not None:
-                self._prune_inflight()
-                if len(self._inflight) >= self.max_inflight_prefetches:
-                    return None
+            room = self._prefetch_room() if self._cuda else None
+            if room is not None and room <= 0:
+                return None
             return self.prefetch(key, target)
 
     def wait_for_prefetch_room(self) -> int | None:
@@ -222,9 +220,9 @@ class SlotCache:
             return None
         while True:
             with self._lock:
-                self._prune_inflight()
-                if len(self._inflight) < self.max_inflight_prefetches:
-                    return self.max_inflight_prefetches - len(self._inflight)
+                room = self._prefetch_room()
+                if room > 0:
+                    return room
                 oldest = self._inflight[0]
             oldest.synchronize()  # outside the lock: the model's thread keeps acquiring meanwhile
 
@@ -292,9 +290,7 @@ class SlotCache:
         """Wait for queued copies, then drop the pool (changes state; the cache is unusable after)."""
         with self._lock:
             if self._cuda:
-                self._demand_stream.synchronize()
-                self._prefetch_stream.synchronize()
-                torch.cuda.synchronize(self.device)  # whichever streams read the pool
+                torch.cuda.synchronize(self.device)  # both copy streams and whichever streams read the pool
             self.pool = torch.empty(0, device=self.device)
             self.views = {}
             self._slot_of.clear()
@@ -319,6 +315,13 @@ class SlotCache:
     def _prune_inflight(self) -> None:
         while self._inflight and self._inflight[0].query():
             self._inflight.popleft()
+
+    def _prefetch_room(self) -> int | None:
+        """How many more prefetch copies may start now (None: no bound). CUDA only."""
+        if self.max_inflight_prefetches is None:
+            return None
+        self._prune_inflight()
+        return self.max_inflight_prefetches - len(self._inflight)
 
     def _wait_ready(self, layer: int, slots: list[int], timed: bool) -> None:
         # The stream the model runs on now: a generate under another stream context has waited on

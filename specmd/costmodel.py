@@ -102,6 +102,14 @@ class ModelSpec:
             timing = ModelTiming(spec.name, **timing)
         return cls(spec.name, spec.family, dict(spec.config), timing)
 
+    def transformers_config(self):
+        """The transformers config of these shapes (the family's config class; no weights)."""
+        import transformers
+
+        from .tiny import TINY_CONFIGS
+
+        return getattr(transformers, TINY_CONFIGS[self.family][0])(**self.config)
+
 
 class Timeline:
     """Simulated clocks of the copy engine and the compute stream (milliseconds)."""

@@ -69,15 +69,18 @@ class Predictor:
         k = config.k or top_k
         self.candidates = min(num_experts, {"topk": k, "top-p": config.cap or 2 * top_k,
                                             "threshold": config.cap or 2 * top_k}.get(config.policy, 0))
+        n = len(routers)
+        depth = min(config.lookahead, n)  # beyond n the same layers would repeat
+        # Fixed per layer, read several times per layer on the hot path: computed once.
+        self._targets = [[(layer + j) % n for j in range(1, depth + 1)] if config.enabled else []
+                         for layer in range(n)]
         # layer -> (signature of the routers ahead of it, their weights, biases), for lookahead > 1
         self._stacked: dict[int, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
     def targets(self, layer: int) -> list[int]:
         """The (cyclic) MoE layers predicted from ``layer``, nearest first: the last layer predicts the
         next pass's first layers."""
-        n = len(self.routers)
-        depth = min(self.config.lookahead, n)  # beyond n the same layers would repeat
-        return [(layer + j) % n for j in range(1, depth + 1)] if self.config.enabled else []
+        return self._targets[layer]
 
     def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([D, C] ids, [D, C] probabilities) of the ``candidates`` best experts of each looked-ahead layer,

@@ -74,7 +74,7 @@ def bench_label(row: dict) -> str:
 
 def same_tokens_text(row: dict) -> str:
     """yes / NO / - (not compared) for a bench row's token check."""
-    return {True: "yes", False: "NO", None: "-"}[row["identical_tokens"]]
+    return {True: "yes", False: "NO", None: "-"}[row.get("identical_tokens")]
 
 
 def bench_markdown(results: dict) -> str:

@@ -3,9 +3,8 @@
 Requests are ``(distance, sequence, target, key)``: nearest layer first, then submission order. The
 thread waits until fewer than ``max_inflight`` prefetch copies are running, pops as many as may start
 (one wake-up, one GIL handoff, for the lot), asks ``SlotCache.prefetch_if_room`` to copy each (which
-queues it again when the model's thread took the room meanwhile, and drops
-requests whose layer already ran,
-keys already resident, and requests that would need to evict a pinned slot or another pending
+queues it again when the model's thread took the room meanwhile, and drops requests whose layer already
+ran, keys already resident, and requests that would need to evict a pinned slot or another pending
 prefetch). Demand misses never enter this queue: the model's thread issues them itself, at once, so no
 demand ever waits behind a queued prefetch. An exception in the thread is kept and raised in the model's
 thread at its next call; ``close`` stops and joins the thread.

@@ -69,11 +69,8 @@ def test_profiles_load_by_name_and_name_their_errors(tmp_path):
                                   "gpt-oss-20b", "mixtral-8x7b"])
 def test_model_shapes_build_configs(name):
     """Every shipped model shape is a valid transformers config of its family (no weights built)."""
-    import transformers
-
     from specmd.costmodel import ModelSpec
-    from specmd.tiny import TINY_CONFIGS
 
     spec = ModelSpec.load(name)
-    config = getattr(transformers, TINY_CONFIGS[spec.family][0])(**spec.config)
+    config = spec.transformers_config()
     assert config.num_hidden_layers == spec.config["num_hidden_layers"]

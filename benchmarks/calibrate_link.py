@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from specmd.benchrun import calibrate_link, copy_gbps, sleep_cycles_per_second
-from specmd.costmodel import LinkProfile
+from specmd.bench.timing import calibrate_link, copy_gbps, sleep_cycles_per_second
+from specmd.study.costmodel import LinkProfile
 
 EXPERT_BYTES = 12_582_912  # one OLMoE-1B-7B expert in bf16
 

@@ -17,10 +17,10 @@ import argparse
 import json
 
 import torch
-from harness import olmoe_on_gpu
 
 import specmd
-from specmd.compute import _grouped_mm_fn
+from specmd.bench.models import build_model
+from specmd.study.costmodel import ModelSpec
 
 
 def capture(model, ids) -> list[tuple]:
@@ -42,7 +42,7 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> int:
 def kernel_probe(experts, hidden, index) -> dict:
     """Rows of one layer through grouped_mm under different group layouts; differing elements vs the
     64-group call transformers makes."""
-    mm = _grouped_mm_fn()
+    mm = torch._grouped_mm  # torch 2.11 (the H100); the product transformers' grouped_mm runs
     w = experts.gate_up_proj.transpose(-2, -1)  # [E, H, 2I]
     num_experts = w.shape[0]
     ids = index.reshape(-1)
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    model = olmoe_on_gpu()
+    model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), torch.device("cuda", 0), place="device")[0]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 50000, (1, args.prompt), generator=gen).cuda()
     short = torch.randint(10, 50000, (1, 16), generator=gen).cuda()

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from specmd.report import bench_pivot_markdown, same_tokens_text
+from specmd.bench.report import bench_pivot_markdown, same_tokens_text
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- bench:(?P<path>[^ ]+) -->\n)(.*?)(<!-- /bench -->)", re.S)

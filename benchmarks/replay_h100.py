@@ -16,12 +16,12 @@ import json
 import statistics
 
 import torch
-from harness import olmoe_on_gpu
 
 import specmd
-from specmd.costmodel import LinkProfile, ModelTiming
-from specmd.sim import simulate
-from specmd.trace import load_trace
+from specmd.bench.models import build_model
+from specmd.study.costmodel import LinkProfile, ModelSpec, ModelTiming
+from specmd.study.sim import simulate
+from specmd.study.trace import load_trace
 
 
 def pass_timer(model):
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     trace = load_trace(args.trace)
-    model = olmoe_on_gpu()
+    model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), torch.device("cuda", 0), place="device")[0]
     link, timing = LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing)
     results = {"gpu": torch.cuda.get_device_name(), "trace": args.trace, "budget": args.budget,
                "hardware": args.hardware, "rows": []}

@@ -7,7 +7,7 @@ import sys
 import torch
 
 import specmd
-from specmd.adapters import find_moe_layers
+from specmd.runtime.adapters import find_moe_layers
 from specmd.tiny import tiny_model
 
 if not torch.cuda.is_available():
@@ -22,7 +22,7 @@ for budget, eviction, prefetch, lookahead, stretch in [(2 * expert, "lru", "topk
                                                       (6 * expert, "least-stale", "top-p", 1, 0),
                                                       (4 * expert, "lru", "topk", 1, 20_000)]:
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead)
-    model.specmd._engine.cache.emulate_link(stretch)
+    model.specmd.emulate_link(stretch)
     for x, want in wants:
         got = model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         print(budget // expert, "slots", eviction, prefetch, "batch", x.shape[0], "identical:",

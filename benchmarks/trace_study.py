@@ -18,10 +18,10 @@ from train_tiny_moe import DATA, split_corpus
 from transformers import AutoTokenizer
 
 import specmd
-from specmd.report import hit_rate_plot, markdown_table
+from specmd.bench.report import hit_rate_plot, markdown_table
 from specmd.shipped import shipped_model_path
-from specmd.sim import SIM_POLICIES, simulate
-from specmd.trace import load_trace
+from specmd.study.sim import SIM_POLICIES, simulate
+from specmd.study.trace import load_trace
 
 BUDGETS = (2, 5, 10, 20, 50)
 
@@ -72,7 +72,7 @@ def main() -> None:
     trace = load_trace(trace_path)
     timing = None
     if args.hardware:
-        from specmd.costmodel import LinkProfile, ModelTiming
+        from specmd.study.costmodel import LinkProfile, ModelTiming
 
         timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
     total = trace.num_layers * trace.num_experts

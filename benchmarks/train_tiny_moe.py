@@ -87,6 +87,35 @@ def evaluate(model, val_ids: torch.Tensor, seq: int, routers, top_k: int, lookah
             "speculation_recall": {f"d{d + 1}": (hit[d] / total[d]).item() for d in range(lookahead) if total[d]}}
 
 
+def train(model, train_ids: torch.Tensor, args) -> tuple[int, int, list[dict], float]:
+    """AdamW with warm-up and cosine decay until ``args.minutes`` run out: (steps, tokens, log, seconds)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+    deadline = time.time() + args.minutes * 60
+    log, step, tokens = [], 0, 0
+    start = time.time()
+    for batch in batches(train_ids, args.seq, args.batch, gen):
+        elapsed = (time.time() - start) / (args.minutes * 60)
+        if time.time() > deadline:
+            break
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed, 1.0))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = batch.to(args.device)
+        loss = model(batch[:, :-1], labels=batch[:, 1:].clone()).loss  # includes the aux loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += batch[:, :-1].numel()
+        if step % 50 == 0:
+            log.append({"step": step, "tokens": tokens, "loss": loss.item(), "lr": lr,
+                        "seconds": time.time() - start})
+            print(json.dumps(log[-1]), flush=True)
+    return step, tokens, log, time.time() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -120,31 +149,8 @@ def main() -> None:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(args.device)
     routers = [layer.mlp.gate for layer in model.model.layers]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
-    deadline = time.time() + args.minutes * 60
-    log, step, tokens = [], 0, 0
-    start = time.time()
-    for batch in batches(train_ids, args.seq, args.batch, gen):
-        elapsed = (time.time() - start) / (args.minutes * 60)
-        if time.time() > deadline:
-            break
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed, 1.0))))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = batch.to(args.device)
-        loss = model(batch[:, :-1], labels=batch[:, 1:].clone()).loss  # includes the aux loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens += batch[:, :-1].numel()
-        if step % 50 == 0:
-            log.append({"step": step, "tokens": tokens, "loss": loss.item(), "lr": lr,
-                        "seconds": time.time() - start})
-            print(json.dumps(log[-1]), flush=True)
-    report = {"steps": step, "train_tokens": tokens, "seconds": time.time() - start, "device": args.device,
+    step, tokens, log, seconds = train(model, train_ids, args)
+    report = {"steps": step, "train_tokens": tokens, "seconds": seconds, "device": args.device,
               "unigram_val_loss": unigram.item(), "params": sum(p.numel() for p in model.parameters()),
               **evaluate(model, val_ids, args.seq, routers, args.top_k), "log": log}
     model.config.output_router_logits = False

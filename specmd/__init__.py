@@ -1,10 +1,11 @@
 """specmd: lossless expert offloading for Hugging Face Mixture-of-Experts models under a fixed VRAM budget."""
-from .adapters import SUPPORTED_FAMILIES, UnsupportedModelError
-from .api import OffloadHandle, from_config, from_pretrained, offload
+from .api import from_config, from_pretrained, offload
 from .config import Budget, OffloadConfig
-from .engine import ClosedHandleError
-from .metrics import LayerStats, Stats
-from .policies import POLICIES
+from .handle import OffloadHandle
+from .runtime.adapters import SUPPORTED_FAMILIES, UnsupportedModelError
+from .runtime.engines.binding import ClosedHandleError
+from .runtime.metrics import LayerStats, Stats
+from .runtime.policies import POLICIES
 
 __all__ = [
     "offload", "from_pretrained", "from_config", "OffloadHandle", "OffloadConfig", "Budget", "Stats", "LayerStats",

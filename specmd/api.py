@@ -1,110 +1,30 @@
-"""Public entry points: ``offload`` a loaded model, or load one with ``from_pretrained``."""
+"""Public entry points: ``offload`` a loaded model, load one with ``from_pretrained``, or build one with
+random weights straight into place with ``from_config``."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import find_moe_layers
-from .cache import SlotCache
-from .compute import KernelPlan
 from .config import Budget, BudgetSpec, OffloadConfig, preset_path
-from .engine import IMPLEMENTATION_NAME, Binding, ClosedHandleError, Engine, experts_forward
-from .metrics import LayerStats, Stats
-from .policies import make_policy
-from .prefetch import PrefetchConfig, Predictor
-from .recorder import TraceRecorder
-from .replay import RoutingReplay
-from .store import HostStore
-from .trace import RoutingTrace, load_trace
+from .handle import OffloadHandle
+from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
+from .runtime.cache import SlotCache
+from .runtime.compute import KernelPlan
+from .runtime.copier import SlotPool, make_copier
+from .runtime.engines.binding import IMPLEMENTATION_NAME, Binding, experts_forward
+from .runtime.engines.threaded import ThreadedEngine
+from .runtime.metrics import LayerStats
+from .runtime.policies import make_policy
+from .runtime.prefetch import Predictor, PrefetchConfig
+from .runtime.store import HostStore
 
 log = logging.getLogger(__name__)
-
-
-class OffloadHandle:
-    """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
-
-    def __init__(self, engine: Engine, config: OffloadConfig, store: HostStore, top_k: int,
-                 implementation: str, model: nn.Module) -> None:
-        self.config = config
-        self._engine = engine
-        self._top_k = top_k
-        self._store = store  # kept after close: offloading the model again reuses it, no re-pinning
-        self.implementation = implementation  # the experts implementation the model had before offload
-        self._model = weakref.ref(model)  # the model holds the handle: no cycle keeping both alive
-
-    @property
-    def closed(self) -> bool:
-        return self._engine.closed
-
-    @property
-    def num_slots(self) -> int:
-        """How many experts the device pool holds at once."""
-        self._check_open()
-        return self._engine.cache.num_slots
-
-    def stats(self) -> Stats:
-        """Hits, misses (cold / capacity / collision), evictions and bytes copied, per layer and in total."""
-        self._check_open()
-        return self._engine.stats()
-
-    def reset_stats(self) -> None:
-        """Zero the counters; cached experts stay resident."""
-        self._check_open()
-        self._engine.reset_stats()
-
-    def replay_routing(self, trace: RoutingTrace | str | Path | None) -> None:
-        """From the next forward pass on, take every MoE layer's expert ids from ``trace`` (a RoutingTrace or
-        a trace file) instead of the router, pass by pass; ``None`` returns to the router. Feed the trace's
-        prompts (``trace.prompts``: lengths and decode steps). For timing and cache studies: the outputs
-        are not the model's."""
-        self._check_open()
-        if trace is None:
-            self._engine.replay = None
-            return
-        if not isinstance(trace, RoutingTrace):
-            trace = load_trace(trace)
-        self._engine.replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
-
-    def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
-        """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``
-        1..3) into the returned recorder; ``stop_recording`` ends it. Save with ``recorder.save(path)``."""
-        self._check_open()
-        layers = self._engine.layers
-        if any(layer.router is None for layer in layers):
-            raise ValueError("recording needs each MoE layer's router; this model has none")
-        recorder = TraceRecorder([layer.router for layer in layers], layers[0].layout.num_experts, self._top_k,
-                                 lookahead, candidates, model)
-        self._engine.recorder = recorder
-        return recorder
-
-    def stop_recording(self) -> None:
-        """Detach the recorder (it keeps what it recorded)."""
-        self._engine.recorder = None
-
-    def close(self) -> None:
-        """Free the device slots. The experts stay in host memory (the model's parameters point there);
-        the model cannot run until offloaded again. Safe to call twice."""
-        self._engine.close()
-        model = self._model()
-        if model is not None:
-            model.__dict__.pop("_optimize_model_for_decode", None)
-
-    def _check_open(self) -> None:
-        if self._engine.closed:
-            raise ClosedHandleError("this specmd handle was closed; call specmd.offload(model, ...) again")
-
-    def __enter__(self) -> "OffloadHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -200,8 +120,8 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
         implementation = handle.implementation
     if store is not None:
         assert store.num_layers == len(layers)
-    elif isinstance(handle, OffloadHandle) and handle._store.num_layers == len(layers):
-        store = handle._store  # closed earlier: the experts are already in (pinned) host memory
+    elif isinstance(handle, OffloadHandle) and handle.store.num_layers == len(layers):
+        store = handle.store  # closed earlier: the experts are already in (pinned) host memory
     else:
         store = HostStore(pin=torch.cuda.is_available())
         for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
@@ -214,19 +134,9 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
     budget_bytes = config.expert_budget.resolve(total_bytes, free, total)
     num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
                     layout.num_experts * len(layers))
-    layer_stats = [LayerStats() for _ in layers]
-    threaded = config.prefetch.enabled and not config.prefetch.inline
-    cache = SlotCache(store, layout, num_slots, budget_bytes, make_policy(config.eviction, config.seed),
-                      target, layer_stats, (config.prefetch.max_inflight or top_k) if threaded else None)
-    engine = Engine(layers, cache, layer_stats, predictor, KernelPlan.mirroring(implementation, target.type))
-
-    from transformers.integrations.moe import ExpertsInterface
-
-    ExpertsInterface.register(IMPLEMENTATION_NAME, experts_forward)
-    for layer in layers:
-        layer.module._specmd_binding = Binding(engine, layer.index)
-    model.set_experts_implementation(IMPLEMENTATION_NAME)
-    _track_decode(model, engine)
+    engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor,
+                              KernelPlan.mirroring(implementation, target.type), target)
+    _install(model, layers, engine)
     model.specmd = OffloadHandle(engine, config, store, top_k, implementation, model)
     log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s, "
              "prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20,
@@ -234,7 +144,36 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
     return model
 
 
-def _track_decode(model: nn.Module, engine: Engine) -> None:
+def _threaded_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfig, budget_bytes: int,
+                     num_slots: int, predictor: Predictor, kernels: KernelPlan,
+                     device: torch.device) -> ThreadedEngine:
+    """The threaded engine over a new slot pool: store -> copier -> cache -> engine."""
+    layout: ExpertLayout = layers[0].layout
+    pool = SlotPool(layout, num_slots, device)
+    prefetch = config.prefetch
+    threaded = prefetch.enabled and not prefetch.inline
+    # Only the watchdog's copies are bounded: inline prefetches are issued in the main loop's own order.
+    max_inflight = (prefetch.max_inflight or predictor.top_k) if threaded else None
+    copier = make_copier(store, pool, device, max_inflight)
+    layer_stats = [LayerStats() for _ in layers]
+    cache = SlotCache(copier, num_slots, layout.expert_bytes, budget_bytes, make_policy(config.eviction, config.seed),
+                      layer_stats)
+    return ThreadedEngine(layers, cache, pool, layer_stats, predictor, kernels,
+                          copies_from_model_thread=copier.asynchronous)
+
+
+def _install(model: nn.Module, layers: list[MoELayer], engine: ThreadedEngine) -> None:
+    """Route every experts module of ``model`` through ``engine`` (transformers' ExpertsInterface)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION_NAME, experts_forward)
+    for layer in layers:
+        layer.module._specmd_binding = Binding(engine, layer.index)
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    _track_decode(model, engine)
+
+
+def _track_decode(model: nn.Module, engine: ThreadedEngine) -> None:
     """Tell the engine when ``generate`` decodes: transformers switches grouped_mm to batched_mm there
     (``_optimize_model_for_decode``), and the engine must switch kernels with it to stay bit-identical."""
     original = getattr(type(model), "_optimize_model_for_decode", None)

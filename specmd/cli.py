@@ -80,10 +80,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from .costmodel import LinkProfile, ModelTiming
-    from .report import hit_rate_plot, markdown_table
-    from .sim import simulate
-    from .trace import load_trace
+    from .bench.report import hit_rate_plot, markdown_table
+    from .study.costmodel import LinkProfile, ModelTiming
+    from .study.sim import simulate
+    from .study.trace import load_trace
 
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
@@ -117,14 +117,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig
+    from .bench.config import BenchConfig
 
     config = BenchConfig.load(args.config)  # a malformed config fails first, naming the key
     if not torch.cuda.is_available():
         print("specmd bench: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
               "run it on the GPU machine", file=sys.stderr)
         return 1
-    from .benchrun import default_out_dir, run, summary_table, write_results
+    from .bench.report import default_out_dir, summary_table, write_results
+    from .bench.runner import run
 
     device = torch.device("cuda", torch.cuda.current_device())
     out_dir = Path(args.out) if args.out else default_out_dir(device)

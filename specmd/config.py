@@ -8,12 +8,11 @@ from typing import Union
 
 import yaml
 
-from .policies import POLICIES
-from .prefetch import PREFETCH_POLICIES, PrefetchConfig
+from . import resources
+from .runtime.policies import POLICIES
+from .runtime.prefetch import PREFETCH_POLICIES, PrefetchConfig
 
 BudgetSpec = Union[int, float, str]
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "policies"
 
 _UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -145,11 +144,4 @@ class OffloadConfig:
 
 def preset_path(name: str | Path) -> Path:
     """A preset's YAML: a path, or a name in configs/policies/; the error lists the names."""
-    candidate = Path(name)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate
-    candidate = PRESETS_DIR / f"{name}.yaml"
-    if candidate.exists():
-        return candidate
-    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise ValueError(f"no policy preset {str(name)!r}; pass a YAML path or one of: {', '.join(names)}")
+    return resources.find("policies", name)

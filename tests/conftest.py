@@ -1,6 +1,14 @@
 import os
 
-import pytest
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine shared with another job torch's
+# threads oversubscribe the cores (a 4-minute suite took 39). One thread here and in every subprocess; the
+# watchdog is a Python thread and is unaffected.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 # The same tests run on the GPU machine with SPECMD_TEST_DEVICE=cuda.
 DEVICE = os.environ.get("SPECMD_TEST_DEVICE", "cpu")

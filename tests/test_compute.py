@@ -1,7 +1,7 @@
 """Expert compute kernels: a slot pool wider than one grouped call allows is covered by several calls."""
 import torch
 
-from specmd import compute
+from specmd.runtime import compute
 
 
 def test_grouped_calls_over_windows_of_slots_match_one_call(monkeypatch):

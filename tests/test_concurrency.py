@@ -8,37 +8,48 @@ import pytest
 import torch
 
 import specmd
-import specmd.engine
-from specmd.adapters import find_moe_layers
-from specmd.prefetch import PrefetchConfig
+import specmd.api
+import specmd.runtime.engines.threaded as threaded
+import specmd.runtime.engines.watchdog as watchdog
+from specmd.runtime.adapters import find_moe_layers
+from specmd.runtime.copier import make_copier
+from specmd.runtime.prefetch import PrefetchConfig
 from specmd.tiny import tiny_model
 
 
 class SlotChecker:
     """Watches a cache from outside: every slot read by a computation must hold, from the acquire that
     handed it out to the release after the compute, the same copy generation and the right expert's bytes;
-    no copy may land in a slot that is handed out (pinned)."""
+    no copy may land in a slot that is handed out. Installed through the copier factory (every copy) and
+    the cache's acquire/release."""
 
-    def __init__(self, cache, store):
+    def __init__(self):
         self.violations = []
         self.reads = 0
         self._lock = threading.Lock()
         self._held = {}  # slot -> (key, generation)
         self._generation = {}  # slot -> number of copies into it
-        load, acquire, release = cache._load, cache.acquire, cache.release
 
-        def checked_load(key, demand=True):
-            slot = load(key, demand)
-            if slot is None:  # a prefetch that found no slot copies nothing
-                return None
+    def make_copier(self, store, pool, device, max_inflight):
+        copier = make_copier(store, pool, device, max_inflight)
+        copy = copier.copy
+
+        def checked_copy(slot, key, demand):
             with self._lock:
                 self._generation[slot] = self._generation.get(slot, 0) + 1
                 if slot in self._held:
-                    self.violations.append(f"copy of {key} into pinned slot {slot} held by {self._held[slot]}")
-            return slot
+                    self.violations.append(f"copy of {key} into slot {slot} held by {self._held[slot]}")
+            copy(slot, key, demand)
+
+        copier.copy = checked_copy
+        return copier
+
+    def watch(self, handle):
+        cache, pool, store = handle.engine.cache, handle.engine.pool, handle.store
+        acquire, release = cache.acquire, cache.release
 
         def content_ok(slot, key):
-            return torch.equal(cache.pool[slot].cpu(), store.block(*key))
+            return torch.equal(pool.data[slot].cpu(), store.block(*key))
 
         def checked_acquire(layer, experts):
             slots = acquire(layer, experts)
@@ -63,27 +74,27 @@ class SlotChecker:
                         self.violations.append(f"slot {slot} ({key}) changed under its reader")
             release(slots)
 
-        cache._load, cache.acquire, cache.release = checked_load, checked_acquire, checked_release
+        cache.acquire, cache.release = checked_acquire, checked_release
 
 
 @pytest.fixture
 def slow_compute(monkeypatch):
     """Stretch each expert computation by 0-2 ms so the watchdog's copies interleave with it."""
-    compute = specmd.engine.expert_rows
+    compute = threaded.expert_rows
     rng = random.Random(0)
 
     def slow(*args, **kwargs):
         time.sleep(rng.random() * 0.002)
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(specmd.engine, "expert_rows", slow)
+    monkeypatch.setattr(threaded, "expert_rows", slow)
 
 
 FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"]
 
 
 @pytest.mark.parametrize("seed", range(24))
-def test_stress_random_configurations(seed, slow_compute, device):
+def test_stress_random_configurations(seed, slow_compute, monkeypatch, device):
     rng = random.Random(seed)
     family = rng.choice(FAMILIES)
     model = tiny_model(family, seed=seed).to(device)
@@ -94,9 +105,10 @@ def test_stress_random_configurations(seed, slow_compute, device):
     budget = rng.choice([expert, 2 * expert, 3 * expert, 0.25, 0.5])
     eviction = rng.choice(sorted(specmd.POLICIES))
     prefetch = rng.choice(["topk", "top-p", "threshold"])
+    checker = SlotChecker()
+    monkeypatch.setattr(specmd.api, "make_copier", checker.make_copier)
     specmd.offload(model, budget, eviction, device, prefetch=prefetch, lookahead=rng.randint(1, 3), seed=seed)
-    engine = model.specmd._engine
-    checker = SlotChecker(engine.cache, engine.cache._store)
+    checker.watch(model.specmd)
     got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     model.specmd.close()
     assert checker.violations == []
@@ -113,17 +125,17 @@ def test_watchdog_error_surfaces_in_the_model_thread_and_close_joins(device):
     # fits, so the watchdog gets the rest (on a CPU it gets every copy).
     config = PrefetchConfig(policy="topk", max_inflight=1)
     model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch=config)
-    engine = model.specmd._engine
+    engine = model.specmd.engine
     if device != "cpu":
-        engine.cache.emulate_link(2_000_000)
-    real_prefetch = engine.cache.prefetch
+        model.specmd.emulate_link(2_000_000)
+    real_submit = engine.cache.submit_prefetches
 
-    def broken_copy(key, target):
+    def broken_copy(requests, copy=True):
         if threading.current_thread().name == "specmd-watchdog":
             raise OSError("simulated copy failure")
-        return real_prefetch(key, target)
+        return real_submit(requests, copy)
 
-    engine.cache.prefetch = broken_copy  # the watchdog calls cache.prefetch for every request
+    engine.cache.submit_prefetches = broken_copy  # the watchdog submits every request it takes
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0)).to(device)
     with pytest.raises(RuntimeError, match="simulated copy failure"):
         for _ in range(3):
@@ -142,24 +154,19 @@ def test_close_stops_the_thread_and_frees_the_slots(device):
     model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=3, do_sample=False)
     model.specmd.close()
     assert len(specmd_threads()) == before
-    assert model.specmd._engine.cache.pool.numel() == 0
+    assert model.specmd.engine.pool.data.numel() == 0
 
 
 def test_a_failure_outside_the_copy_still_surfaces(monkeypatch, device):
     """Any exception in the thread (here: its queue) reaches the model's thread, not just copy errors."""
-    import heapq
-    import types
-
-    import specmd.watchdog
-
-    def broken_pop(heap):
+    def broken_order(requests):
         raise RuntimeError("queue corrupted")
 
-    monkeypatch.setattr(specmd.watchdog, "heapq", types.SimpleNamespace(heappush=heapq.heappush, heappop=broken_pop))
+    monkeypatch.setattr(watchdog, "nearest_first", broken_order)
     model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device,
                            prefetch=PrefetchConfig(policy="topk", max_inflight=1))
     if device != "cpu":  # copies stay in flight, so requests queue for the thread (see above)
-        model.specmd._engine.cache.emulate_link(2_000_000)
+        model.specmd.emulate_link(2_000_000)
     with pytest.raises(RuntimeError, match="queue corrupted"):
         for _ in range(3):
             model.generate(torch.tensor([[5, 6, 7]]).to(device), max_new_tokens=4, do_sample=False)
@@ -178,7 +185,7 @@ def test_generate_on_another_stream_waits_for_the_copies(device):
     want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     expert = find_moe_layers(model)[0].layout.expert_bytes
     with specmd.offload(model, 3 * expert, "lru", device, prefetch="topk").specmd as handle:
-        handle._engine.cache.emulate_link(2_000_000)  # ~1 ms per copy: reads would race a missing wait
+        handle.emulate_link(2_000_000)  # ~1 ms per copy: reads would race a missing wait
         assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
         side = torch.cuda.Stream(device)
         with torch.cuda.stream(side):

@@ -1,9 +1,9 @@
 """The simulator's cost model: arithmetic, timeline, profiles."""
 import pytest
 
-from specmd.costmodel import LinkProfile, ModelTiming, Timeline
-from specmd.sim import simulate
-from specmd.trace import RoutingTrace
+from specmd.study.costmodel import LinkProfile, ModelTiming, Timeline
+from specmd.study.sim import simulate
+from specmd.study.trace import RoutingTrace
 
 LINK = LinkProfile("test", link_gbps=10.0, copy_overhead_us=100.0)  # 1e7 bytes: 1 ms + 0.1 ms
 MODEL = ModelTiming("test", expert_bytes=10_000_000, decode_layer_ms=2.0, prefill_ms_per_token=0.5)
@@ -69,7 +69,7 @@ def test_profiles_load_by_name_and_name_their_errors(tmp_path):
                                   "gpt-oss-20b", "mixtral-8x7b"])
 def test_model_shapes_build_configs(name):
     """Every shipped model shape is a valid transformers config of its family (no weights built)."""
-    from specmd.costmodel import ModelSpec
+    from specmd.study.costmodel import ModelSpec
 
     spec = ModelSpec.load(name)
     config = spec.transformers_config()

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import specmd
-from specmd.adapters import find_moe_layers
+from specmd.runtime.adapters import find_moe_layers
 from specmd.tiny import tiny_config
 
 
@@ -18,7 +18,7 @@ def test_built_in_place_generates_what_its_weights_do_unpatched(family, device):
     experts = {id(p) for layer in layers for p in layer.module.parameters()}
     assert all(p.device.type == "cpu" for layer in layers for p in layer.module.parameters())
     assert all(p.device.type == torch.device(device).type for p in model.parameters() if id(p) not in experts)
-    assert model.specmd._store.total_bytes == layers[0].layout.layer_bytes * len(layers)
+    assert model.specmd.store.total_bytes == layers[0].layout.layer_bytes * len(layers)
     weights = {k: v.float().std().item() for k, v in model.state_dict().items() if "experts" in k and "bias" not in k}
     assert all(0.01 < std < 0.03 for std in weights.values()), weights  # initialised, not left empty
 
@@ -48,7 +48,7 @@ def test_bad_arguments_fail_before_anything_is_built():
 def test_transformers_does_not_draw_the_experts_again(monkeypatch):
     """The experts are filled once, by the store (drawn on the device); transformers' initialisation, which
     would draw them on the CPU, skips them."""
-    from specmd.store import HostStore
+    from specmd.runtime.store import HostStore
 
     monkeypatch.setattr(HostStore, "fill_random", lambda self, layer, std, device: self._buffers[layer.index].fill_(7.0))
     model = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32)

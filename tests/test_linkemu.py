@@ -1,6 +1,6 @@
 import pytest
 
-from specmd.linkemu import achieved_gbps, sleep_cycles, stretch_seconds
+from specmd.bench.linkemu import achieved_gbps, sleep_cycles, stretch_seconds
 
 MIB12 = 12 * 2**20
 
@@ -33,7 +33,7 @@ def test_sleep_cycles_and_errors():
 def test_calibration_corrects_the_stretch_against_the_measured_rate(monkeypatch):
     """A link whose measured rate drifts (cold first measurement, sleep clock off by 20%) still ends within
     5% of the target."""
-    from specmd import benchrun
+    from specmd.bench import timing
 
     nbytes, cps = 12_582_912, 1.5e9
     calls = []
@@ -44,16 +44,16 @@ def test_calibration_corrects_the_stretch_against_the_measured_rate(monkeypatch)
         sleep_s = cycles / (cps * 1.2)  # the sleep runs 20% faster than calibrated
         return n / (copy_s + sleep_s) / 1e9 if len(calls) > 1 else 27.7  # the first (native) read is cold
 
-    monkeypatch.setattr(benchrun, "copy_gbps", fake_copy_gbps)
-    cycles, measured, native = benchrun.calibrate_link(nbytes, 26.0, None, cps)
+    monkeypatch.setattr(timing, "copy_gbps", fake_copy_gbps)
+    cycles, measured, native = timing.calibrate_link(nbytes, 26.0, None, cps)
     assert native == 27.7 and cycles > 0
     assert abs(measured / 26.0 - 1) <= 0.05
     assert len(calls) > 2  # it did correct
 
 
 def test_calibration_of_a_link_faster_than_the_machine_does_not_stretch(monkeypatch):
-    from specmd import benchrun
+    from specmd.bench import timing
 
-    monkeypatch.setattr(benchrun, "copy_gbps", lambda n, device, cycles=0, **_: 20.0)
-    cycles, measured, _ = benchrun.calibrate_link(12_582_912, 26.0, None, 1.5e9)
+    monkeypatch.setattr(timing, "copy_gbps", lambda n, device, cycles=0, **_: 20.0)
+    cycles, measured, _ = timing.calibrate_link(12_582_912, 26.0, None, 1.5e9)
     assert cycles == 0 and measured == 20.0

@@ -1,7 +1,7 @@
 """Eviction order of every policy on hand-written access sequences, victims computed by hand."""
 import pytest
 
-from specmd.policies import POLICIES, make_policy
+from specmd.runtime.policies import POLICIES, make_policy
 
 
 def fill(policy, keys):
@@ -114,7 +114,7 @@ def test_unknown_policy_lists_valid_names():
 
 
 def test_belady_evicts_the_furthest_next_access():
-    from specmd.policies import Belady
+    from specmd.runtime.policies import Belady
 
     future = {"a": [5, 9], "b": [3], "c": [7], "d": []}
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import specmd
-from specmd.prefetch import PrefetchConfig, Predictor
+from specmd.runtime.prefetch import Predictor, PrefetchConfig
 from specmd.tiny import tiny_model
 
 
@@ -83,21 +83,27 @@ def test_unknown_prefetch_name_through_the_api():
         specmd.offload(tiny_model("olmoe"), "50%", prefetch="psychic", device="cpu")
 
 
-def test_prefetch_metrics_on_a_repeated_prompt(device):
+def test_prediction_metrics_equal_a_recount_from_the_recorded_trace(device):
+    """Precision and recall count exactly what the recorder saw: for each layer call, the nearest
+    prediction's top-k candidates against the experts the layer then routed to."""
     model = specmd.offload(tiny_model("olmoe"), "50%", "least-stale", device, prefetch="topk")
+    recorder = model.specmd.record_routing(lookahead=1)
     ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(3)).to(device)
     model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     model.specmd.close()
-    # A 2-layer model at lookahead 1: each layer is predicted by the other one, every call after the first.
-    stats = model.specmd._engine.stats()
-    for layer in stats.layers:
-        assert layer.predicted_accesses > 0 and 0 <= layer.predicted_correct <= layer.predicted
-        assert 0.0 <= layer.precision <= 1.0 and 0.0 <= layer.recall <= 1.0
+    stats = model.specmd.stats()  # the snapshot taken at close
+    calls = [layer for p in recorder.passes for layer in p["layers"]]  # in execution order
+    want = [[0, 0, 0] for _ in stats.layers]  # per layer: predicted, correct, accesses
+    for before, (i, call) in zip(calls, enumerate(calls[1:], start=1)):
+        layer = i % len(stats.layers)
+        predicted, routed = set(before["predicted"][0][:2]), set(call["ids"])
+        want[layer] = [want[layer][0] + len(predicted), want[layer][1] + len(predicted & routed),
+                       want[layer][2] + len(routed)]
+    assert [[s.predicted, s.predicted_correct, s.predicted_accesses] for s in stats.layers] == want
     total = stats.total
     assert total.prefetches > 0 and total.prefetch_bytes == total.prefetches * stats.expert_bytes
-    assert total.prefetch_hits <= total.hits
-    assert total.wasted_prefetch_bytes <= total.prefetch_bytes
-    assert stats.to_dict()["total"]["recall"] == total.recall
+    assert total.precision == sum(w[1] for w in want) / sum(w[0] for w in want)
+    assert stats.to_dict()["total"]["recall"] == total.recall == sum(w[1] for w in want) / sum(w[2] for w in want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="in-flight copies exist only on CUDA")
@@ -109,9 +115,9 @@ def test_prefetch_copies_in_flight_are_bounded():
                            prefetch=PrefetchConfig("topk", lookahead=2, max_inflight=2))
     with model.specmd:  # closed at the end: later tests count live watchdog threads
         assert torch.equal(model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False), want)
-        model.specmd._engine.watchdog.wait_idle()
-        assert model.specmd.stats().total.prefetches > 0
-        assert 1 <= model.specmd._engine.cache.peak_inflight_prefetches <= 2
+        stats = model.specmd.stats()  # waits for the watchdog's last requests
+        assert stats.total.prefetches > 0
+        assert 1 <= stats.peak_inflight_prefetches <= 2
 
 
 def test_presets_load_by_name(device):
@@ -131,37 +137,6 @@ def test_cli_runs_a_preset():
                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "prefetch: hits=" in out.stdout and "eviction: lru  prefetch: topk" in out.stdout
-
-
-def test_resident_predictions_never_reach_the_watchdog(device):
-    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch="topk")
-    cache = model.specmd._engine.cache
-    with model.specmd:
-        slots = cache.acquire(1, [0, 3])
-        cache.release(slots)
-        cache.position = 10
-        requests = [(2, 12, (1, 5)), (1, 11, (1, 0)), (1, 11, (1, 4)), (1, 11, (1, 3))]
-        rest = cache.start_prefetches(requests)
-        if cache.device.type == "cpu":  # a CPU copy would block the model's thread: all to the watchdog
-            assert rest == [(1, 11, (1, 4)), (2, 12, (1, 5))]  # nearest first
-        else:  # on CUDA they fit under the in-flight bound (top-k = 2): issued at once, nearest first
-            assert rest == [] and (1, 4) in cache.resident() and (1, 5) in cache.resident()
-
-
-def test_prefetches_beyond_the_inflight_bound_wait_for_the_watchdog(device):
-    """On CUDA the model's thread issues what fits under max_inflight itself, nearest first; the rest
-    queue for the watchdog in order (on a CPU every copy goes to the watchdog: see the test above)."""
-    if device == "cpu":
-        pytest.skip("in-flight copies exist only on CUDA")
-    config = PrefetchConfig(policy="topk", max_inflight=1)
-    model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device, prefetch=config)
-    cache = model.specmd._engine.cache
-    with model.specmd:
-        cache.emulate_link(200_000_000)  # ~0.1 s per copy: the first is still in flight below
-        cache.position = 10
-        requests = [(2, 12, (1, 5)), (1, 11, (1, 4)), (1, 11, (1, 6))]
-        assert cache.start_prefetches(requests) == [(1, 11, (1, 6)), (2, 12, (1, 5))]
-        assert list(cache.resident()) == [(1, 4)]
 
 
 def test_batched_routers_follow_weights_written_in_place():

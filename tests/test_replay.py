@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import specmd
-from specmd.adapters import find_moe_layers
-from specmd.sim import simulate
+from specmd.runtime.adapters import find_moe_layers
+from specmd.study.sim import simulate
+from specmd.study.trace import RoutingTrace, load_trace
 from specmd.tiny import tiny_model
-from specmd.trace import RoutingTrace, load_trace
 
 SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "granite-3.0-1b-a400m.json"
 
@@ -39,7 +39,7 @@ def replay_live(model, trace, budget, eviction, device, prefetch="none"):
         ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
         model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
     stats = model.specmd.stats()
-    assert model.specmd._engine.replay.passes_done == len(trace.passes)
+    assert model.specmd.engine.replay.passes_done == len(trace.passes)
     model.specmd.close()
     return stats
 
@@ -100,7 +100,7 @@ PREFETCH_COUNTS = COUNTS + ("prefetch_hits", "prefetches")
 def test_live_inline_prefetch_equals_the_simulator(eviction, device):
     """With prefetch: record a run's routing and predictions, then simulate the recording; inline prefetch
     makes the live run deterministic, so every count matches."""
-    from specmd.prefetch import PrefetchConfig
+    from specmd.runtime.prefetch import PrefetchConfig
 
     model = tiny_model("olmoe", num_hidden_layers=3, num_experts=8).to(device)
     expert = find_moe_layers(model)[0].layout.expert_bytes

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from specmd.sim import SIM_POLICIES, simulate
-from specmd.trace import RoutingTrace, load_trace
+from specmd.study.sim import SIM_POLICIES, simulate
+from specmd.study.trace import RoutingTrace, load_trace
 
 SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "granite-3.0-1b-a400m.json"
 
@@ -71,7 +71,7 @@ def test_trace_reader_names_the_expected_keys(tmp_path):
 
 
 def test_table_and_plot_writers(tmp_path):
-    from specmd.report import hit_rate_plot, markdown_table
+    from specmd.bench.report import hit_rate_plot, markdown_table
 
     trace = cyclic_trace(4)
     rows = [{"budget": f"{b}%", "eviction": e, "prefetch": "none", **simulate(trace, c, e).to_dict()}

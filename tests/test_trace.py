@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import specmd
-from specmd.adapters import find_moe_layers
-from specmd.sim import simulate
+from specmd.runtime.adapters import find_moe_layers
+from specmd.study.sim import simulate
+from specmd.study.trace import load_trace
 from specmd.tiny import tiny_model
-from specmd.trace import load_trace
 
 
 def record(model, device, prompts=((7, 5), (4, 3)), lookahead=2):

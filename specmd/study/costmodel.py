@@ -15,16 +15,12 @@ from pathlib import Path
 
 import yaml
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from .. import resources
+from ..runtime.adapters import family_config
 
 
 def _load(cls, path: str | Path, folder: str):
-    candidate = Path(path)
-    if not candidate.exists():
-        candidate = CONFIGS / folder / f"{path}.yaml"
-    if not candidate.exists():
-        names = sorted(p.stem for p in (CONFIGS / folder).glob("*.yaml"))
-        raise ValueError(f"no {folder} profile {str(path)!r}; pass a YAML path or one of: {', '.join(names)}")
+    candidate = resources.find(folder, path)
     data = yaml.safe_load(candidate.read_text()) or {}
     known = {f.name for f in fields(cls)}
     if unknown := set(data) - known:
@@ -104,11 +100,7 @@ class ModelSpec:
 
     def transformers_config(self):
         """The transformers config of these shapes (the family's config class; no weights)."""
-        import transformers
-
-        from .tiny import TINY_CONFIGS
-
-        return getattr(transformers, TINY_CONFIGS[self.family][0])(**self.config)
+        return family_config(self.family, **self.config)
 
 
 class Timeline:

@@ -9,12 +9,36 @@ hidden state predict the routed experts well.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 PREFETCH_POLICIES = ("none", "topk", "top-p", "threshold")
+
+
+class PrefetchRequest(NamedTuple):
+    """Load ``key`` (layer, expert) before absolute position ``target`` (pass * layers + layer) runs; it was
+    predicted ``distance`` layers ahead of the layer that asked."""
+
+    distance: int
+    target: int
+    key: tuple[int, int]
+
+
+def nearest_first(requests) -> list[PrefetchRequest]:
+    """The one order prefetches are issued in, by every caller: nearest looked-ahead layer first, then the
+    order of submission (the predictor's rank within a layer). A nearer layer runs sooner, so its copy has
+    the least time left to arrive."""
+    return sorted(requests, key=lambda request: request.distance)
+
+
+def prefetch_requests(position: int, predicted: list[tuple[int, list[int]]]) -> list[PrefetchRequest]:
+    """Requests for ``predicted``: (target layer, ids) of the looked-ahead layers, nearest first, asked by
+    the layer at absolute ``position``."""
+    return [PrefetchRequest(distance, position + distance, (target, expert))
+            for distance, (target, ids) in enumerate(predicted, start=1) for expert in ids]
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,7 @@ class Predictor:
                              "this model has none: use prefetch='none'")
         self.config = config
         self.routers = routers
+        self.top_k = top_k
         num_experts = routers[0].weight.shape[0] if routers and routers[0] is not None else 0
         k = config.k or top_k
         self.candidates = min(num_experts, {"topk": k, "top-p": config.cap or 2 * top_k,

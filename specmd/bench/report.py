@@ -5,6 +5,7 @@ A row is a flat dict with at least ``budget``, ``eviction``, ``prefetch``, ``hit
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -193,3 +194,42 @@ def bench_pivot_markdown(results: dict) -> str:
         same = "-" if not checks else "yes" if all(checks) else f"no ({checks.count(False)} of {len(checks)})"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {hit} | {stall} | {same} |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out_dir: Path, stem: str, plots: bool = True) -> list[Path]:
+    """``<stem>.json`` (everything), ``<stem>.md`` (the table) and, with ``plots``, the PNGs."""
+    import json
+
+    def plain(value):  # tuples of the config -> lists; anything else JSON cannot hold -> str
+        return list(value) if isinstance(value, tuple) else str(value)
+
+    files = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    files[0].write_text(json.dumps(results, indent=1, default=plain))
+    files[1].write_text(bench_markdown(results))
+    if plots:
+        files += bench_plots(results, out_dir, stem)
+    return files
+
+
+def summary_table(results: dict) -> str:
+    """A short fixed-width table of every row, printed last."""
+    lines = [f"{'configuration':<28}{'link':<15}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'hit %':>7}"
+             f"{'stall ms':>9}  same"]
+    for r in results["rows"]:
+        name, same = bench_label(r), same_tokens_text(r)
+        hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
+        stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
+        lines.append(f"{name:<28}{r.get('link', '-'):<15}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}"
+                     f"{hit:>7}{stall:>9}  {same}")
+    return "\n".join(lines)
+
+
+def default_out_dir(device) -> Path:
+    """benchmarks/results/<date>-<gpu>/ under the repository (the current directory when installed)."""
+    import torch
+
+    name = torch.cuda.get_device_name(device).lower()
+    gpu = next((w for w in name.replace("nvidia", "").split() if any(c.isdigit() for c in w)), "gpu")
+    checkout = Path(__file__).resolve().parents[2]
+    root = checkout if (checkout / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{gpu}"

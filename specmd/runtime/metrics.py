@@ -51,6 +51,7 @@ class Stats:
     expert_bytes: int
     forward_passes: int = 0
     copy_busy_ms: float = 0.0  # copy stream busy, summed over copies (CUDA events)
+    peak_inflight_prefetches: int = 0  # the most prefetch copies queued on the device at once (CUDA)
     layers: list[LayerStats] = field(default_factory=list)
     # Simulator only: its cost model's estimates (None in live runs, which measure instead)
     estimated_ttft_ms: float | None = None
@@ -82,6 +83,7 @@ class Stats:
             "expert_bytes": self.expert_bytes,
             "forward_passes": self.forward_passes,
             "copy_busy_ms": self.copy_busy_ms,
+            "peak_inflight_prefetches": self.peak_inflight_prefetches,
             "stall_ms": self.stall_ms,
             "hit_rate": self.hit_rate,
             **({"estimated_ttft_ms": self.estimated_ttft_ms, "estimated_tpot_ms": self.estimated_tpot_ms}

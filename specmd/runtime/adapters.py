@@ -30,6 +30,30 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "phimoe": "Phi-MoE",
 }
 
+# model_type -> its transformers config class (how a model file of configs/models/ is built).
+CONFIG_CLASSES: dict[str, str] = {
+    "olmoe": "OlmoeConfig",
+    "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "deepseek_v2": "DeepseekV2Config",
+    "deepseek_v3": "DeepseekV3Config",
+    "gpt_oss": "GptOssConfig",
+    "granitemoe": "GraniteMoeConfig",
+    "granitemoeshared": "GraniteMoeSharedConfig",
+    "phimoe": "PhimoeConfig",
+}
+
+
+def family_config(family: str, **kwargs):
+    """A transformers config of ``family`` (a key of ``SUPPORTED_FAMILIES``) built from ``kwargs``."""
+    import transformers
+
+    if family not in CONFIG_CLASSES:
+        raise UnsupportedModelError(f"unknown family {family!r}; choose one of: {', '.join(CONFIG_CLASSES)}")
+    return getattr(transformers, CONFIG_CLASSES[family])(**kwargs)
+
+
 # Each sub-tensor of an expert's block starts on this many elements, so slot views stay aligned
 # for vectorised kernels and grouped_mm's 16-byte stride rule.
 _ALIGN_ELEMENTS = 64

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Budget, preset_path
-from .costmodel import LinkProfile, ModelSpec
+from ..config import Budget, preset_path
+from ..study.costmodel import LinkProfile, ModelSpec
 
 BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
 NATIVE_LINK = "native"  # the machine's own link, measured before each run

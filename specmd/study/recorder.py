@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .prefetch import PrefetchConfig, Predictor
+from ..runtime.prefetch import Predictor, PrefetchConfig
 
 FORMAT = "specmd-routing-trace"
 VERSION = 1

@@ -1,0 +1,51 @@
+"""The result document of a bench run: one row per measured configuration, the skips, the machine."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import BenchConfig
+from .machine import machine_info
+from .timing import Timed
+
+
+def stats_fields(stats) -> dict:
+    """The counters of a specmd row (``Stats``), flat, plus the whole snapshot."""
+    t = stats.total
+    return {"hit_rate": stats.hit_rate, "misses": t.misses, "misses_collision": t.misses_collision,
+            "prefetch_hits": t.prefetch_hits, "late_prefetches": t.late_prefetches, "stall_ms": t.stall_ms,
+            "copy_busy_ms": stats.copy_busy_ms, "bytes_copied": t.bytes_copied,
+            "copy_gbps_achieved": (t.bytes_copied / (stats.copy_busy_ms / 1e3) / 1e9) if stats.copy_busy_ms else None,
+            "precision": t.precision, "recall": t.recall, "stats": stats.to_dict()}
+
+
+def row(model_name: str, kind: str, name: str, workload: tuple[int, int], new_tokens: int, timed: Timed,
+        reference: torch.Tensor | None, **extra) -> dict:
+    """One result row: the workload, the timing, and whether its tokens equal ``reference``."""
+    prompt, batch = workload
+    return {"model": model_name, "kind": kind, "name": name, "prompt": prompt, "batch": batch,
+            "new_tokens": new_tokens, "ttft_ms": timed.ttft_ms, "tpot_ms": timed.tpot_ms,
+            "tokens_per_s": timed.tokens_per_s * batch, "peak_vram_bytes": timed.peak_vram_bytes,
+            "identical_tokens": None if reference is None else bool(torch.equal(timed.tokens, reference)), **extra}
+
+
+class Results:
+    """The result document: rows and skips, written out (``on_row``) after every row."""
+
+    def __init__(self, config: BenchConfig, device: torch.device, log, on_row) -> None:
+        self.doc = {"machine": machine_info(device), "config": dict(vars(config)), "rows": [], "skipped": [],
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        self.log, self._on_row = log, on_row
+
+    def add(self, result: dict) -> None:
+        self.doc["rows"].append(result)
+        if self._on_row is not None:
+            self._on_row(self.doc)
+
+    def skip(self, why: str) -> None:
+        self.log(f"skip: {why}")
+        self.doc["skipped"].append(why)
+
+    def per_model(self, key: str, model_name: str, value) -> None:
+        self.doc.setdefault(key, {})[model_name] = value

@@ -1,0 +1,192 @@
+"""The GPU runner of ``specmd bench``: baselines and specmd presets on the same model, in one process.
+
+Per model of the config (random weights, built on the GPU when the whole model fits there; else built
+straight into place by ``specmd.from_config``, non-expert weights on the GPU and experts in the host
+store, when those fit; else skipped with a message): the full-GPU baselines when the model fits
+(transformers' eager experts and its default grouped_mm; the latter's tokens are the reference, else the
+first specmd configuration's are), then every budget x link x preset x prompt x batch through specmd,
+then on-demand loading (one layer's top-k slots, nothing reused) per link, and last
+``device_map="auto"`` with ``max_memory`` equal to specmd's VRAM (non-expert weights + expert budget),
+which rebuilds the model's placement and so ends its use.
+
+Timing (``timing.py``): a warm-up (full length for the full-GPU baselines, a few tokens for specmd runs,
+whose kernels are warm by then), TTFT as the median of one-token generates, TPOT as
+(median full generate - TTFT) / (new tokens - 1); the device is synchronized around every timed call.
+Counters (hits, stall, bytes) cover the last full generate. A slower link than the machine's is emulated
+by stretching each copy with a GPU sleep (``linkemu``), calibrated on the machine; the copy rate that
+results is measured and recorded next to each result.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from ..config import Budget
+from ..runtime.adapters import find_moe_layers
+from ..study.costmodel import LinkProfile, ModelSpec
+from .baselines import device_map_auto
+from .config import NATIVE_LINK, BenchConfig
+from .models import FIT_HEADROOM_BYTES, Skip, build_model
+from .results import Results, row, stats_fields
+from .timing import calibrate_link, copy_gbps, measure, sleep_cycles_per_second
+
+SPECMD_WARMUP_TOKENS = 8
+FULL_GPU = (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager"))  # (baseline, experts implementation)
+
+
+def _prompts(config: BenchConfig, vocab: int, device: torch.device) -> dict[tuple[int, int], torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {(n, b): torch.randint(10, vocab - 1, (b, n), generator=gen).to(device)
+            for n in config.prompts for b in config.batch}
+
+
+class ModelBench:
+    """Every run of the matrix on one model."""
+
+    def __init__(self, spec: ModelSpec, model, placement: str, config: BenchConfig, device: torch.device,
+                 results: Results, cycles_per_second: float | None, progress: bool) -> None:
+        self.name, self.model, self.config, self.device = spec.name, model, config, device
+        self.results, self.cps, self.progress = results, cycles_per_second, progress
+        self.cuda = device.type == "cuda"
+        self.on_device = placement == "device"
+        layers = find_moe_layers(model)
+        self.expert_bytes = layers[0].layout.expert_bytes
+        self.total_expert_bytes = layers[0].layout.layer_bytes * len(layers)
+        self.workloads = _prompts(config, model.config.vocab_size, device)
+        self.reference: dict = {}  # workload -> the tokens every other configuration must reproduce
+        self.links = {}  # name -> target GB/s (None: the machine's own)
+        for link in config.links:
+            if link != NATIVE_LINK and not self.cuda:
+                raise ValueError(f"link {link!r} is emulated with GPU sleeps: it needs CUDA")
+            self.links[link] = None if link == NATIVE_LINK else LinkProfile.load(link).link_gbps
+
+    def full_gpu(self) -> None:
+        """transformers' grouped_mm first: its tokens are what every other configuration must reproduce."""
+        for name, implementation in FULL_GPU:
+            if name != "full-gpu-grouped-mm" and name not in self.config.baselines:
+                continue
+            self.model.set_experts_implementation(implementation)
+            for workload, ids in self.workloads.items():
+                timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats)
+                self.reference.setdefault(workload, timed.tokens)
+                if name in self.config.baselines:
+                    self.results.add(row(self.name, "baseline", name, workload, self.config.new_tokens, timed,
+                                         self.reference[workload], experts_implementation=implementation))
+        self.model.set_experts_implementation("grouped_mm")
+
+    def _fits(self, name: str, budget) -> bool:
+        if not self.cuda or self.on_device:  # a model that fit whole fits any pool: its experts left the device
+            return True
+        budget_bytes = Budget.parse(budget).resolve(self.total_expert_bytes)
+        torch.cuda.empty_cache()  # memory torch caches but no tensor holds counts as free
+        free = torch.cuda.mem_get_info(self.device)[0]
+        if budget_bytes + FIT_HEADROOM_BYTES <= free:
+            return True
+        self.results.skip(f"{self.name}: {name} at {budget} skipped: {budget_bytes / 2**30:.1f} GiB of slots do "
+                          f"not fit the device's {free / 2**30:.1f} GiB free")
+        return False
+
+    def _link(self, link: str) -> tuple[float | None, int, float | None]:
+        """(target GB/s, stretch cycles, measured GB/s), calibrated right before each run: the link's rate
+        drifts over a long matrix."""
+        target_gbps, cycles, measured = self.links[link], 0, None
+        if self.cuda:
+            if target_gbps is None:
+                target_gbps = measured = copy_gbps(self.expert_bytes, self.device)
+            else:
+                cycles, measured, _ = calibrate_link(self.expert_bytes, target_gbps, self.device, self.cps)
+        return target_gbps, cycles, measured
+
+    def specmd_run(self, name: str, budget, link: str, preset: str | None, bar, **offload_kwargs) -> None:
+        """Every workload through specmd at ``budget`` on ``link`` (a preset, or ``offload_kwargs``)."""
+        import specmd
+
+        if not self._fits(name, budget):
+            bar.update(len(self.workloads))
+            return
+        target_gbps, cycles, measured = self._link(link)
+        specmd.offload(self.model, budget, device=str(self.device), preset=preset, progress=self.progress,
+                       **offload_kwargs)
+        handle = self.model.specmd
+        if cycles:
+            handle.emulate_link(cycles)
+        try:
+            for workload, ids in self.workloads.items():
+                # Kernels are warm from the baselines; a short warm-up keeps the matrix under 10 minutes.
+                timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats,
+                                before_last=handle.reset_stats, warmup_tokens=SPECMD_WARMUP_TOKENS)
+                stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
+                self.results.add(row(self.name, "specmd" if preset else "baseline", name, workload,
+                                     self.config.new_tokens, timed, self.reference.get(workload), budget=str(budget),
+                                     budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, link=link,
+                                     link_gbps_target=target_gbps, link_gbps_measured=measured,
+                                     stretch_cycles=cycles, **stats_fields(stats)))
+                self.reference.setdefault(workload, timed.tokens)  # without full-GPU runs: the first one's
+                bar.update(1)
+        finally:
+            handle.close()
+
+    def run_all(self) -> None:
+        """Baselines, the specmd matrix, on-demand, then device_map="auto" (which ends the model's use)."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        runs = config.num_runs // len(config.models)
+        if "on-demand" in config.baselines:
+            runs += len(self.links) * len(self.workloads)
+        bar = tqdm(total=runs, desc=f"{self.name} specmd runs", disable=not self.progress)
+        with torch.inference_mode():
+            if self.on_device:
+                self.full_gpu()
+            for budget in config.budgets:
+                for link in self.links:
+                    for preset in config.presets:
+                        self.specmd_run(preset, budget, link, preset, bar)
+            if "on-demand" in config.baselines:
+                top_k = self.model.config.num_experts_per_tok
+                for link in self.links:
+                    self.specmd_run("on-demand", top_k * self.expert_bytes, link, None, bar, eviction="fifo",
+                                    prefetch="none")
+            bar.close()
+            if "device-map-auto" in config.baselines and self.on_device:
+                if self.cuda:
+                    device_map_auto(self)
+                else:
+                    self.results.doc["skipped"].append(f"{self.name}: device-map-auto needs CUDA")
+
+
+def run(config: BenchConfig, device: torch.device, progress: bool = True, log=print, on_row=None) -> dict:
+    """Run the matrix on ``device``; returns {machine, config, rows, skipped, ...}. ``on_row(results)`` is
+    called after every result (to write files as it goes). On a CPU (tests only: ``specmd bench`` refuses)
+    links are not measured and only the native link, specmd and on-demand runs are possible."""
+    results = Results(config, device, log, on_row)
+    cps = sleep_cycles_per_second(device) if device.type == "cuda" else None
+    results.doc["sleep_cycles_per_second"] = cps
+    for model_path in config.models:
+        spec = ModelSpec.load(model_path)
+        try:
+            model, placement = build_model(spec, device, place=config.place)
+        except Skip as why:
+            results.skip(str(why))
+            continue
+        results.per_model("placement", spec.name, placement)
+        results.per_model("reference", spec.name, "full-gpu-grouped-mm" if placement == "device"
+                          else "the first specmd configuration")
+        if placement != "device":
+            for name in ("full-gpu-grouped-mm", "full-gpu", "device-map-auto"):
+                if name in config.baselines or name == "full-gpu-grouped-mm":
+                    results.skip(f"{spec.name}: {name} skipped: the model does not fit the device whole (built "
+                                 "into the host store); tokens are checked against the first specmd configuration")
+        bench = ModelBench(spec, model, placement, config, device, results, cps, progress)
+        native = copy_gbps(bench.expert_bytes, device) if bench.cuda else None
+        results.per_model("native_gbps", spec.name, native)
+        if bench.cuda:
+            log(f"{spec.name}: native pinned host->device copy of one expert ({bench.expert_bytes / 2**20:.1f} MiB): "
+                f"{native:.1f} GB/s")
+        bench.run_all()
+        model = bench = None
+        gc.collect()  # the model's modules reference each other: free its device memory before the next one
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results.doc

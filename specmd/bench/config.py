@@ -1,6 +1,6 @@
 """``specmd bench``: the benchmark matrix, configured in configs/bench/*.yaml.
 
-This module holds the configuration and its validation; ``benchrun.py`` runs it on the GPU.
+This module holds the configuration and its validation; ``runner.py`` runs it on the GPU.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class BenchConfig:
     repeats: int = 3
     presets: tuple[str, ...] = ("lru-noprefetch", "least-stale-topk")
     baselines: tuple[str, ...] = BASELINES
-    # None: on the device when the whole model fits there, else into the host store (benchrun.build_model)
+    # None: on the device when the whole model fits there, else into the host store (models.build_model)
     place: str | None = None
 
     @classmethod

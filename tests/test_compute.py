@@ -13,14 +13,14 @@ def test_grouped_calls_over_windows_of_slots_match_one_call(monkeypatch):
         rows += count
     x = torch.randn(rows, 16, generator=gen).to(torch.bfloat16)
     slots = torch.tensor([slot for slot, start, end in groups for _ in range(end - start)])
-    whole = compute._grouped_calls(groups, 8, x.device)
+    whole = compute.grouped_calls(groups, 8, x.device)
     assert len(whole) == 1
-    want = compute._project(x, weights, None, slots, groups, whole, False, False)
+    want = compute.project(x, weights, None, slots, groups, whole, False, False)
     monkeypatch.setattr(compute, "GROUPED_MM_MAX_GROUPS", 3)
-    windows = compute._grouped_calls(groups, 8, x.device)
+    windows = compute.grouped_calls(groups, 8, x.device)
     assert [(c.first_slot, c.end_slot, c.first_row, c.end_row) for c in windows] == [
         (0, 3, 0, 8), (3, 6, 8, 9), (6, 8, 9, 15)]
-    got = compute._project(x, weights, None, slots, groups, windows, False, False)
+    got = compute.project(x, weights, None, slots, groups, windows, False, False)
     assert torch.equal(got, want)
-    loop = compute._project(x, weights, None, slots, groups, None, False, False)
+    loop = compute.project(x, weights, None, slots, groups, None, False, False)
     torch.testing.assert_close(got, loop)

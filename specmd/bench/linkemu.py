@@ -1,9 +1,10 @@
 """Emulating a slower host->device link than the machine's: the arithmetic.
 
 A copy of ``n`` bytes takes n / native on this machine; on a profile's link it would take n / target.
-The copier (``runtime/copier.py``, through ``model.specmd.emulate_link``) stretches each copy by the difference, as a GPU-side sleep
-queued right after the copy, so that overlap with compute behaves as on the slower link. The sleep
-is in GPU clock cycles, converted with a rate calibrated on the machine (``torch.cuda._sleep``).
+The copier (``runtime/copier.py``, set through ``model.specmd.emulate_link``) stretches each copy by the
+difference, as a GPU-side sleep queued right after the copy, so that overlap with compute behaves as on
+the slower link. The sleep is in GPU clock cycles, converted with a rate calibrated on the machine
+(``torch.cuda._sleep``).
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ class KernelPlan:
         return cls(Kernel.LOOP, Kernel.LOOP)
 
 
-def _grouped_mm_fn():
+def grouped_mm_fn():
+    """torch's grouped product (``F.grouped_mm``, else ``torch._grouped_mm``), or None where it has none."""
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -57,7 +58,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _GroupedCall:
+class GroupedCall:
     """One grouped product: rows [first_row, end_row) against slots [first_slot, end_slot)."""
 
     first_row: int
@@ -67,7 +68,9 @@ class _GroupedCall:
     offsets: torch.Tensor  # [end_slot - first_slot] int32 cumulative row counts, on the device
 
 
-def _grouped_calls(groups: Sequence[tuple[int, int, int]], num_slots: int, device: torch.device) -> list[_GroupedCall]:
+def grouped_calls(groups: Sequence[tuple[int, int, int]], num_slots: int, device: torch.device) -> list[GroupedCall]:
+    """The grouped products covering ``groups`` (slot, first row, end row), one per window of at most
+    ``GROUPED_MM_MAX_GROUPS`` slots that holds rows."""
     calls = []
     for first_slot in range(0, num_slots, GROUPED_MM_MAX_GROUPS):
         end_slot = min(first_slot + GROUPED_MM_MAX_GROUPS, num_slots)
@@ -78,12 +81,12 @@ def _grouped_calls(groups: Sequence[tuple[int, int, int]], num_slots: int, devic
         for slot, start, end in inside:
             counts[slot - first_slot] = end - start
         offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
-        calls.append(_GroupedCall(inside[0][1], inside[-1][2], first_slot, end_slot, offsets))
+        calls.append(GroupedCall(inside[0][1], inside[-1][2], first_slot, end_slot, offsets))
     return calls
 
 
-def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
-             groups: Sequence[tuple[int, int, int]], calls: list[_GroupedCall] | None, transposed: bool,
+def project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, slots: torch.Tensor,
+             groups: Sequence[tuple[int, int, int]], calls: list[GroupedCall] | None, transposed: bool,
              batched: bool) -> torch.Tensor:
     """One projection of every row by its slot's weight: x [R, in], weights [S, ...] -> [R, out]."""
     x = x.to(weights.dtype)
@@ -93,7 +96,7 @@ def _project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, 
                else torch.bmm(w, x.unsqueeze(-1)).squeeze(-1))  # [R, out]
     elif calls is not None:
         w = weights if transposed else weights.transpose(-2, -1)  # [S, in, out]
-        mm = _grouped_mm_fn()
+        mm = grouped_mm_fn()
         parts = [mm(x[c.first_row:c.end_row], w[c.first_slot:c.end_slot], offs=c.offsets) for c in calls]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [R, out]
     else:
@@ -112,10 +115,10 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
     batched = kernel is Kernel.BATCHED
     num_slots = views["gate_up_proj"].shape[0]
     calls = None
-    if kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and _grouped_mm_fn() is not None:
-        calls = _grouped_calls(groups, num_slots, x.device)
+    if kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and grouped_mm_fn() is not None:
+        calls = grouped_calls(groups, num_slots, x.device)
     bias = views.get("gate_up_proj_bias")
-    h = _project(x, views["gate_up_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, 2I]
+    h = project(x, views["gate_up_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, 2I]
     h = module._apply_gate(h)  # [R, I]; the model's own gate (GPT-OSS: interleaved, clamped)
     bias = views.get("down_proj_bias")
-    return _project(h, views["down_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, H]
+    return project(h, views["down_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, H]

@@ -6,9 +6,10 @@ from .runtime.adapters import SUPPORTED_FAMILIES, UnsupportedModelError
 from .runtime.engines.binding import ClosedHandleError
 from .runtime.metrics import LayerStats, Stats
 from .runtime.policies import POLICIES
+from .shipped import shipped_model_path
 
 __all__ = [
     "offload", "from_pretrained", "from_config", "OffloadHandle", "OffloadConfig", "Budget", "Stats", "LayerStats",
-    "POLICIES", "SUPPORTED_FAMILIES", "UnsupportedModelError", "ClosedHandleError",
+    "POLICIES", "SUPPORTED_FAMILIES", "UnsupportedModelError", "ClosedHandleError", "shipped_model_path",
 ]
 __version__ = "0.1.0"

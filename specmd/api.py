@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Budget, BudgetSpec, OffloadConfig, preset_path
+from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
 from .handle import OffloadHandle
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
@@ -84,22 +85,37 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. preset: a name in configs/policies/
     (or a YAML path) supplying any of these that are not passed.
     """
-    config = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
     return _offload(model, config, progress=progress)
 
 
-def _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed) -> OffloadConfig:
-    """``offload``'s arguments, a preset filling what they leave out, as a validated config."""
+def offload_config(expert_budget: BudgetSpec | None = None, eviction: str | None = None, device: str | None = None,
+                   prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
+                   preset: str | None = None, seed: int = 0) -> OffloadConfig:
+    """``offload``'s arguments, a preset filling what they leave out, as a validated config (no work done: the
+    command line checks its settings with it before loading anything). The budget is
+    settled here, before any work: without one, "auto" on CUDA and ``DEFAULT_CPU_BUDGET`` on the CPU."""
+    on_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
+    default = "auto" if on_cuda else DEFAULT_CPU_BUDGET
     if preset is not None:
-        return OffloadConfig.from_yaml(preset_path(preset), expert_budget=expert_budget, eviction=eviction,
-                                       device=device, prefetch=prefetch, lookahead=lookahead, seed=seed)
-    return OffloadConfig.create("auto" if expert_budget is None else expert_budget, eviction or "least-stale",
-                                device, seed, prefetch or "none", lookahead)
+        config = OffloadConfig.from_yaml(preset_path(preset), default_budget=default, expert_budget=expert_budget,
+                                         eviction=eviction, device=device, prefetch=prefetch, lookahead=lookahead,
+                                         seed=seed)
+    else:
+        config = OffloadConfig.create(default if expert_budget is None else expert_budget,
+                                      eviction or "least-stale", device, seed, prefetch or "none", lookahead)
+    if config.expert_budget.kind == "auto" and not on_cuda:
+        raise ValueError(f"expert_budget='auto' measures free CUDA memory, and this model runs on the CPU; pass a "
+                         f"size or a fraction instead, e.g. '{DEFAULT_CPU_BUDGET}' (the default on the CPU)")
+    return config
 
 
 def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = None,
              progress: bool = False) -> nn.Module:
     """``offload`` with a validated config; ``store``: the experts already in host memory (``from_config``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"specmd offloads a loaded transformers model (a torch.nn.Module), not a "
+                        f"{type(model).__name__}; to load a checkpoint folder use specmd.from_pretrained(path, ...)")
     handle = getattr(model, "specmd", None)
     if isinstance(handle, OffloadHandle) and not handle.closed:
         raise RuntimeError("this model is already offloaded by specmd; call model.specmd.close() before "
@@ -109,7 +125,8 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
     layout = layers[0].layout
     total_bytes = layout.layer_bytes * len(layers)
     if config.expert_budget.kind != "auto":
-        _slots_for(config.expert_budget.resolve(total_bytes), layout.expert_bytes, config.expert_budget)
+        _slots_for(config.expert_budget.resolve(total_bytes, expert_bytes=layout.expert_bytes), layout.expert_bytes,
+                   config.expert_budget)
     top_k = getattr(model.config, "num_experts_per_tok", None) or getattr(layers[0].router, "top_k", 1)
     predictor = Predictor(config.prefetch, [layer.router for layer in layers], top_k)  # may refuse: before moving
 
@@ -124,14 +141,15 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
         store = handle.store  # closed earlier: the experts are already in (pinned) host memory
     else:
         store = HostStore(pin=torch.cuda.is_available())
-        for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+        # delay: a load of under half a second draws no bar (off a terminal every redraw lands on one line)
+        for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5):
             store.add_layer(layer)
     _move_except_experts(model, [layer.module for layer in layers], target)
 
     free = total = None
     if config.expert_budget.kind == "auto":
         free, total = _device_memory(target)
-    budget_bytes = config.expert_budget.resolve(total_bytes, free, total)
+    budget_bytes = config.expert_budget.resolve(total_bytes, free, total, layout.expert_bytes)
     num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
                     layout.num_experts * len(layers))
     engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor,
@@ -195,7 +213,7 @@ def _track_decode(model: nn.Module, engine: ThreadedEngine) -> None:
 def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:
     slots = budget_bytes // expert_bytes
     if slots < 1:
-        raise ValueError(f"expert_budget ({spec.kind} {spec.value:g} = {budget_bytes} bytes) is below one expert "
+        raise ValueError(f"expert_budget ({spec} = {budget_bytes} bytes) is below one expert "
                          f"({expert_bytes} bytes); raise it to at least {expert_bytes} bytes")
     return slots
 
@@ -213,12 +231,27 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
     """
     from transformers import AutoModelForCausalLM
 
-    config = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)  # fails before the load
+    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)  # fails before the load
     resolve_device(config.device)
+    dtype = parse_dtype(dtype)
+    _check_checkpoint(Path(path))
     hf_kwargs.setdefault("local_files_only", True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: a weights file could not be read ({err}); it may be truncated or not a "
+                         "safetensors file: copy the checkpoint again") from err
     model.eval()
     return _offload(model, config, progress=progress)
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse, before transformers does (its message speaks of hub repo ids), what cannot be a local checkpoint."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder; specmd reads local checkpoints only (nothing "
+                                "is downloaded): pass the folder that holds config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
 
 
 def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
@@ -233,7 +266,7 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     than the device run (benchmarks of real shapes; the outputs are random text)."""
     from transformers import AutoModelForCausalLM
 
-    settings = _config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
     target = resolve_device(settings.device)
     torch.manual_seed(seed)
     with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
@@ -241,7 +274,7 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     layers = find_moe_layers(model)
     store = HostStore(pin=torch.cuda.is_available())
     std = getattr(model.config, "initializer_range", 0.02)
-    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5):
         store.add_layer(layer, copy=False)
         store.fill_random(layer, std, target)
         # transformers' initialisation would draw them again, on the CPU: minutes for a large model

@@ -18,17 +18,27 @@ RUN_MODEL = dict(family="olmoe", num_hidden_layers=4, num_experts=32, num_expert
                  intermediate_size=64)
 
 
-def _load(path: str | None, settings: dict, dtype: str | None):
-    """(model offloaded with ``settings``, encode, decode): a local checkpoint with its tokenizer (by
-    default the shipped one), or, with ``path="tiny"`` or no shipped checkpoint, a tiny random model
-    with bytes as tokens."""
+def _model_path(path: str | None) -> str:
+    """The checkpoint a command runs: ``path``, else the shipped one, else "tiny"."""
+    from .shipped import SHIPPED_MODEL
+
+    if path is None:
+        return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "config.json").exists() else "tiny"
+    return path
+
+
+def _load(path: str, settings: dict, dtype: str | None):
+    """(model offloaded with ``settings``, encode, decode): a local checkpoint with its tokenizer, or, with
+    ``path="tiny"``, a tiny random model with bytes as tokens. ``settings`` and ``dtype`` are checked
+    before anything is loaded."""
     import specmd
-    from specmd.shipped import SHIPPED_MODEL
+    from specmd.api import offload_config
+    from specmd.config import parse_dtype
     from specmd.tiny import tiny_model
 
-    if path is None and (SHIPPED_MODEL / "config.json").exists():
-        path = str(SHIPPED_MODEL)
-    if path and path != "tiny":
+    offload_config(**settings)
+    parse_dtype(dtype)
+    if path != "tiny":
         from transformers import AutoTokenizer
 
         model = specmd.from_pretrained(path, dtype=dtype, **settings)
@@ -44,7 +54,7 @@ def _load(path: str | None, settings: dict, dtype: str | None):
 def cmd_run(args: argparse.Namespace) -> int:
     settings = dict(expert_budget=args.budget or "25%", eviction=args.eviction, device=args.device,
                     prefetch=args.prefetch, lookahead=args.lookahead, preset=args.preset)
-    model, encode, decode = _load(args.model, settings, args.dtype)
+    model, encode, decode = _load(_model_path(args.model), settings, args.dtype)
     ids = encode(args.prompt).to(model.device)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -67,8 +77,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts (one per line)")
-    model, encode, _ = _load(args.model, dict(expert_budget=args.budget, device=args.device), args.dtype)
-    recorder = model.specmd.record_routing(lookahead=args.lookahead, model=args.model)
+    path = _model_path(args.model)
+    model, encode, _ = _load(path, dict(expert_budget=args.budget, device=args.device), args.dtype)
+    recorder = model.specmd.record_routing(lookahead=args.lookahead, model=Path(path).name)
     with torch.inference_mode():
         for prompt in prompts:
             ids = encode(prompt).to(model.device)
@@ -77,6 +88,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(f"{len(recorder.passes)} forward passes of {len(prompts)} prompts -> {args.out}")
     model.specmd.close()
     return 0
+
+
+def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> int:
+    """A simulator budget in experts: a bare whole number counts experts (the convention of routing traces);
+    fractions, percentages and 'N experts' as ``specmd run`` takes them; sizes need one expert's bytes."""
+    from .config import BUDGET_FORMS, Budget
+
+    spec = Budget.parse(f"{budget} experts" if budget.strip().isdigit() else budget)
+    if spec.kind == "auto":
+        raise ValueError(f"sim --budget {budget!r}: 'auto' measures a GPU; pass {BUDGET_FORMS}")
+    if spec.kind == "fraction":
+        return int(spec.value * total_experts)  # rounded down, as shared/traces/README.md does
+    if spec.kind == "experts":
+        return int(spec.value)
+    if expert_bytes is None:
+        raise ValueError(f"sim --budget {budget!r}: a size needs the size of one expert; pass --model-timing "
+                         "(configs/models/ name or YAML), or give experts (38), a fraction (0.05) or a percentage")
+    return int(spec.value) // expert_bytes
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -92,21 +121,16 @@ def cmd_sim(args: argparse.Namespace) -> int:
         if not (args.hardware and args.model_timing):
             raise ValueError("time estimates need both --hardware (link) and --model-timing (expert size, layer time)")
         timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
+    capacities = [(b, sim_capacity(b, total, timing[1].expert_bytes if timing else None))
+                  for b in args.budget.split(",")]
     rows = []
-    for budget in args.budget.split(","):
-        # percent of all experts, rounded down (the convention of shared/traces/README.md)
-        capacity = int(float(budget[:-1]) / 100 * total) if budget.endswith("%") else int(budget)
+    for budget, capacity in capacities:
         for eviction in args.eviction.split(","):
             stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
                              lookahead=args.lookahead, timing=timing)
-            rows.append({"budget": budget, "capacity": capacity, "eviction": eviction, "prefetch": args.prefetch,
-                         "lookahead": args.lookahead, **stats.to_dict()})
-            t = stats.total
-            print(f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
-                  f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
-                  f"collision {t.misses_collision})  evictions {t.evictions}"
-                  + (f"  est. TTFT {stats.estimated_ttft_ms or 0:.1f} ms TPOT {stats.estimated_tpot_ms:.1f} ms "
-                     f"stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms" if timing else ""))
+            rows.append({"budget": budget, "capacity": capacity, "total_experts": total, "eviction": eviction,
+                         "prefetch": args.prefetch, "lookahead": args.lookahead, **stats.to_dict()})
+            print(_sim_line(budget, capacity, total, eviction, stats, timing is not None))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.table:
@@ -114,6 +138,17 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.plot:
         hit_rate_plot(rows, args.plot, title=f"{Path(args.trace).name}, prefetch {args.prefetch}")
     return 0
+
+
+def _sim_line(budget: str, capacity: int, total: int, eviction: str, stats, timed: bool) -> str:
+    t = stats.total
+    line = (f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
+            f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
+            f"collision {t.misses_collision})  evictions {t.evictions}")
+    if timed:
+        line += (f"  est. TTFT {stats.estimated_ttft_ms or 0:.1f} ms TPOT {stats.estimated_tpot_ms:.1f} ms "
+                 f"stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms")
+    return line
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -141,14 +176,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(r["identical_tokens"] is not False for r in results["rows"] if r["kind"] == "specmd") else 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: ``run``, ``trace``, ``sim`` and ``bench``."""
+    from . import __version__
+    from .config import BUDGET_FORMS
+
     parser = argparse.ArgumentParser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
+    parser.add_argument("--version", action="version", version=f"specmd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text through specmd and print the cache statistics")
     run.add_argument("--model", help="local checkpoint directory (default: the shipped checkpoint; 'tiny' for a "
                                      "random tiny OLMoE with bytes as tokens)")
     run.add_argument("--preset", help="policy preset: a name in configs/policies/ or a YAML path")
-    run.add_argument("--budget", help="expert budget: bytes, '600MB', '5%%', 0.05 or 'auto' (default 25%%)")
+    run.add_argument("--budget", help=f"expert budget: {BUDGET_FORMS} (default 25%%)".replace("%", "%%"))
     run.add_argument("--eviction", help="eviction policy (default least-stale)")
     run.add_argument("--prefetch", help="none, topk, top-p or threshold (default none)")
     run.add_argument("--lookahead", type=int, help="layers predicted ahead, 1..3")
@@ -172,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="results folder (default benchmarks/results/<date>-<gpu>/)")
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
-    sim.add_argument("--budget", default="5%,10%,25%,50%", help="comma-separated: experts (38) or percent (5%%)")
+    sim.add_argument("--budget", default="5%,10%,25%,50%",
+                     help="comma-separated: experts (38), a fraction (0.05), percent (5%%), or a size (600MB, with "
+                          "--model-timing)")
     sim.add_argument("--eviction", default="lru,lfu,fifo,layer-distance,least-stale,belady",
                      help="comma-separated eviction policies; 'belady' is the oracle")
     sim.add_argument("--prefetch", default="none", help="none, topk (recorded predictions) or perfect (the bound)")
@@ -183,12 +225,30 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--out", help="write the statistics as JSON")
     sim.add_argument("--table", help="write a Markdown table (hit rate / collision misses per budget)")
     sim.add_argument("--plot", help="write a PNG: hit rate against budget per policy, Belady dashed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _attach_values(argv: list[str]) -> list[str]:
+    """``--budget -5%`` as ``--budget=-5%``: argparse reads a value starting with '-' as an option, which
+    hides the real problem (a negative budget) behind "expected one argument"."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--budget", "--lookahead", "--new-tokens") and arg.startswith("-") and arg != "--":
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(_attach_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"run": cmd_run, "trace": cmd_trace, "sim": cmd_sim, "bench": cmd_bench}[args.command](args)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"specmd: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as err:
+        # A user's input (or machine) problem: one line, no traceback. Bugs are not caught here.
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"specmd: {message}", file=sys.stderr)
         return 2
 
 

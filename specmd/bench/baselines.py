@@ -27,7 +27,7 @@ def device_map_auto(bench) -> None:
     non_expert = total_bytes - bench.total_expert_bytes
     index = device.index if device.index is not None else torch.cuda.current_device()
     for budget in bench.config.budgets:
-        budget_bytes = Budget.parse(budget).resolve(bench.total_expert_bytes)
+        budget_bytes = Budget.parse(budget).resolve(bench.total_expert_bytes, expert_bytes=bench.expert_bytes)
         vram = non_expert + budget_bytes
         device_map = infer_auto_device_map(model, max_memory={index: vram, "cpu": host_memory_bytes()},
                                            no_split_module_classes=model._no_split_modules)

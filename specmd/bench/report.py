@@ -37,9 +37,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _budget_value(budget) -> float:
-    text = str(budget)
-    return float(text[:-1]) if text.endswith("%") else float(text)
+def _budget_percent(row: dict) -> float:
+    """A row's budget as a percentage of all experts: from its capacity where the row has one (``specmd sim``
+    rows, whatever form the budget was given in), else from a '5%' budget."""
+    if "capacity" in row and "total_experts" in row:
+        return 100 * row["capacity"] / row["total_experts"]
+    return float(str(row["budget"]).rstrip("%"))
 
 
 def hit_rate_plot(rows: list[dict], path: str | Path, title: str = "") -> None:
@@ -51,10 +54,10 @@ def hit_rate_plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(_label(r) for r in rows):
-        points = sorted((_budget_value(r["budget"]), 100 * r["hit_rate"]) for r in rows if _label(r) == label)
+        points = sorted((_budget_percent(r), 100 * r["hit_rate"]) for r in rows if _label(r) == label)
         style = dict(linestyle="--", color="black") if label.startswith("belady") else {}
         ax.plot(*zip(*points), marker="o", label=label, **style)
-    ax.set_xlabel("expert budget (% of all experts)" if str(rows[0]["budget"]).endswith("%") else "budget")
+    ax.set_xlabel("expert budget (% of all experts)")
     ax.set_ylabel("hit rate (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -135,7 +138,7 @@ def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
                     ax = axes[i][j]
                     scale = 100 if metric == "hit_rate" else 1
                     for preset in presets:
-                        points = sorted((_budget_value(r["budget"]), scale * r[metric]) for r in specmd_rows
+                        points = sorted((_budget_percent(r), scale * r[metric]) for r in specmd_rows
                                         if r["name"] == preset and r["link"] == link and r["prompt"] == prompt)
                         ax.plot(*zip(*points), marker="o", label=preset)
                     if metric != "hit_rate":
@@ -146,7 +149,7 @@ def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
                                 ax.axhline(r[metric], linestyle="--", linewidth=1, color="gray")
                                 ax.annotate(r["name"], (0, r[metric]), xycoords=("axes fraction", "data"),
                                             fontsize=7, color="gray", va="bottom")
-                        auto = sorted((_budget_value(r["budget"]), r[metric]) for r in mine
+                        auto = sorted((_budget_percent(r), r[metric]) for r in mine
                                       if r["name"] == "device-map-auto" and r["prompt"] == prompt)
                         if auto:
                             ax.plot(*zip(*auto), linestyle=":", marker="x", color="black", label="device_map=auto")

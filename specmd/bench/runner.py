@@ -78,7 +78,7 @@ class ModelBench:
     def _fits(self, name: str, budget) -> bool:
         if not self.cuda or self.on_device:  # a model that fit whole fits any pool: its experts left the device
             return True
-        budget_bytes = Budget.parse(budget).resolve(self.total_expert_bytes)
+        budget_bytes = Budget.parse(budget).resolve(self.total_expert_bytes, expert_bytes=self.expert_bytes)
         torch.cuda.empty_cache()  # memory torch caches but no tensor holds counts as free
         free = torch.cuda.mem_get_info(self.device)[0]
         if budget_bytes + FIT_HEADROOM_BYTES <= free:

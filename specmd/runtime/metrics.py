@@ -97,10 +97,14 @@ class Stats:
         t = self.total
         line = (f"slots={self.num_slots} passes={self.forward_passes} accesses={t.accesses} hits={t.hits} "
                 f"({self.hit_rate:.1%}) misses={t.misses} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
-                f"collision {t.misses_collision}) evictions={t.evictions} copied={t.bytes_copied / 2**20:.1f} MiB")
-        if t.prefetches:
-            line += (f" prefetch: hits={t.prefetch_hits} late={t.late_prefetches} precision={t.precision:.2f} "
+                f"collision {t.misses_collision}) copied={t.bytes_copied / 2**20:.1f} MiB")
+        if t.prefetches or t.predicted:
+            # Prefetches are loads too: they evict, so evictions can exceed misses.
+            line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch: "
+                     f"hits={t.prefetch_hits} late={t.late_prefetches} precision={t.precision:.2f} "
                      f"recall={t.recall:.2f} wasted={t.wasted_prefetch_bytes / 2**20:.1f} MiB")
+        else:
+            line += f" evictions={t.evictions}"
         if self.copy_busy_ms:
             line += f" stall={t.stall_ms:.1f} ms copy-busy={self.copy_busy_ms:.1f} ms"
         return line

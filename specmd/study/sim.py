@@ -79,7 +79,7 @@ def _predicted(trace: RoutingTrace, accesses: list, prefetch: str, k: int, looka
     return predicted
 
 
-def _check(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str) -> None:
+def _check(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str, lookahead: int) -> None:
     if eviction not in SIM_POLICIES:
         raise ValueError(f"unknown eviction policy {eviction!r}; choose one of: {', '.join(SIM_POLICIES)}")
     if capacity < 1:
@@ -88,6 +88,11 @@ def _check(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str) -> 
         raise ValueError(f"unknown simulator prefetch {prefetch!r}; choose one of: {', '.join(SIM_PREFETCH)}")
     if prefetch == "topk" and trace.predicted is None:
         raise ValueError(f"{trace.source}: an ids-only trace has no predictions; use prefetch='perfect' or 'none'")
+    if prefetch != "none" and not 1 <= lookahead <= 3:
+        raise ValueError(f"lookahead={lookahead}: prefetch looks 1, 2 or 3 layers ahead")
+    if prefetch == "topk" and lookahead > trace.lookahead:
+        raise ValueError(f"lookahead={lookahead}: {trace.source} recorded predictions {trace.lookahead} layers "
+                         f"ahead at most; pass --lookahead 1..{trace.lookahead}, or record with a larger lookahead")
 
 
 def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, prefetch: str = "none",
@@ -103,7 +108,7 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
     (``costmodel.Timeline``) also estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer
     stall and copy-engine busy time.
     """
-    _check(trace, capacity, eviction, prefetch)
+    _check(trace, capacity, eviction, prefetch, lookahead)
     k = k or trace.top_k
     policy: EvictionPolicy = _oracle(trace) if eviction == "belady" else make_policy(eviction, seed)
     layer_stats = [LayerStats() for _ in range(trace.num_layers)]

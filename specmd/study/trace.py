@@ -26,6 +26,11 @@ class RoutingTrace:
     # predicted[p][l][j]: candidate ids, best first, for layer (l + j + 1) % L; None for ids-only traces
     predicted: list[list[list[list[int]]]] | None = None
 
+    @property
+    def lookahead(self) -> int:
+        """How many layers ahead the trace recorded predictions (0 for an ids-only trace)."""
+        return len(self.predicted[0][0]) if self.predicted and self.predicted[0] else 0
+
     def accesses(self) -> list[list[list[int]]]:
         """Per pass and layer, the distinct ids in ascending order: what the engine makes resident."""
         return [[sorted(set(ids)) for ids in layers] for layers in self.passes]
@@ -33,7 +38,11 @@ class RoutingTrace:
 
 def load_trace(path: str | Path) -> RoutingTrace:
     """Read a routing trace file; a ValueError names the keys a supported format needs."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a routing trace (not JSON: {err}); pass a file written by 'specmd trace' "
+                         "or an onnx-genai routing export") from err
     if isinstance(data, dict) and data.get("format") == "specmd-routing-trace":
         if data.get("version") != 1:
             raise ValueError(f"{path}: specmd-routing-trace version {data.get('version')}; this specmd reads 1")

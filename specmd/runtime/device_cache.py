@@ -1,0 +1,135 @@
+"""The slot cache decided on the device: the table, the slot owners, the policy state and the counters are
+tensors, and a call is a fixed sequence of tensor operations with static shapes, so the host never waits
+for the device and a decode step can be captured as a CUDA graph.
+
+Legend: L MoE layers, E experts per layer, S slots, K = min(E, S) the most misses one call can have.
+Masked writes land in one spare entry past the end of each tensor (slot S, key L*E, layer L), never read.
+
+One call (``access``) is one acquire of the threaded cache (``cache.py``) with the same outcome: the
+called layer's resident experts are hits, the others misses; the misses, in ascending expert order, take
+the free slots in ascending order and then the policy's victims among the slots this call does not use;
+misses are cold (never loaded), collision (evicted earlier in this pass) or capacity (the rest).
+``tests/test_device_cache.py`` drives both caches with recorded traces and compares every counter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .device_policies import DEVICE_POLICIES, DevicePolicy
+from .metrics import LayerStats
+
+COUNTERS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions")
+
+
+@dataclass(frozen=True)
+class Misses:
+    """The copies one call needs: expert ``experts[j]`` of the call's layer into slot ``slots[j]``, for the
+    first ``count`` entries (``valid``); [K] each, on the device."""
+
+    experts: torch.Tensor
+    slots: torch.Tensor
+    valid: torch.Tensor
+    count: torch.Tensor
+
+
+class DeviceCache:
+    """``num_slots`` slots over ``num_layers`` x ``num_experts`` experts with a device ``policy``."""
+
+    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy: str, device: torch.device) -> None:
+        if policy not in DEVICE_POLICIES:
+            raise ValueError(f"engine='graph' decides evictions on the device, where {policy!r} has no "
+                             f"counterpart; choose one of: {', '.join(sorted(DEVICE_POLICIES))}")
+        L, E, S = num_layers, num_experts, num_slots
+        self.num_layers, self.num_experts, self.num_slots = L, E, S
+        self.width = min(E, S)  # K
+        self.device = device
+        i64 = dict(dtype=torch.int64, device=device)
+        self.table = torch.full((L, E + 1), -1, **i64)  # [L, E + 1] -> slot, -1 when not resident
+        self.owner = torch.full((S + 1,), -1, **i64)  # [S + 1] -> flat key layer * E + expert, -1 when free
+        self.ever_loaded = torch.zeros(L * E + 1, dtype=torch.bool, device=device)
+        self.evicted_this_pass = torch.zeros(L * E + 1, dtype=torch.bool, device=device)
+        self.clock = torch.zeros((), **i64)
+        self.counters = torch.zeros(len(COUNTERS), L + 1, **i64)  # [counter, layer]
+        self.policy: DevicePolicy = DEVICE_POLICIES[policy](S, L * E, device)
+        self._experts = torch.arange(E, **i64)
+        self._slots = torch.arange(S + 1, **i64)
+
+    def begin_pass(self) -> None:
+        """A new forward pass starts: collisions are counted afresh (changes state)."""
+        self.evicted_this_pass.zero_()
+        self.policy.begin_pass()
+
+    def access(self, layer: int, needed: torch.Tensor) -> Misses:
+        """Make the experts ``needed`` [E] bool of ``layer`` resident (changes state; no host sync); returns
+        the copies to make. At most S experts may be needed (the engine chunks wider calls)."""
+        E, S, K = self.num_experts, self.num_slots, self.width
+        row = self.table[layer, :E]  # [E] slot of each expert of this layer, -1 when not resident
+        resident = row >= 0
+        hits, missed = needed & resident, needed & ~resident
+        keys = layer * E + self._experts  # [E] flat keys
+        loaded, collided = self.ever_loaded[keys], self.evicted_this_pass[keys]
+        self._count(layer, needed, hits, missed & ~loaded, missed & loaded & ~collided, missed & loaded & collided)
+
+        # Victims: free slots (ascending), then the policy's order among slots this call does not use.
+        in_use = torch.zeros(S + 1, dtype=torch.bool, device=self.device)
+        in_use.index_put_((torch.where(hits, row, S),), torch.ones_like(hits))
+        score = self.policy.sort_key(self.owner, layer, self.num_layers, E)
+        score = torch.where(self.owner < 0, self._slots - (S + 1), score)  # free: before any resident slot
+        score = torch.where(in_use, torch.iinfo(torch.int64).max, score)[:S]
+        victims = torch.sort(score, stable=True).indices[:K]  # [K]
+        experts = torch.sort((~missed).to(torch.int8), stable=True).indices[:K]  # [K] misses first, ascending
+        count = missed.sum()
+        valid = torch.arange(K, device=self.device) < count
+
+        # Evict the victims' keys, then publish the misses in their slots.
+        old = self.owner[victims]  # [K] flat keys (-1: free)
+        evicted = valid & (old >= 0)
+        spare_key = self.num_layers * E
+        old_key = torch.where(evicted, old, spare_key)
+        old_layer = torch.div(old_key, E, rounding_mode="floor")
+        self.table.view(-1)[torch.where(evicted, old_layer * (E + 1) + old % E, E)] = -1  # E: a spare column
+        self.evicted_this_pass[old_key] = True
+        self.counters[COUNTERS.index("evictions")].index_put_((old_layer,), evicted.long(), accumulate=True)
+        self.evicted_this_pass[spare_key] = False
+        self.table[layer].index_put_((torch.where(valid, experts, E),), victims)
+        self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
+        self.ever_loaded[torch.where(valid, layer * E + experts, spare_key)] = True
+        self._record(layer, needed, missed, keys)
+        return Misses(experts, victims, valid, count)
+
+    def slots(self, layer: int) -> torch.Tensor:
+        """[E] the slot of each expert of ``layer`` (-1 where not resident); a view."""
+        return self.table[layer, :self.num_experts]
+
+    def stats(self, expert_bytes: int) -> list[LayerStats]:
+        """The counters per layer; reads the device (one sync, when asked, never per token)."""
+        values = self.counters[:, :self.num_layers].tolist()
+        layers = []
+        for layer in range(self.num_layers):
+            counts = {name: values[i][layer] for i, name in enumerate(COUNTERS)}
+            misses = counts["misses_cold"] + counts["misses_capacity"] + counts["misses_collision"]
+            layers.append(LayerStats(**counts, bytes_copied=misses * expert_bytes))
+        return layers
+
+    def reset_counters(self) -> None:
+        """Zero the counters; the cached experts stay (changes state)."""
+        self.counters.zero_()
+
+    def resident(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> slot of every resident expert; reads the device."""
+        owners = self.owner[:self.num_slots].tolist()
+        return {divmod(key, self.num_experts): slot for slot, key in enumerate(owners) if key >= 0}
+
+    def _count(self, layer: int, *masks: torch.Tensor) -> None:
+        for i, mask in enumerate(masks[:5]):
+            self.counters[i, layer] += mask.sum()
+
+    def _record(self, layer: int, needed: torch.Tensor, missed: torch.Tensor, keys: torch.Tensor) -> None:
+        """The policy sees the call's accesses in ascending expert order, one clock tick each."""
+        S = self.num_slots
+        ticks = self.clock + torch.cumsum(needed.to(torch.int64), 0)  # [E]
+        self.clock += needed.sum()
+        slots = torch.where(needed, self.table[layer, :self.num_experts], S)
+        self.policy.update(slots, torch.where(needed, keys, self.num_layers * self.num_experts), ticks, missed)

@@ -1,0 +1,104 @@
+"""Eviction policies as tensor operations, for the cache decided on the device (``device_cache.py``).
+
+Each one keeps its state in device tensors, one entry per slot (and, for LFU, per key) plus one spare entry
+that masked writes land in (static shapes, no host sync), and answers with a sort key per slot: the slots sorted by it, smallest first, are the victims in the order the Python policy
+of the same name (``policies.py``) would pick them. That holds because, within one call, the Python
+policies only change the state of the keys the call pins, which are never victims; so the whole call's
+victims are the first slots of one sort, and its accesses update the state afterwards in ascending expert
+order (the order the main loop acquires them), each at its own tick of one clock.
+"""
+from __future__ import annotations
+
+import torch
+
+# Sort keys are (primary << SHIFT) + a clock reading: clocks stay far below 2**SHIFT.
+SHIFT = 40
+
+
+class DevicePolicy:
+    """State and sort key of one policy over ``num_slots`` slots and ``num_keys`` (layer, expert) keys."""
+
+    name = ""
+
+    def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
+        self.last = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)  # clock of the last access
+
+    def sort_key(self, owner: torch.Tensor, layer: int, num_layers: int, num_experts: int) -> torch.Tensor:
+        """[S + 1] int64; smaller is evicted first. ``owner`` [S + 1]: the flat key in each slot (-1: none)."""
+        return self.last.clone()
+
+    def update(self, slots: torch.Tensor, keys: torch.Tensor, ticks: torch.Tensor, inserted: torch.Tensor) -> None:
+        """Record one call's accesses (changes state). [E] each: ``slots`` the slot of each accessed expert (the
+        spare entry S for the others), ``keys`` its flat key (the spare key for the others), ``ticks`` its
+        clock tick, ``inserted`` whether it was a miss."""
+        self.last.index_put_((slots,), ticks)
+
+    def begin_pass(self) -> None:
+        """A new forward pass starts (changes state for pass-aware policies)."""
+
+
+class DeviceLRU(DevicePolicy):
+    name = "lru"
+
+
+class DeviceFIFO(DevicePolicy):
+    name = "fifo"
+
+    def update(self, slots, keys, ticks, inserted) -> None:
+        self.last.index_put_((slots,), torch.where(inserted, ticks, self.last[slots]))  # only insertions move
+
+
+class DeviceLFU(DevicePolicy):
+    """Counts per key survive eviction, as in ``policies.LFU``; ties to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
+        super().__init__(num_slots, num_keys, device)
+        self.count = torch.zeros(num_keys + 1, dtype=torch.int64, device=device)
+
+    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
+        counts = self.count[owner.clamp(min=0)]
+        return (counts << SHIFT) + self.last
+
+    def update(self, slots, keys, ticks, inserted) -> None:
+        super().update(slots, keys, ticks, inserted)
+        self.count.index_put_((keys,), torch.ones_like(keys), accumulate=True)
+
+
+class DeviceLayerDistance(DevicePolicy):
+    """The key whose layer runs furthest ahead (cyclically) first; ties to the least recently used."""
+
+    name = "layer-distance"
+
+    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
+        distance = (torch.div(owner.clamp(min=0), num_experts, rounding_mode="floor") - layer) % num_layers
+        return ((num_layers - distance) << SHIFT) + self.last
+
+
+class DeviceLeastStale(DevicePolicy):
+    """Stale (not touched in this pass) before current; inside each, oldest first touch in the latest pass."""
+
+    name = "least-stale"
+
+    def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
+        super().__init__(num_slots, num_keys, device)
+        self.touched_pass = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)
+        self.pass_number = torch.zeros((), dtype=torch.int64, device=device)
+
+    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
+        current = (self.touched_pass == self.pass_number).to(torch.int64)
+        return (current << SHIFT) + self.last  # ``last`` holds the first touch in the latest pass here
+
+    def update(self, slots, keys, ticks, inserted) -> None:
+        fresh = inserted | (self.touched_pass[slots] != self.pass_number)
+        self.last.index_put_((slots,), torch.where(fresh, ticks, self.last[slots]))
+        self.touched_pass.index_put_((slots,), self.pass_number.expand_as(slots))
+
+    def begin_pass(self) -> None:
+        self.pass_number += 1
+
+
+DEVICE_POLICIES: dict[str, type[DevicePolicy]] = {
+    cls.name: cls for cls in (DeviceLRU, DeviceFIFO, DeviceLFU, DeviceLayerDistance, DeviceLeastStale)
+}

@@ -19,6 +19,7 @@ import json
 import torch
 
 import specmd
+from specmd.runtime.compute import grouped_mm_fn
 from specmd.bench.models import build_model
 from specmd.study.costmodel import ModelSpec
 
@@ -42,7 +43,7 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> int:
 def kernel_probe(experts, hidden, index) -> dict:
     """Rows of one layer through grouped_mm under different group layouts; differing elements vs the
     64-group call transformers makes."""
-    mm = torch._grouped_mm  # torch 2.11 (the H100); the product transformers' grouped_mm runs
+    mm = grouped_mm_fn()  # the product transformers' grouped_mm runs
     w = experts.gate_up_proj.transpose(-2, -1)  # [E, H, 2I]
     num_experts = w.shape[0]
     ids = index.reshape(-1)

@@ -4,7 +4,7 @@
 
 Each block ``<!-- bench:PATH -->`` ... ``<!-- /bench -->`` in README.md is replaced by the table of the JSON
 file at PATH (relative to the repository root): the pivot table of a ``specmd bench`` result, or the
-variant table of a ``benchmarks/prefetch_host.py`` result.
+variant table of a ``benchmarks/prefetch_host.py`` result (a probe removed since; at commit c462432).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ BLOCK = re.compile(r"(<!-- bench:(?P<path>[^ ]+) -->\n)(.*?)(<!-- /bench -->)", 
 
 
 def prefetch_host_markdown(results: dict) -> str:
-    """One row per budget x variant of ``benchmarks/prefetch_host.py``."""
+    """One row per budget x variant of a ``prefetch_host.py`` result file."""
     lines = ["| budget | variant | TTFT / TPOT ms | hit % | prefetches | stall ms / gen | model thread CPU ms / token "
              "| watchdog CPU ms / token | same tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:

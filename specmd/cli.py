@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,11 @@ def _load(path: str, settings: dict, dtype: str | None):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = dict(expert_budget=args.budget or "25%", eviction=args.eviction, device=args.device,
+    if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens {args.new_tokens}: generate at least 1 token")
+    # A preset's own budget wins over the command line's default.
+    budget = args.budget or (None if args.preset else "25%")
+    settings = dict(expert_budget=budget, eviction=args.eviction, device=args.device,
                     prefetch=args.prefetch, lookahead=args.lookahead, preset=args.preset)
     model, encode, decode = _load(_model_path(args.model), settings, args.dtype)
     ids = encode(args.prompt).to(model.device)
@@ -62,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
     stats, config = model.specmd.stats(), model.specmd.config
     print(f"device: {model.device}  eviction: {config.eviction}  prefetch: {config.prefetch.policy} "
-          f"(lookahead {config.prefetch.lookahead})  budget: {settings['expert_budget']}  slots: {stats.num_slots}")
+          f"(lookahead {config.prefetch.lookahead})  budget: {config.expert_budget}  slots: {stats.num_slots}")
     print(f"prompt: {args.prompt!r}")
     print(f"output: {decode(out[0, ids.shape[1]:])!r}")
     print(f"{args.new_tokens} tokens in {seconds:.2f} s (wall clock)")
@@ -74,6 +79,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    if not 1 <= args.lookahead <= 3:
+        raise ValueError(f"--lookahead {args.lookahead}: a trace records predictions 1, 2 or 3 layers ahead")
+    if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens {args.new_tokens}: generate at least 1 token")
     prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts (one per line)")
@@ -93,11 +102,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> int:
     """A simulator budget in experts: a bare whole number counts experts (the convention of routing traces);
     fractions, percentages and 'N experts' as ``specmd run`` takes them; sizes need one expert's bytes."""
-    from .config import BUDGET_FORMS, Budget
+    from .config import Budget
 
-    spec = Budget.parse(f"{budget} experts" if budget.strip().isdigit() else budget)
+    forms = "experts (38), a fraction (0.05), a percentage (5%) or a size (600MB, with --model-timing)"
+    try:
+        spec = Budget.parse(f"{budget} experts" if budget.strip().isdigit() else budget)
+    except ValueError:
+        raise ValueError(f"sim --budget {budget!r} is not a budget; pass {forms}") from None
     if spec.kind == "auto":
-        raise ValueError(f"sim --budget {budget!r}: 'auto' measures a GPU; pass {BUDGET_FORMS}")
+        raise ValueError(f"sim --budget 'auto': 'auto' measures free GPU memory; pass {forms}")
     if spec.kind == "fraction":
         return int(spec.value * total_experts)  # rounded down, as shared/traces/README.md does
     if spec.kind == "experts":
@@ -106,6 +119,14 @@ def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> i
         raise ValueError(f"sim --budget {budget!r}: a size needs the size of one expert; pass --model-timing "
                          "(configs/models/ name or YAML), or give experts (38), a fraction (0.05) or a percentage")
     return int(spec.value) // expert_bytes
+
+
+def _sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> int:
+    capacity = sim_capacity(budget, total_experts, expert_bytes)
+    if capacity < 1:
+        raise ValueError(f"sim --budget {budget!r} is less than one expert of {total_experts}; pass at least 1 "
+                         "(a whole number counts experts) or a larger share")
+    return capacity
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -121,7 +142,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         if not (args.hardware and args.model_timing):
             raise ValueError("time estimates need both --hardware (link) and --model-timing (expert size, layer time)")
         timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
-    capacities = [(b, sim_capacity(b, total, timing[1].expert_bytes if timing else None))
+    capacities = [(b, _sim_capacity(b, total, timing[1].expert_bytes if timing else None))
                   for b in args.budget.split(",")]
     rows = []
     for budget, capacity in capacities:
@@ -176,12 +197,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(r["identical_tokens"] is not False for r in results["rows"] if r["kind"] == "specmd") else 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: ``run``, ``trace``, ``sim`` and ``bench``."""
     from . import __version__
     from .config import BUDGET_FORMS
 
-    parser = argparse.ArgumentParser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
+    parser = _Parser(prog="specmd", description="Expert offloading for Hugging Face MoE models")
     parser.add_argument("--version", action="version", version=f"specmd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text through specmd and print the cache statistics")
@@ -233,7 +261,7 @@ def _attach_values(argv: list[str]) -> list[str]:
     hides the real problem (a negative budget) behind "expected one argument"."""
     out = []
     for arg in argv:
-        if out and out[-1] in ("--budget", "--lookahead", "--new-tokens") and arg.startswith("-") and arg != "--":
+        if out and out[-1] in ("--budget", "--lookahead", "--new-tokens") and re.match(r"-[0-9.]", arg):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)

@@ -103,10 +103,7 @@ class OffloadHandle:
         """Free the device slots. The experts stay in host memory (the model's parameters point there);
         the model cannot run until offloaded again; ``stats()`` keeps the last figures. Safe to call twice."""
         if not self._engine.closed:
-            try:
-                self._final_stats = self._engine.stats()
-            finally:
-                self._engine.close()
+            self._final_stats = self._engine.close()
         model = self._model()
         if model is not None:
             model.__dict__.pop("_optimize_model_for_decode", None)

@@ -128,6 +128,26 @@ def test_cuda_requested_without_cuda():
         specmd.offload(tiny_model("olmoe"), "auto", device="cpu")
 
 
+def test_offload_refuses_what_is_not_a_model():
+    with pytest.raises(TypeError, match="from_pretrained"):
+        specmd.offload("not a model")
+
+
+def test_the_default_budget_on_the_cpu_is_a_quarter_of_the_experts():
+    model = specmd.offload(tiny_model("olmoe"), device="cpu")
+    assert str(model.specmd.config.expert_budget) == "25%" and model.specmd.num_slots == 4  # of 16 experts
+    model.specmd.close()
+
+
+def test_summary_counts_prefetches(device):
+    model = specmd.offload(tiny_model("olmoe"), "25%", device=device, prefetch={"policy": "topk", "inline": True})
+    run(model, device)
+    stats = model.specmd.stats()
+    assert stats.total.prefetches > 0
+    assert f"prefetches={stats.total.prefetches} evictions={stats.total.evictions}" in stats.summary()
+    model.specmd.close()
+
+
 def test_bad_input_leaves_the_model_untouched():
     model = tiny_model("olmoe")
     before = {n: p.device for n, p in model.named_parameters()}
@@ -237,7 +257,7 @@ def test_other_experts_implementations_stay_identical(implementation, device):
 
 
 def test_a_failure_mid_layer_leaves_no_slot_pinned(monkeypatch, device):
-    import specmd.runtime.engines.threaded as threaded
+    import specmd.runtime.compute as compute
     from specmd.runtime.cache import SlotState
 
     model = specmd.offload(tiny_model("olmoe"), "50%", "lru", device)
@@ -246,7 +266,7 @@ def test_a_failure_mid_layer_leaves_no_slot_pinned(monkeypatch, device):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(threaded, "expert_rows", broken)
+    monkeypatch.setattr(compute, "expert_rows", broken)
     with pytest.raises(RuntimeError, match="kernel failed"):
         run(model, device)
     assert SlotState.IN_USE not in cache.states()

@@ -1,5 +1,6 @@
 """The command line as a new user meets it: every advertised budget form works in `run` and `sim`, and every
 bad input exits non-zero with one line on stderr that names the problem and the fix, never a traceback."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_sim_takes_the_same_budget_forms(budget, capacity, trace_file, capsys, t
     argv = ["sim", str(trace_file), "--budget", budget, "--eviction", "lru", "--out", str(tmp_path / "s.json"),
             *timing]
     if capacity == 0:  # 0.5% of 128 experts rounds down to none: said, not simulated
-        one_line_error(capsys, argv, "capacity=0", "at least one expert")
+        one_line_error(capsys, argv, "0.005", "at least 1")
         return
     assert main(argv) == 0
     assert json.loads((tmp_path / "s.json").read_text())[0]["capacity"] == capacity
@@ -119,7 +120,7 @@ def test_sim_plots_percent_budgets_on_one_axis(trace_file, tmp_path, monkeypatch
 
     seen = []
     monkeypatch.setattr(report, "hit_rate_plot", lambda rows, path, title="": seen.extend(
-        report._budget_percent(r) for r in rows))
+        report.budget_percent(r) for r in rows))
     assert main(["sim", str(trace_file), "--budget", "32,25%", "--eviction", "lru", "--plot",
                  str(tmp_path / "p.png")]) == 0
     assert seen == [25.0, 25.0]  # 32 of 128 experts and 25% are the same point
@@ -129,6 +130,23 @@ def test_bench_errors_are_one_line(tmp_path, capsys):
     one_line_error(capsys, ["bench", str(tmp_path / "missing.yaml")], "missing.yaml")
     if not torch.cuda.is_available():
         one_line_error(capsys, ["bench", str(ROOT / "configs" / "bench" / "smoke.yaml")], "CUDA")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["trace", "tiny", "--prompts", "p.txt", "--out", "t.json", "--lookahead", "4"], ["--lookahead 4", "1, 2 or 3"]),
+    (["trace", "tiny", "--prompts", "p.txt", "--out", "t.json", "--lookahead", "0"], ["--lookahead 0"]),
+    (["run", "--model", "tiny", "--new-tokens", "0"], ["--new-tokens 0", "at least 1"]),
+    (["run", "--lookahead", "two"], ["--lookahead", "'two'", "--help"]),
+    (["run", "--budget", "--eviction", "lru"], ["--budget", "--help"]),
+])
+def test_argument_errors_are_one_line(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr(specmd.tiny, "tiny_model", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(SystemExit) if "--help" in words else contextlib.nullcontext():
+        code = main(argv)
+        assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(word in err for word in words), err
 
 
 def test_python_dash_m_specmd_version():

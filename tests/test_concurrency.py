@@ -9,7 +9,7 @@ import torch
 
 import specmd
 import specmd.api
-import specmd.runtime.engines.threaded as threaded
+import specmd.runtime.compute as compute
 import specmd.runtime.engines.watchdog as watchdog
 from specmd.runtime.adapters import find_moe_layers
 from specmd.runtime.copier import make_copier
@@ -80,14 +80,14 @@ class SlotChecker:
 @pytest.fixture
 def slow_compute(monkeypatch):
     """Stretch each expert computation by 0-2 ms so the watchdog's copies interleave with it."""
-    compute = threaded.expert_rows
+    real = compute.expert_rows
     rng = random.Random(0)
 
     def slow(*args, **kwargs):
         time.sleep(rng.random() * 0.002)
-        return compute(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(threaded, "expert_rows", slow)
+    monkeypatch.setattr(compute, "expert_rows", slow)
 
 
 FAMILIES = ["olmoe", "mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"]

@@ -37,7 +37,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _budget_percent(row: dict) -> float:
+def budget_percent(row: dict) -> float:
     """A row's budget as a percentage of all experts: from its capacity where the row has one (``specmd sim``
     rows, whatever form the budget was given in), else from a '5%' budget."""
     if "capacity" in row and "total_experts" in row:
@@ -54,7 +54,7 @@ def hit_rate_plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(_label(r) for r in rows):
-        points = sorted((_budget_percent(r), 100 * r["hit_rate"]) for r in rows if _label(r) == label)
+        points = sorted((budget_percent(r), 100 * r["hit_rate"]) for r in rows if _label(r) == label)
         style = dict(linestyle="--", color="black") if label.startswith("belady") else {}
         ax.plot(*zip(*points), marker="o", label=label, **style)
     ax.set_xlabel("expert budget (% of all experts)")
@@ -138,7 +138,7 @@ def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
                     ax = axes[i][j]
                     scale = 100 if metric == "hit_rate" else 1
                     for preset in presets:
-                        points = sorted((_budget_percent(r), scale * r[metric]) for r in specmd_rows
+                        points = sorted((budget_percent(r), scale * r[metric]) for r in specmd_rows
                                         if r["name"] == preset and r["link"] == link and r["prompt"] == prompt)
                         ax.plot(*zip(*points), marker="o", label=preset)
                     if metric != "hit_rate":
@@ -149,7 +149,7 @@ def bench_plots(results: dict, out_dir: str | Path, stem: str) -> list[Path]:
                                 ax.axhline(r[metric], linestyle="--", linewidth=1, color="gray")
                                 ax.annotate(r["name"], (0, r[metric]), xycoords=("axes fraction", "data"),
                                             fontsize=7, color="gray", va="bottom")
-                        auto = sorted((_budget_percent(r), r[metric]) for r in mine
+                        auto = sorted((budget_percent(r), r[metric]) for r in mine
                                       if r["name"] == "device-map-auto" and r["prompt"] == prompt)
                         if auto:
                             ax.plot(*zip(*auto), linestyle=":", marker="x", color="black", label="device_map=auto")

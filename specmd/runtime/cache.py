@@ -8,8 +8,9 @@ loads, ``submit_prefetches``) and the watchdog (``submit_prefetches``, ``wait_pr
 
 Slot lifecycle: FREE -> LOADING (copy queued) -> IN_USE (acquired: the reader waits for the copy; pinned)
 -> READY (released: its reads are queued) -> IN_USE again on a hit, or evicted (a READY or LOADING slot,
-never an IN_USE one): its next copy waits for its readers. A slot is published in the table as soon as its
-copy is queued, because a LOADING slot is always ordered before its first reader.
+never an IN_USE one). When the model starts reading on another stream, every READY slot becomes LOADING
+again: its copy is not yet ordered before that stream. Why a slot may be published as soon as its copy is
+queued: the protocol note in ``copier.py``.
 """
 from __future__ import annotations
 

@@ -122,3 +122,29 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
     h = module._apply_gate(h)  # [R, I]; the model's own gate (GPT-OSS: interleaved, clamped)
     bias = views.get("down_proj_bias")
     return project(h, views["down_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, H]
+
+
+def weighted_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.Tensor], kernel: Kernel,
+                  hidden_states: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int],
+                  chunk: Sequence[int], slots: Sequence[int], out: torch.Tensor) -> None:
+    """Write into ``out`` [T*k, H] the weighted rows of every (token, expert) pair whose expert is in
+    ``chunk`` (held in ``slots``, same order); ``counts[e]``: the pairs routed to e. No host sync.
+
+    hidden_states [T, H], flat_ids / weights [T*k] token-major.
+    """
+    num_slots = views["gate_up_proj"].shape[0]
+    top_k = flat_ids.shape[0] // hidden_states.shape[0]
+    # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this chunk's rows
+    # first, grouped by slot, without another sync.
+    lut = [num_slots] * layout.num_experts
+    for expert, slot in zip(chunk, slots):
+        lut[expert] = slot
+    rows_total, groups = 0, []
+    for slot, expert in sorted(zip(slots, chunk)):
+        groups.append((slot, rows_total, rows_total + counts[expert]))
+        rows_total += counts[expert]
+    row_slots = torch.tensor(lut).to(hidden_states.device, non_blocking=True)[flat_ids]  # [T*k]
+    order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
+    x = hidden_states[order // top_k]  # [R, H]
+    y = expert_rows(module, layout, views, x, row_slots[order], groups, kernel)  # [R, H]
+    out.index_copy_(0, order, y * weights[order].unsqueeze(-1))

@@ -68,6 +68,10 @@ class HostStore:
                 if name.endswith("_bias"):
                     view.zero_()
 
+    def layer(self, layer: int) -> torch.Tensor:
+        """The [E, block] buffer of one MoE layer (read-only)."""
+        return self._buffers[layer]
+
     def block(self, layer: int, expert: int) -> torch.Tensor:
         """The contiguous 1-D block of one expert."""
         return self._buffers[layer][expert]

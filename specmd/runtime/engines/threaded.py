@@ -25,7 +25,7 @@ from torch import nn
 
 from ..adapters import MoELayer
 from ..cache import SlotCache
-from ..compute import KernelPlan, expert_rows
+from ..compute import KernelPlan, weighted_rows
 from ..copier import SlotPool
 from ..metrics import LayerStats, Stats
 from ..prefetch import Predictor, PrefetchRequest, prefetch_requests
@@ -125,24 +125,11 @@ class ThreadedEngine:
         layout = self.pool.layout
         out_dtype = torch.promote_types(layout.dtype, weights.dtype)
         out = torch.empty(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype, device=device)  # [T*k, H]
-        num_slots = self.cache.num_slots
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
 
         def compute_chunk(chunk: Sequence[int], slots: list[int]) -> None:
-            # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this chunk's
-            # rows first, grouped by slot, without another sync.
-            lut = [num_slots] * layout.num_experts
-            for expert, slot in zip(chunk, slots):
-                lut[expert] = slot
-            rows_total, groups = 0, []
-            for slot, expert in sorted(zip(slots, chunk)):
-                groups.append((slot, rows_total, rows_total + counts[expert]))
-                rows_total += counts[expert]
-            row_slots = torch.tensor(lut).to(device, non_blocking=True)[flat_ids]  # [T*k]
-            order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
-            x = hidden_states[order // top_k]  # [R, H]
-            y = expert_rows(module, layout, self.pool.views, x, row_slots[order], groups, kernel)  # [R, H]
-            out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
+            weighted_rows(module, layout, self.pool.views, kernel, hidden_states, flat_ids, weights, counts, chunk,
+                          slots, out)
 
         self.loop.run(layer, sorted(counts), requests, compute_chunk)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
@@ -179,9 +166,12 @@ class ThreadedEngine:
 
     def stats(self) -> Stats:
         """A snapshot of the counters (copies). Synchronizes the device to read the CUDA timings."""
-        cache = self.cache
         if self.watchdog is not None:  # its last requests (the next pass's first layers) count too
             self.watchdog.wait_idle()
+        return self._snapshot()
+
+    def _snapshot(self) -> Stats:
+        cache = self.cache
         cache.drain_timings()
         return Stats(num_slots=cache.num_slots, budget_bytes=cache.budget_bytes, expert_bytes=cache.expert_bytes,
                      forward_passes=self.loop.forward_passes, copy_busy_ms=cache.copy_busy_ms,
@@ -196,11 +186,16 @@ class ThreadedEngine:
         self._layer_stats[:] = [LayerStats() for _ in self._layer_stats]
         self.loop.forward_passes = 0
 
-    def close(self) -> None:
-        """Stop the watchdog, release the slot pool; later calls raise ``ClosedHandleError``. Idempotent."""
-        if not self.closed:
-            self.closed = True
-            if self.watchdog is not None:
-                self.watchdog.close()
+    def close(self) -> Stats | None:
+        """Stop the watchdog (its queue is dropped), release the slot pool; later calls raise
+        ``ClosedHandleError``. Returns the counters' last snapshot (None when already closed)."""
+        if self.closed:
+            return None
+        self.closed = True
+        if self.watchdog is not None:
+            self.watchdog.close()
+        try:
+            return self._snapshot()
+        finally:
             self.cache.close()
             self.pool.free()

@@ -1,0 +1,1 @@
+"""specmd's GPU kernels, installed as the package ``specmd.kernels`` (``pyproject.toml`` maps this folder)."""

@@ -1,0 +1,43 @@
+"""The miss gather: copy a layer's missed experts from the pinned host store into their device slots, by a
+kernel that reads host memory directly (unified addressing), on a static grid so it can be captured in a
+CUDA graph.
+
+Grid: (K misses at most, pieces of one expert's block). Program (j, p) copies piece p of expert
+``experts[j]`` into slot ``slots[j]`` when j < ``count[0]``; the other programs return at once. The count
+and the ids are read on the device, so the host never learns how many experts missed. Blocks are moved as
+32-bit words (every expert block is a multiple of 64 elements, see ``adapters._ALIGN_ELEMENTS``).
+Measured on the H100 (issue 11): 50.7 GB/s gathering 8 OLMoE experts, against 53.9 GB/s for the copy engine.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+WORDS_PER_PROGRAM = 8192  # 32 KiB per program
+
+
+@triton.jit
+def _gather(store, pool, experts, slots, count, words_per_expert, WORDS: tl.constexpr):
+    j = tl.program_id(0)
+    if j < tl.load(count):
+        piece = tl.program_id(1)
+        expert = tl.load(experts + j).to(tl.int64)
+        slot = tl.load(slots + j).to(tl.int64)
+        offsets = piece * WORDS + tl.arange(0, WORDS)
+        inside = offsets < words_per_expert
+        words = tl.load(store + expert * words_per_expert + offsets, mask=inside)
+        tl.store(pool + slot * words_per_expert + offsets, words, mask=inside)
+
+
+def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,
+                  count: torch.Tensor) -> None:
+    """``pool[slots[j]] = store[experts[j]]`` for j < ``count`` on the current stream. ``store`` [E, block]
+    pinned host memory, ``pool`` [S, block] on the device, same dtype; ``experts``/``slots`` [K] int64 and
+    ``count`` [] on the device. Launches one kernel; never syncs."""
+    assert store.is_pinned() and pool.is_cuda and store.dtype == pool.dtype and store.shape[1] == pool.shape[1]
+    words = store.view(torch.int32)
+    target = pool.view(torch.int32)
+    per_expert = words.shape[1]
+    grid = (experts.shape[0], triton.cdiv(per_expert, WORDS_PER_PROGRAM))
+    _gather[grid](words, target, experts, slots, count.reshape(1), per_expert, WORDS=WORDS_PER_PROGRAM)

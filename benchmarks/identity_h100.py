@@ -19,8 +19,8 @@ import json
 import torch
 
 import specmd
-from specmd.runtime.compute import grouped_mm_fn
 from specmd.bench.models import build_model
+from specmd.runtime.compute import grouped_mm_fn
 from specmd.study.costmodel import ModelSpec
 
 

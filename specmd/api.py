@@ -19,13 +19,18 @@ from .runtime.cache import SlotCache
 from .runtime.compute import KernelPlan
 from .runtime.copier import SlotPool, make_copier
 from .runtime.engines.binding import IMPLEMENTATION_NAME, Binding, experts_forward
+from .runtime.device_cache import DeviceCache
+from .runtime.engines.graph import GraphEngine
 from .runtime.engines.threaded import ThreadedEngine
+from .runtime.gather import make_gather
 from .runtime.metrics import LayerStats
 from .runtime.policies import make_policy
 from .runtime.prefetch import Predictor, PrefetchConfig
 from .runtime.store import HostStore
 
 log = logging.getLogger(__name__)
+
+Engine = ThreadedEngine | GraphEngine
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -69,7 +74,7 @@ def _move_except_experts(model: nn.Module, experts: list[nn.Module], device: tor
 
 def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
             device: str | None = None, *, prefetch: str | dict | PrefetchConfig | None = None,
-            lookahead: int | None = None, preset: str | None = None, seed: int = 0,
+            lookahead: int | None = None, preset: str | None = None, seed: int = 0, engine: str | None = None,
             progress: bool = False) -> nn.Module:
     """Offload a loaded Hugging Face MoE model's routed experts to host memory behind a device slot cache.
 
@@ -82,16 +87,17 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     "5%"), or "auto" (free device memory less a headroom, see ``config.AUTO_HEADROOM_BYTES``); default
     "auto". eviction: one of ``specmd.POLICIES`` (default "least-stale"). device: "cuda", "cpu" or None
     (CUDA when available). prefetch: "none" (default), "topk", "top-p", "threshold", or a
-    ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. preset: a name in configs/policies/
-    (or a YAML path) supplying any of these that are not passed.
+    ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. engine: "threaded" (default: main loop,
+    prefetch loop, watchdog thread) or "graph" (the cache decided on the device; no prefetch yet). preset: a
+    name in configs/policies/ (or a YAML path) supplying any of these that are not passed.
     """
-    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
     return _offload(model, config, progress=progress)
 
 
 def offload_config(expert_budget: BudgetSpec | None = None, eviction: str | None = None, device: str | None = None,
                    prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
-                   preset: str | None = None, seed: int = 0) -> OffloadConfig:
+                   preset: str | None = None, seed: int = 0, engine: str | None = None) -> OffloadConfig:
     """``offload``'s arguments, a preset filling what they leave out, as a validated config (no work done: the
     command line checks its settings with it before loading anything). The budget is
     settled here, before any work: without one, "auto" on CUDA and ``DEFAULT_CPU_BUDGET`` on the CPU."""
@@ -100,10 +106,11 @@ def offload_config(expert_budget: BudgetSpec | None = None, eviction: str | None
     if preset is not None:
         config = OffloadConfig.from_yaml(preset_path(preset), default_budget=default, expert_budget=expert_budget,
                                          eviction=eviction, device=device, prefetch=prefetch, lookahead=lookahead,
-                                         seed=seed)
+                                         seed=seed, engine=engine)
     else:
         config = OffloadConfig.create(default if expert_budget is None else expert_budget,
-                                      eviction or "least-stale", device, seed, prefetch or "none", lookahead)
+                                      eviction or "least-stale", device, seed, prefetch or "none", lookahead,
+                                      engine or "threaded")
     if config.expert_budget.kind == "auto" and not on_cuda:
         raise ValueError(f"expert_budget='auto' measures free CUDA memory, and this model runs on the CPU; pass a "
                          f"size or a fraction instead, e.g. '{DEFAULT_CPU_BUDGET}' (the default on the CPU)")
@@ -152,13 +159,17 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
     budget_bytes = config.expert_budget.resolve(total_bytes, free, total, layout.expert_bytes)
     num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
                     layout.num_experts * len(layers))
-    engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor,
-                              KernelPlan.mirroring(implementation, target.type), target)
+    kernels = KernelPlan.mirroring(implementation, target.type)
+    if config.engine == "graph":
+        engine = _graph_engine(layers, store, config, budget_bytes, num_slots, kernels, target)
+    else:
+        engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor, kernels, target)
     _install(model, layers, engine)
     model.specmd = OffloadHandle(engine, config, store, top_k, implementation, model)
-    log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), eviction %s, "
-             "prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20, budget_bytes / 2**20,
-             total_bytes / 2**20, config.eviction, config.prefetch.policy, config.prefetch.lookahead)
+    log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), %s engine, "
+             "eviction %s, prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20,
+             budget_bytes / 2**20, total_bytes / 2**20, config.engine, config.eviction, config.prefetch.policy,
+             config.prefetch.lookahead)
     return model
 
 
@@ -180,7 +191,16 @@ def _threaded_engine(layers: list[MoELayer], store: HostStore, config: OffloadCo
                           copies_from_model_thread=copier.asynchronous)
 
 
-def _install(model: nn.Module, layers: list[MoELayer], engine: ThreadedEngine) -> None:
+def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfig, budget_bytes: int,
+                  num_slots: int, kernels: KernelPlan, device: torch.device) -> GraphEngine:
+    """The graph engine over a new slot pool: store -> gather -> device cache -> engine."""
+    layout: ExpertLayout = layers[0].layout
+    cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device)  # may refuse
+    pool = SlotPool(layout, num_slots, device)
+    return GraphEngine(layers, cache, pool, make_gather(store, pool, device), kernels, budget_bytes)
+
+
+def _install(model: nn.Module, layers: list[MoELayer], engine: Engine) -> None:
     """Route every experts module of ``model`` through ``engine`` (transformers' ExpertsInterface)."""
     from transformers.integrations.moe import ExpertsInterface
 
@@ -191,7 +211,7 @@ def _install(model: nn.Module, layers: list[MoELayer], engine: ThreadedEngine) -
     _track_decode(model, engine)
 
 
-def _track_decode(model: nn.Module, engine: ThreadedEngine) -> None:
+def _track_decode(model: nn.Module, engine: Engine) -> None:
     """Tell the engine when ``generate`` decodes: transformers switches grouped_mm to batched_mm there
     (``_optimize_model_for_decode``), and the engine must switch kernels with it to stay bit-identical."""
     original = getattr(type(model), "_optimize_model_for_decode", None)
@@ -221,7 +241,8 @@ def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:
 def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
                     device: str | None = None, *, dtype: torch.dtype | str | None = None,
                     prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
-                    preset: str | None = None, seed: int = 0, progress: bool = True, **hf_kwargs) -> nn.Module:
+                    preset: str | None = None, seed: int = 0, engine: str | None = None, progress: bool = True,
+                    **hf_kwargs) -> nn.Module:
     """Load a local checkpoint and offload it (arguments as ``offload``); experts never all reach the device.
 
     The checkpoint is read by transformers onto the CPU (which applies each family's checkpoint
@@ -231,7 +252,7 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
     """
     from transformers import AutoModelForCausalLM
 
-    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)  # fails before the load
+    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)  # fails before the load
     resolve_device(config.device)
     dtype = parse_dtype(dtype)
     _check_checkpoint(Path(path))
@@ -257,7 +278,8 @@ def _check_checkpoint(path: Path) -> None:
 def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
                 device: str | None = None, *, dtype: torch.dtype = torch.bfloat16,
                 prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
-                preset: str | None = None, seed: int = 0, progress: bool = False) -> nn.Module:
+                preset: str | None = None, seed: int = 0, engine: str | None = None,
+                progress: bool = False) -> nn.Module:
     """Build a model of a transformers ``config`` with random weights straight where they belong, and
     offload it (arguments as ``offload``): the module tree is made on the meta device, each MoE layer's
     experts go to a (pinned) host buffer filled as transformers would (N(0, initializer_range), zero
@@ -266,7 +288,7 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     than the device run (benchmarks of real shapes; the outputs are random text)."""
     from transformers import AutoModelForCausalLM
 
-    settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed)
+    settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
     target = resolve_device(settings.device)
     torch.manual_seed(seed)
     with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation

@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--new-tokens {args.new_tokens}: generate at least 1 token")
     # A preset's own budget wins over the command line's default.
     budget = args.budget or (None if args.preset else "25%")
-    settings = dict(expert_budget=budget, eviction=args.eviction, device=args.device,
+    settings = dict(expert_budget=budget, engine=args.engine, eviction=args.eviction, device=args.device,
                     prefetch=args.prefetch, lookahead=args.lookahead, preset=args.preset)
     model, encode, decode = _load(_model_path(args.model), settings, args.dtype)
     ids = encode(args.prompt).to(model.device)
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
     stats, config = model.specmd.stats(), model.specmd.config
-    print(f"device: {model.device}  eviction: {config.eviction}  prefetch: {config.prefetch.policy} "
+    print(f"device: {model.device}  engine: {config.engine}  eviction: {config.eviction}  prefetch: {config.prefetch.policy} "
           f"(lookahead {config.prefetch.lookahead})  budget: {config.expert_budget}  slots: {stats.num_slots}")
     print(f"prompt: {args.prompt!r}")
     print(f"output: {decode(out[0, ids.shape[1]:])!r}")
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prefetch", help="none, topk, top-p or threshold (default none)")
     run.add_argument("--lookahead", type=int, help="layers predicted ahead, 1..3")
     run.add_argument("--device", help="cuda, cpu (default: CUDA when available)")
+    run.add_argument("--engine", help="threaded (default) or graph (the cache decided on the device)")
     run.add_argument("--dtype", default=None, help="dtype for --model, e.g. bfloat16")
     run.add_argument("--prompt", default="def fibonacci(n):")
     run.add_argument("--new-tokens", type=int, default=32)

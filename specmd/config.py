@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from . import resources
+from .runtime.device_policies import DEVICE_POLICIES
 from .runtime.policies import POLICIES
 from .runtime.prefetch import PREFETCH_POLICIES, PrefetchConfig
 
@@ -137,6 +138,11 @@ def _prefetch_config(spec, where: str) -> PrefetchConfig:
                      f"{sorted(_PREFETCH_KEYS)}")
 
 
+# "threaded": the paper's design (main loop, prefetch loop, watchdog thread); "graph": the cache decided on
+# the device, no host sync during decode (runtime/engines/graph.py).
+ENGINES = ("threaded", "graph")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """Everything ``specmd.offload`` needs besides the model."""
@@ -146,8 +152,17 @@ class OffloadConfig:
     device: str | None = None  # "cuda", "cuda:N", "cpu" or None (CUDA when available)
     seed: int = 0  # for the seeded random eviction policy
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    engine: str = "threaded"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+        if self.engine == "graph" and self.eviction not in DEVICE_POLICIES:
+            raise ValueError(f"engine='graph' decides evictions on the device, where {self.eviction!r} has no "
+                             f"counterpart; choose one of: {', '.join(sorted(DEVICE_POLICIES))}")
+        if self.engine == "graph" and self.prefetch.enabled:
+            raise ValueError("engine='graph' does not prefetch yet; use prefetch='none' with it, or "
+                             "engine='threaded' to prefetch")
         if self.eviction not in POLICIES:
             raise ValueError(
                 f"unknown eviction policy {self.eviction!r}; choose one of: {', '.join(sorted(POLICIES))}"
@@ -158,20 +173,20 @@ class OffloadConfig:
     @classmethod
     def create(cls, expert_budget: BudgetSpec | Budget, eviction: str = "least-stale", device: str | None = None,
                seed: int = 0, prefetch: str | dict | PrefetchConfig = "none",
-               lookahead: int | None = None) -> "OffloadConfig":
+               lookahead: int | None = None, engine: str = "threaded") -> "OffloadConfig":
         """Validate keyword arguments into a config; ``lookahead`` overrides the prefetch config's."""
         prefetch_config = _prefetch_config(prefetch, "prefetch")
         if lookahead is not None:
             prefetch_config = PrefetchConfig(**{**vars(prefetch_config), "lookahead": lookahead})
         return cls(Budget.parse(expert_budget), eviction, None if device is None else str(device), seed,
-                   prefetch_config)
+                   prefetch_config, engine)
 
     @classmethod
     def from_yaml(cls, path: str | Path, default_budget: BudgetSpec = "auto", **overrides) -> "OffloadConfig":
-        """Load a preset (keys: expert_budget, eviction, device, seed, prefetch, lookahead); ``overrides``
+        """Load a preset (keys: expert_budget, eviction, device, seed, prefetch, lookahead, engine); ``overrides``
         that are not None win; unknown keys are an error naming the key."""
         data = yaml.safe_load(Path(path).read_text()) or {}
-        known = {"expert_budget", "eviction", "device", "seed", "prefetch", "lookahead"}
+        known = {"expert_budget", "eviction", "device", "seed", "prefetch", "lookahead", "engine"}
         if unknown := set(data) - known:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
         if "prefetch" in data:

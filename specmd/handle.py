@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import OffloadConfig
 from .runtime.engines.binding import ClosedHandleError
+from .runtime.engines.graph import GraphEngine
 from .runtime.engines.threaded import ThreadedEngine
 from .runtime.metrics import Stats
 from .runtime.store import HostStore
@@ -20,7 +21,7 @@ from .study.trace import RoutingTrace, load_trace
 class OffloadHandle:
     """``model.specmd``: statistics and lifetime of one offloaded model. Also a context manager."""
 
-    def __init__(self, engine: ThreadedEngine, config: OffloadConfig, store: HostStore, top_k: int,
+    def __init__(self, engine: ThreadedEngine | GraphEngine, config: OffloadConfig, store: HostStore, top_k: int,
                  implementation: str, model: nn.Module) -> None:
         self.config = config
         self._engine = engine
@@ -31,7 +32,7 @@ class OffloadHandle:
         self._final_stats: Stats | None = None  # taken at close
 
     @property
-    def engine(self) -> ThreadedEngine:
+    def engine(self) -> ThreadedEngine | GraphEngine:
         """The engine running this model's MoE layers (inspection and tests; its API is not stable)."""
         return self._engine
 
@@ -54,7 +55,7 @@ class OffloadHandle:
         """Make every later copy last as long as on a slower link: each is followed by a GPU sleep of
         ``stretch_cycles`` clock cycles and copies are serialized (CUDA only; 0 turns it off). Benchmarks
         compute the cycles with ``specmd.bench.timing.calibrate_link``."""
-        self._check_open()
+        self._check_threaded("link emulation")
         self._engine.cache.emulate_link(stretch_cycles)
 
     def stats(self) -> Stats:
@@ -75,7 +76,7 @@ class OffloadHandle:
         a trace file) instead of the router, pass by pass; ``None`` returns to the router. Feed the trace's
         prompts (``trace.prompts``: lengths and decode steps). For timing and cache studies: the outputs
         are not the model's."""
-        self._check_open()
+        self._check_threaded("routing replay")
         if trace is None:
             self._engine.replay = None
             return
@@ -86,7 +87,7 @@ class OffloadHandle:
     def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
         """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``
         1..3) into the returned recorder; ``stop_recording`` ends it. Save with ``recorder.save(path)``."""
-        self._check_open()
+        self._check_threaded("routing recording")
         layers = self._engine.layers
         if any(layer.router is None for layer in layers):
             raise ValueError("recording needs each MoE layer's router; this model has none")
@@ -107,6 +108,11 @@ class OffloadHandle:
         model = self._model()
         if model is not None:
             model.__dict__.pop("_optimize_model_for_decode", None)
+
+    def _check_threaded(self, what: str) -> None:
+        self._check_open()
+        if not isinstance(self._engine, ThreadedEngine):
+            raise ValueError(f"{what} runs in the threaded engine; offload with engine='threaded' for it")
 
     def _check_open(self) -> None:
         if self._engine.closed:

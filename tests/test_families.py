@@ -99,3 +99,31 @@ def test_prefetch_generation_is_token_identical(family, prompt, device):
                     prefetched += model.specmd.stats().total.prefetches
                     model.specmd.close()
     assert prefetched > 0
+
+
+GRAPH_BUDGETS = [1, 2, "top-k", 0.5]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_graph_engine_is_token_identical(family, checkpoints, tmp_path_factory, prompt, device):
+    """The cache decided on the device, every device policy at 1 expert, 2 experts, top-k experts (what one
+    decode step needs) and 50%: the unpatched model's tokens, and the threaded engine's counters."""
+    from specmd.runtime.device_policies import DEVICE_POLICIES
+
+    _, want = reference(family, checkpoints, tmp_path_factory, prompt, device)
+    ids = prompt.to(device)
+    model = tiny_model(family)
+    top_k = model.config.num_experts_per_tok
+    for budget in GRAPH_BUDGETS:
+        nbytes = budget_bytes(model, top_k if budget == "top-k" else budget)
+        for eviction in sorted(DEVICE_POLICIES):
+            counts = []
+            for engine in ("graph", "threaded"):
+                specmd.offload(model, nbytes, eviction, device, engine=engine)
+                got = generate(model, ids)
+                assert torch.equal(got, want), f"{family} {engine} budget={budget} eviction={eviction}"
+                total = model.specmd.stats().total
+                counts.append((total.accesses, total.hits, total.misses_cold, total.misses_capacity,
+                               total.misses_collision, total.evictions, total.bytes_copied))
+                model.specmd.close()
+            assert counts[0] == counts[1], f"{family} budget={budget} eviction={eviction}"

@@ -139,7 +139,7 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
         if timeline is not None:
             (prefill_ms if tokens > 1 else decode_ms).append(timeline.now - pass_start)
     cache.drain_timings()
-    stats = Stats(num_slots=capacity, budget_bytes=capacity, expert_bytes=1, forward_passes=loop.forward_passes,
+    stats = Stats(num_slots=capacity, budget_bytes=capacity, expert_bytes=1, forward_passes=loop.clock.forward_passes,
                   copy_busy_ms=cache.copy_busy_ms, layers=layer_stats)
     if timeline is not None:
         stats.estimated_ttft_ms = mean(prefill_ms) if prefill_ms else None

@@ -17,6 +17,25 @@ from ..cache import SlotCache
 from ..prefetch import PrefetchRequest
 
 
+class PassClock:
+    """Numbers the MoE layer calls of one model: forward passes and absolute positions (every engine)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.forward_passes = 0  # counted for stats; reset_stats zeroes it
+        self._last_layer = num_layers  # so the first call starts a pass
+        self._pass_index = 0  # never reset: positions must only grow
+
+    def enter(self, layer: int) -> tuple[int, bool]:
+        """Count a call of MoE ``layer``: (its absolute position, whether it starts a forward pass)."""
+        new_pass = layer <= self._last_layer
+        if new_pass:
+            self.forward_passes += 1
+            self._pass_index += 1
+        self._last_layer = layer
+        return self._pass_index * self.num_layers + layer, new_pass
+
+
 class MainLoop:
     """Pass and position bookkeeping of one model, and the chunked acquire/compute/release of a layer."""
 
@@ -24,21 +43,15 @@ class MainLoop:
                  submit: Callable[[list[PrefetchRequest]], None]) -> None:
         self.cache = cache
         self.num_layers = num_layers
-        self.forward_passes = 0  # counted for stats; reset_stats zeroes it
+        self.clock = PassClock(num_layers)
         self._submit = submit
-        self._last_layer = num_layers  # so the first call starts a pass
-        self._pass_index = 0  # never reset: positions must only grow
 
     def enter(self, layer: int) -> tuple[int, bool]:
-        """Count a call of MoE ``layer``: (its absolute position, whether it starts a forward pass)
-        (changes state: a new pass restarts the cache's collision counting)."""
-        new_pass = layer <= self._last_layer
+        """``PassClock.enter``; a new pass also restarts the cache's collision counting (changes state)."""
+        position, new_pass = self.clock.enter(layer)
         if new_pass:
-            self.forward_passes += 1
-            self._pass_index += 1
             self.cache.begin_pass()
-        self._last_layer = layer
-        return self._pass_index * self.num_layers + layer, new_pass
+        return position, new_pass
 
     def start(self, layer: int, position: int) -> None:
         """``layer`` runs from now on: prefetches for its position are stale."""

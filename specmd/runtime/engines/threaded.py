@@ -174,7 +174,7 @@ class ThreadedEngine:
         cache = self.cache
         cache.drain_timings()
         return Stats(num_slots=cache.num_slots, budget_bytes=cache.budget_bytes, expert_bytes=cache.expert_bytes,
-                     forward_passes=self.loop.forward_passes, copy_busy_ms=cache.copy_busy_ms,
+                     forward_passes=self.loop.clock.forward_passes, copy_busy_ms=cache.copy_busy_ms,
                      peak_inflight_prefetches=cache.peak_inflight_prefetches,
                      layers=[LayerStats(**vars(s)) for s in self._layer_stats])
 
@@ -184,7 +184,7 @@ class ThreadedEngine:
             self.watchdog.wait_idle()
         self.cache.reset_timings()
         self._layer_stats[:] = [LayerStats() for _ in self._layer_stats]
-        self.loop.forward_passes = 0
+        self.loop.clock.forward_passes = 0
 
     def close(self) -> Stats | None:
         """Stop the watchdog (its queue is dropped), release the slot pool; later calls raise

@@ -1,0 +1,120 @@
+"""The graph engine: the expert cache decided on the device, so a decode step never waits for the host.
+
+Per MoE layer of a decode step (a call whose kernel is transformers' batched products and whose T*k routed
+pairs fit the pool), everything stays on the device and on the stream the model runs on:
+  1. the routed ids become a mask of needed experts [E];
+  2. ``DeviceCache.access`` counts hits and misses, picks the misses' slots (free slots, then the policy's
+     victims among the slots this layer does not use) and updates the table, the owners and the policy;
+  3. the miss gather (``runtime/gather.py``) copies the missed experts from the pinned store into their slots;
+  4. the rows are computed from the slots with gather + bmm, as transformers' ``batched_mm`` does.
+Stream order alone makes this safe: the gather that overwrites a slot is queued after every computation
+that read it. No event, no lock, no thread; nothing is read back per token (``stats`` reads the counters
+when asked). Other calls (prefill, the loop and grouped kernels, layers needing more experts than there
+are slots) read the routed ids once and run the same steps chunk by chunk.
+
+Not yet: capture as one CUDA graph per decode step, and prefetch (issue 11).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..adapters import MoELayer
+from ..compute import Kernel, KernelPlan, expert_rows, weighted_rows
+from ..copier import SlotPool
+from ..device_cache import DeviceCache
+from ..gather import Gather
+from ..metrics import Stats
+from .binding import ClosedHandleError
+from .mainloop import PassClock
+
+
+class GraphEngine:
+    """Owns the device cache, the slot pool and the gather; called once per MoE layer per forward pass."""
+
+    name = "graph"
+
+    def __init__(self, layers: list[MoELayer], cache: DeviceCache, pool: SlotPool, gather: Gather,
+                 kernels: KernelPlan, budget_bytes: int) -> None:
+        self.layers = layers
+        self.cache = cache
+        self.pool = pool
+        self.kernels = kernels
+        self.decoding = False  # set by the model's generate while it decodes (api._track_decode)
+        self.budget_bytes = budget_bytes
+        self.clock = PassClock(len(layers))
+        self.closed = False
+        self._gather = gather
+
+    def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H], the value of the module's own
+        forward. No host sync for a decode step (see the module note)."""
+        if self.closed:
+            raise ClosedHandleError("this model's specmd handle was closed; call specmd.offload(model, ...) "
+                                    "again to run it")
+        _, new_pass = self.clock.enter(layer)
+        if new_pass:
+            self.cache.begin_pass()
+        num_tokens, top_k = top_k_index.shape
+        flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
+        layout = self.pool.layout
+        kernel = self.kernels.decode if self.decoding else self.kernels.prefill
+        if kernel is Kernel.BATCHED and num_tokens * top_k <= self.cache.num_slots:
+            self._make_resident(layer, flat_ids)
+            x = hidden_states.repeat_interleave(top_k, dim=0)  # [T*k, H] token-major, as flat_ids
+            row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
+            y = expert_rows(module, layout, self.pool.views, x, row_slots, (), kernel)  # [T*k, H]
+            out = y * weights.unsqueeze(-1)
+        else:
+            out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
+        # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _make_resident(self, layer: int, ids: torch.Tensor) -> None:
+        """The experts ``ids`` (at most num_slots distinct) of ``layer`` into slots; no host sync."""
+        needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+        self._gather(layer, self.cache.access(layer, needed))
+
+    def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
+                 weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+        """The layer in chunks of at most num_slots experts, as the main loop runs it; reads the ids (one sync)."""
+        layout = self.pool.layout
+        out_dtype = torch.promote_types(layout.dtype, weights.dtype)
+        out = torch.empty(flat_ids.shape[0], hidden_states.shape[-1], dtype=out_dtype, device=hidden_states.device)
+        counts = Counter(flat_ids.tolist())
+        experts = sorted(counts)
+        width = self.cache.num_slots
+        for start in range(0, len(experts), width):
+            chunk = experts[start:start + width]
+            ids = torch.tensor(chunk, device=flat_ids.device)
+            self._make_resident(layer, ids)
+            slots = self.cache.slots(layer)[ids].tolist()
+            weighted_rows(module, layout, self.pool.views, kernel, hidden_states, flat_ids, weights, counts, chunk,
+                          slots, out)
+        return out
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters; reads them from the device (one sync)."""
+        layout = self.pool.layout
+        return Stats(num_slots=self.cache.num_slots, budget_bytes=self.budget_bytes,
+                     expert_bytes=layout.expert_bytes, forward_passes=self.clock.forward_passes,
+                     layers=self.cache.stats(layout.expert_bytes))
+
+    def reset_stats(self) -> None:
+        """Zero every counter; the cache's contents stay (changes state)."""
+        self.cache.reset_counters()
+        self.clock.forward_passes = 0
+
+    def close(self) -> Stats | None:
+        """Release the slot pool; later calls raise ``ClosedHandleError``. Returns the last snapshot (None
+        when already closed)."""
+        if self.closed:
+            return None
+        self.closed = True
+        try:
+            return self.stats()
+        finally:
+            self.pool.free()

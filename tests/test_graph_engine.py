@@ -1,0 +1,67 @@
+"""The graph engine: a decode step through batched products runs without reading anything back (no chunked
+path), the outputs stay the unpatched model's, and what it does not do yet is refused by name."""
+import pytest
+import torch
+
+import specmd
+from specmd.runtime.adapters import find_moe_layers
+from specmd.runtime.engines.graph import GraphEngine
+from specmd.tiny import tiny_model
+
+
+def generate(model, ids, tokens=8):
+    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("eviction", ["lru", "least-stale"])
+def test_decode_steps_take_the_sync_free_path(family, eviction, monkeypatch, device):
+    """With transformers' batched products (what generate uses for decode on a GPU), every decode step whose
+    routed experts fit the pool goes through the device path alone; prefill and wider steps are chunked."""
+    ref = tiny_model(family).to(device)
+    ref.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    want = generate(ref, ids)
+    model = tiny_model(family)
+    model.set_experts_implementation("batched_mm")
+    top_k, expert = model.config.num_experts_per_tok, find_moe_layers(model)[0].layout.expert_bytes
+    chunked = []
+    real = GraphEngine._chunked
+    monkeypatch.setattr(GraphEngine, "_chunked", lambda self, layer, module, hidden, *rest: chunked.append(
+        hidden.shape[0]) or real(self, layer, module, hidden, *rest))
+    specmd.offload(model, 2 * top_k * expert, eviction, device, engine="graph")  # a decode step of batch 2 fits
+    assert torch.equal(generate(model, ids), want)
+    assert chunked and all(tokens > 2 for tokens in chunked)  # only the prefill (14 tokens) was chunked
+    stats = model.specmd.stats()
+    assert stats.total.accesses == stats.total.hits + stats.total.misses > 0
+    model.specmd.close()
+
+
+def test_what_the_graph_engine_does_not_do_is_refused(device):
+    with pytest.raises(ValueError, match="engine='threaded' to prefetch"):
+        specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph", prefetch="topk")
+    with pytest.raises(ValueError, match="least-stale"):
+        specmd.offload(tiny_model("olmoe"), "50%", "random", device, engine="graph")
+    with pytest.raises(ValueError, match="threaded, graph"):
+        specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="fast")
+    model = specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph")
+    with pytest.raises(ValueError, match="engine='threaded'"):
+        model.specmd.replay_routing(None)
+    with pytest.raises(ValueError, match="engine='threaded'"):
+        model.specmd.record_routing()
+    model.specmd.close()
+
+
+def test_stats_and_reset(device):
+    model = specmd.offload(tiny_model("mixtral"), "25%", "lfu", device, engine="graph")
+    ids = torch.tensor([[5, 6, 7, 8]], device=device)
+    generate(model, ids)
+    first = model.specmd.stats()
+    assert first.forward_passes == 8 and first.total.misses_cold > 0
+    assert len(model.specmd.resident_experts()) == model.specmd.num_slots
+    model.specmd.reset_stats()
+    generate(model, ids)
+    again = model.specmd.stats()
+    assert again.forward_passes == 8 and again.total.accesses == first.total.accesses
+    model.specmd.close()
+    assert model.specmd.stats().total.accesses == again.total.accesses

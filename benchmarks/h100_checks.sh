@@ -13,7 +13,8 @@ echo "memcheck: exit $? ($(grep 'ERROR SUMMARY' "$out/memcheck.log"))"
 compute-sanitizer --tool racecheck python3 benchmarks/sanitize_small.py > "$out/racecheck.log" 2>&1
 echo "racecheck: exit $? ($(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck.log" | head -1))"
 SPECMD_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q tests/test_api.py tests/test_prefetch.py \
-    tests/test_concurrency.py tests/test_compute.py tests/test_replay.py tests/test_from_config.py > "$out/cuda-tests.log" 2>&1
+    tests/test_concurrency.py tests/test_compute.py tests/test_replay.py tests/test_from_config.py \
+    tests/test_graph_engine.py tests/test_cli.py > "$out/cuda-tests.log" 2>&1
 echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
 python3 benchmarks/calibrate_link.py 2>&1 | tee "$out/calibrate.log"
 timeout 240 python3 -m specmd.cli bench configs/bench/smoke.yaml --out "$out/smoke" > "$out/smoke.log" 2>&1

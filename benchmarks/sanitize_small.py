@@ -1,5 +1,6 @@
 """A small model through the CUDA path (demand and prefetch copy streams, events, pinned memory, the
-watchdog thread, in-flight bounds, link emulation's sleeps), for
+watchdog thread, in-flight bounds, link emulation's sleeps; the graph engine's device cache and Triton miss
+gather), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py`.
 Exits non-zero if the tokens differ from the unpatched model's."""
 import sys
@@ -18,14 +19,18 @@ ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 wants = [(x, model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)) for x in (ids, ids[:1])]
 expert = find_moe_layers(model)[0].layout.expert_bytes
 ok = True
-for budget, eviction, prefetch, lookahead, stretch in [(2 * expert, "lru", "topk", 2, 0),
-                                                      (6 * expert, "least-stale", "top-p", 1, 0),
-                                                      (4 * expert, "lru", "topk", 1, 20_000)]:
-    specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead)
-    model.specmd.emulate_link(stretch)
+for budget, eviction, prefetch, lookahead, stretch, engine in [
+        (2 * expert, "lru", "topk", 2, 0, "threaded"),
+        (6 * expert, "least-stale", "top-p", 1, 0, "threaded"),
+        (4 * expert, "lru", "topk", 1, 20_000, "threaded"),
+        (8 * expert, "lru", "none", 1, 0, "graph"),  # a decode step of batch 2 x top-4 fits: the device path
+        (3 * expert, "least-stale", "none", 1, 0, "graph")]:  # chunked calls
+    specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead, engine=engine)
+    if engine == "threaded":
+        model.specmd.emulate_link(stretch)
     for x, want in wants:
         got = model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-        print(budget // expert, "slots", eviction, prefetch, "batch", x.shape[0], "identical:",
+        print(engine, budget // expert, "slots", eviction, prefetch, "batch", x.shape[0], "identical:",
               torch.equal(got, want), model.specmd.stats().summary())
         ok &= torch.equal(got, want)
     model.specmd.close()

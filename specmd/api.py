@@ -18,8 +18,8 @@ from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
 from .runtime.compute import KernelPlan
 from .runtime.copier import SlotPool, make_copier
-from .runtime.engines.binding import IMPLEMENTATION_NAME, Binding, experts_forward
 from .runtime.device_cache import DeviceCache
+from .runtime.engines.binding import IMPLEMENTATION_NAME, Binding, experts_forward
 from .runtime.engines.graph import GraphEngine
 from .runtime.engines.threaded import ThreadedEngine
 from .runtime.gather import make_gather

@@ -65,3 +65,21 @@ def test_stats_and_reset(device):
     assert again.forward_passes == 8 and again.total.accesses == first.total.accesses
     model.specmd.close()
     assert model.specmd.stats().total.accesses == again.total.accesses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on CUDA")
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "least-stale"])
+def test_captured_decode_steps_stay_identical_over_generates(eviction):
+    """Each layer's decode step is captured on its second call and replayed after: tokens and counters stay
+    those of the uncaptured steps over several generates (the cache's state moves only by replays)."""
+    ref = tiny_model("olmoe", dtype=torch.bfloat16).cuda()
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    want = generate(ref, ids, 12)
+    expert = find_moe_layers(ref)[0].layout.expert_bytes
+    specmd.offload(ref, 3 * expert, eviction, "cuda", engine="graph")  # top-2 decode fits; misses every step
+    for _ in range(3):
+        assert torch.equal(generate(ref, ids, 12), want)
+    assert ref.specmd.engine.captured_graphs == 2  # one per MoE layer at batch 1
+    stats = ref.specmd.stats()
+    assert stats.forward_passes == 36 and stats.total.accesses == stats.total.hits + stats.total.misses
+    ref.specmd.close()

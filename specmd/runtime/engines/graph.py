@@ -12,7 +12,9 @@ that read it. No event, no lock, no thread; nothing is read back per token (``st
 when asked). Other calls (prefill, the loop and grouped kernels, layers needing more experts than there
 are slots) read the routed ids once and run the same steps chunk by chunk.
 
-Not yet: capture as one CUDA graph per decode step, and prefetch (issue 11).
+On CUDA each layer's device step is captured as a CUDA graph on its second call of a shape and replayed
+after (``graphs.py``): one replay per layer instead of about sixty launches. Not yet: the whole decode
+step as one graph (attention and the rest still launch eagerly), and prefetch (issue 11).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..device_cache import DeviceCache
 from ..gather import Gather
 from ..metrics import Stats
 from .binding import ClosedHandleError
+from .graphs import LayerGraphs
 from .mainloop import PassClock
 
 
@@ -47,6 +50,8 @@ class GraphEngine:
         self.clock = PassClock(len(layers))
         self.closed = False
         self._gather = gather
+        # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
+        self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -60,16 +65,29 @@ class GraphEngine:
             self.cache.begin_pass()
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
-        layout = self.pool.layout
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
         if kernel is Kernel.BATCHED and num_tokens * top_k <= self.cache.num_slots:
-            self._make_resident(layer, flat_ids)
-            x = hidden_states.repeat_interleave(top_k, dim=0)  # [T*k, H] token-major, as flat_ids
-            row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
-            y = expert_rows(module, layout, self.pool.views, x, row_slots, (), kernel)  # [T*k, H]
-            out = y * weights.unsqueeze(-1)
-        else:
-            out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
+            if self._graphs is not None:
+                return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
+            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
+        out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    @property
+    def captured_graphs(self) -> int:
+        """How many layer steps run as CUDA graphs (0 off CUDA)."""
+        return self._graphs.captures if self._graphs is not None else 0
+
+    def _device_step(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One call on the device alone: fixed shapes, no host sync, capturable. [T, H] out."""
+        num_tokens, top_k = top_k_index.shape
+        flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
+        self._make_resident(layer, flat_ids)
+        x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
+        row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
+        y = expert_rows(module, self.pool.layout, self.pool.views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
+        out = y * weights.unsqueeze(-1)
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 

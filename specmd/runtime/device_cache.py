@@ -89,13 +89,14 @@ class DeviceCache:
         spare_key = self.num_layers * E
         old_key = torch.where(evicted, old, spare_key)
         old_layer = torch.div(old_key, E, rounding_mode="floor")
-        self.table.view(-1)[torch.where(evicted, old_layer * (E + 1) + old % E, E)] = -1  # E: a spare column
-        self.evicted_this_pass[old_key] = True
+        # index_fill_ takes its value as a scalar: no host tensor to copy (a CUDA graph refuses that copy)
+        self.table.view(-1).index_fill_(0, torch.where(evicted, old_layer * (E + 1) + old % E, E), -1)  # E: spare
+        self.evicted_this_pass.index_fill_(0, old_key, True)
         self.counters[COUNTERS.index("evictions")].index_put_((old_layer,), evicted.long(), accumulate=True)
-        self.evicted_this_pass[spare_key] = False
+        self.evicted_this_pass.narrow(0, spare_key, 1).fill_(False)  # not ``[i] = False``: a host tensor copy
         self.table[layer].index_put_((torch.where(valid, experts, E),), victims)
         self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
-        self.ever_loaded[torch.where(valid, layer * E + experts, spare_key)] = True
+        self.ever_loaded.index_fill_(0, torch.where(valid, layer * E + experts, spare_key), True)
         self._record(layer, needed, missed, keys)
         return Misses(experts, victims, valid, count)
 
@@ -124,7 +125,7 @@ class DeviceCache:
 
     def _count(self, layer: int, *masks: torch.Tensor) -> None:
         for i, mask in enumerate(masks[:5]):
-            self.counters[i, layer] += mask.sum()
+            self.counters[i, layer].add_(mask.sum())  # in place: no setitem copy
 
     def _record(self, layer: int, needed: torch.Tensor, missed: torch.Tensor, keys: torch.Tensor) -> None:
         """The policy sees the call's accesses in ascending expert order, one clock tick each."""

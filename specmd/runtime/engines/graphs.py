@@ -4,7 +4,7 @@ The first call of a key runs eagerly (it warms the kernels: Triton compiles, cuB
 and it is a real step); the second captures the step and replays it; later calls copy their inputs into
 the graph's static inputs and replay. Capture executes nothing, so the cache's state moves only by the
 replays. A capture fails loudly on any host sync inside the step, which is what keeps the step sync-free;
-if one fails anyway, the engine logs one line and runs that key uncaptured from then on.
+if one fails anyway, the engine logs one line and runs every step uncaptured from then on.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class LayerGraphs:
         self._step = step
         self._graphs: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._seen: set[tuple] = set()
-        self._uncaptured: set[tuple] = set()
+        self.disabled = False  # set, with one logged line, when a capture failed: every step runs uncaptured
         self._pool = None
         self.captures = 0
 
@@ -36,7 +36,7 @@ class LayerGraphs:
         key = (layer, *((tuple(x.shape), x.dtype) for x in inputs))
         entry = self._graphs.get(key)
         if entry is None:
-            if key not in self._seen or key in self._uncaptured:
+            if key not in self._seen or self.disabled:
                 self._seen.add(key)
                 return self._step(layer, module, *inputs)
             entry = self._capture(key, layer, module, inputs)
@@ -57,9 +57,9 @@ class LayerGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self._step(layer, module, *static_inputs)
         except RuntimeError as err:
-            self._uncaptured.add(key)
-            log.warning("specmd: MoE layer %d's step could not be captured as a CUDA graph (%s); it runs "
-                        "uncaptured", layer, str(err).splitlines()[0])
+            self.disabled = True
+            log.warning("specmd: the graph engine's steps could not be captured as CUDA graphs (%s); they run "
+                        "uncaptured", str(err).splitlines()[0])
             return None
         self.captures += 1
         self._graphs[key] = static_inputs, graph, static_out

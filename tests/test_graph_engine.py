@@ -52,6 +52,15 @@ def test_what_the_graph_engine_does_not_do_is_refused(device):
     model.specmd.close()
 
 
+def test_offload_under_inference_mode_then_generate_outside(device):
+    with torch.inference_mode():
+        model = specmd.offload(tiny_model("olmoe"), "25%", device=device, engine="graph")
+        generate(model, torch.tensor([[5, 6, 7]], device=device))
+    generate(model, torch.tensor([[5, 6, 7]], device=device))  # no_grad only: the cache's state still updates
+    assert model.specmd.stats().forward_passes == 16
+    model.specmd.close()
+
+
 def test_stats_and_reset(device):
     model = specmd.offload(tiny_model("mixtral"), "25%", "lfu", device, engine="graph")
     ids = torch.tensor([[5, 6, 7, 8]], device=device)

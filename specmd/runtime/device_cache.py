@@ -45,6 +45,11 @@ class DeviceCache:
         self.num_layers, self.num_experts, self.num_slots = L, E, S
         self.width = min(E, S)  # K
         self.device = device
+        # Normal tensors even when offload runs under inference_mode: a later generate updates them in place.
+        with torch.inference_mode(False):
+            self._make_state(L, E, S, policy, device)
+
+    def _make_state(self, L: int, E: int, S: int, policy: str, device: torch.device) -> None:
         i64 = dict(dtype=torch.int64, device=device)
         self.table = torch.full((L, E + 1), -1, **i64)  # [L, E + 1] -> slot, -1 when not resident
         self.owner = torch.full((S + 1,), -1, **i64)  # [S + 1] -> flat key layer * E + expert, -1 when free
@@ -61,10 +66,12 @@ class DeviceCache:
         self.evicted_this_pass.zero_()
         self.policy.begin_pass()
 
-    def access(self, layer: int, needed: torch.Tensor) -> Misses:
+    def access(self, layer: int, needed: torch.Tensor, width: int | None = None) -> Misses:
         """Make the experts ``needed`` [E] bool of ``layer`` resident (changes state; no host sync); returns
-        the copies to make. At most S experts may be needed (the engine chunks wider calls)."""
-        E, S, K = self.num_experts, self.num_slots, self.width
+        the copies to make, ``width`` of them at most (default min(E, S); a decode step passes its T*k so the
+        gather's grid stays small). At most S experts may be needed (the engine chunks wider calls)."""
+        E, S = self.num_experts, self.num_slots
+        K = min(self.width, width or self.width)
         row = self.table[layer, :E]  # [E] slot of each expert of this layer, -1 when not resident
         resident = row >= 0
         hits, missed = needed & resident, needed & ~resident
@@ -75,10 +82,12 @@ class DeviceCache:
         # Victims: free slots (ascending), then the policy's order among slots this call does not use.
         in_use = torch.zeros(S + 1, dtype=torch.bool, device=self.device)
         in_use.index_put_((torch.where(hits, row, S),), torch.ones_like(hits))
-        score = self.policy.sort_key(self.owner, layer, self.num_layers, E)
-        score = torch.where(self.owner < 0, self._slots - (S + 1), score)  # free: before any resident slot
-        score = torch.where(in_use, torch.iinfo(torch.int64).max, score)[:S]
-        victims = torch.sort(score, stable=True).indices[:K]  # [K]
+        primary, secondary = self.policy.sort_keys(self.owner, layer, self.num_layers, E)
+        free = self.owner < 0  # free slots first, in ascending order; slots in use never
+        primary = torch.where(free, -1, torch.where(in_use, torch.iinfo(torch.int64).max, primary))[:S]
+        secondary = torch.where(free, self._slots, secondary)[:S]
+        by_secondary = torch.sort(secondary, stable=True).indices  # lexicographic: two stable sorts
+        victims = by_secondary[torch.sort(primary[by_secondary], stable=True).indices][:K]  # [K]
         experts = torch.sort((~missed).to(torch.int8), stable=True).indices[:K]  # [K] misses first, ascending
         count = missed.sum()
         valid = torch.arange(K, device=self.device) < count

@@ -1,7 +1,8 @@
 """Eviction policies as tensor operations, for the cache decided on the device (``device_cache.py``).
 
 Each one keeps its state in device tensors, one entry per slot (and, for LFU, per key) plus one spare entry
-that masked writes land in (static shapes, no host sync), and answers with a sort key per slot: the slots sorted by it, smallest first, are the victims in the order the Python policy
+that masked writes land in (static shapes, no host sync), and answers with two sort keys per slot (primary,
+then secondary): the slots sorted by them, smallest first, are the victims in the order the Python policy
 of the same name (``policies.py``) would pick them. That holds because, within one call, the Python
 policies only change the state of the keys the call pins, which are never victims; so the whole call's
 victims are the first slots of one sort, and its accesses update the state afterwards in ascending expert
@@ -10,9 +11,6 @@ order (the order the main loop acquires them), each at its own tick of one clock
 from __future__ import annotations
 
 import torch
-
-# Sort keys are (primary << SHIFT) + a clock reading: clocks stay far below 2**SHIFT.
-SHIFT = 40
 
 
 class DevicePolicy:
@@ -23,9 +21,11 @@ class DevicePolicy:
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         self.last = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)  # clock of the last access
 
-    def sort_key(self, owner: torch.Tensor, layer: int, num_layers: int, num_experts: int) -> torch.Tensor:
-        """[S + 1] int64; smaller is evicted first. ``owner`` [S + 1]: the flat key in each slot (-1: none)."""
-        return self.last.clone()
+    def sort_keys(self, owner: torch.Tensor, layer: int, num_layers: int,
+                  num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(primary, secondary) [S + 1] int64 each; smaller is evicted first. ``owner`` [S + 1]: the flat key
+        in each slot (-1: none)."""
+        return torch.zeros_like(self.last), self.last
 
     def update(self, slots: torch.Tensor, keys: torch.Tensor, ticks: torch.Tensor, inserted: torch.Tensor) -> None:
         """Record one call's accesses (changes state). [E] each: ``slots`` the slot of each accessed expert (the
@@ -57,9 +57,8 @@ class DeviceLFU(DevicePolicy):
         super().__init__(num_slots, num_keys, device)
         self.count = torch.zeros(num_keys + 1, dtype=torch.int64, device=device)
 
-    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
-        counts = self.count[owner.clamp(min=0)]
-        return (counts << SHIFT) + self.last
+    def sort_keys(self, owner, layer, num_layers, num_experts) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.count[owner.clamp(min=0)], self.last
 
     def update(self, slots, keys, ticks, inserted) -> None:
         super().update(slots, keys, ticks, inserted)
@@ -71,9 +70,9 @@ class DeviceLayerDistance(DevicePolicy):
 
     name = "layer-distance"
 
-    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
+    def sort_keys(self, owner, layer, num_layers, num_experts) -> tuple[torch.Tensor, torch.Tensor]:
         distance = (torch.div(owner.clamp(min=0), num_experts, rounding_mode="floor") - layer) % num_layers
-        return ((num_layers - distance) << SHIFT) + self.last
+        return num_layers - distance, self.last
 
 
 class DeviceLeastStale(DevicePolicy):
@@ -86,9 +85,9 @@ class DeviceLeastStale(DevicePolicy):
         self.touched_pass = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=device)
         self.pass_number = torch.zeros((), dtype=torch.int64, device=device)
 
-    def sort_key(self, owner, layer, num_layers, num_experts) -> torch.Tensor:
+    def sort_keys(self, owner, layer, num_layers, num_experts) -> tuple[torch.Tensor, torch.Tensor]:
         current = (self.touched_pass == self.pass_number).to(torch.int64)
-        return (current << SHIFT) + self.last  # ``last`` holds the first touch in the latest pass here
+        return current, self.last  # ``last`` holds the first touch in the latest pass here
 
     def update(self, slots, keys, ticks, inserted) -> None:
         fresh = inserted | (self.touched_pass[slots] != self.pass_number)

@@ -18,6 +18,8 @@ step as one graph (attention and the rest still launch eagerly), and prefetch (i
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
 
 import torch
@@ -32,6 +34,8 @@ from ..metrics import Stats
 from .binding import ClosedHandleError
 from .graphs import LayerGraphs
 from .mainloop import PassClock
+
+log = logging.getLogger(__name__)
 
 
 class GraphEngine:
@@ -52,6 +56,7 @@ class GraphEngine:
         self._gather = gather
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
+        self._warned: set[int] = set()
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -64,14 +69,32 @@ class GraphEngine:
         if new_pass:
             self.cache.begin_pass()
         num_tokens, top_k = top_k_index.shape
-        flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
-        if kernel is Kernel.BATCHED and num_tokens * top_k <= self.cache.num_slots:
-            if self._graphs is not None:
-                return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
-            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
-        out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
-        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        # Distinct experts of a call: at most E, at most T*k; the device path needs them all in the pool.
+        fits = min(self.cache.num_experts, num_tokens * top_k) <= self.cache.num_slots
+        with self._on_device():
+            if kernel is Kernel.BATCHED and fits:
+                if self._graphs is not None and self.decoding:  # prefill lengths vary: not captured
+                    return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
+                return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
+            if self.decoding and kernel is Kernel.BATCHED:
+                self._warn_chunked(num_tokens * top_k)
+            flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
+            out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
+            return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _on_device(self):
+        """The pool's CUDA device as the current one (Triton and CUDA graphs use the current device)."""
+        device = self.pool.data.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def _warn_chunked(self, pairs: int) -> None:
+        if pairs not in self._warned:
+            self._warned.add(pairs)
+            need = min(pairs, self.cache.num_experts)
+            log.warning("specmd: decode steps routing %d experts per layer need %d slots and the budget gives %d: "
+                        "they run chunked, with a host sync per layer; a budget of at least %d experts keeps them "
+                        "on the device", pairs, need, self.cache.num_slots, need)
 
     @property
     def captured_graphs(self) -> int:
@@ -83,7 +106,7 @@ class GraphEngine:
         """One call on the device alone: fixed shapes, no host sync, capturable. [T, H] out."""
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
-        self._make_resident(layer, flat_ids)
+        self._make_resident(layer, flat_ids, width=flat_ids.shape[0])
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
         y = expert_rows(module, self.pool.layout, self.pool.views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
@@ -91,10 +114,10 @@ class GraphEngine:
         # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-    def _make_resident(self, layer: int, ids: torch.Tensor) -> None:
+    def _make_resident(self, layer: int, ids: torch.Tensor, width: int | None = None) -> None:
         """The experts ``ids`` (at most num_slots distinct) of ``layer`` into slots; no host sync."""
         needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
-        self._gather(layer, self.cache.access(layer, needed))
+        self._gather(layer, self.cache.access(layer, needed, width))
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
                  weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:
@@ -136,3 +159,5 @@ class GraphEngine:
             return self.stats()
         finally:
             self.pool.free()
+            if self._graphs is not None:
+                self._graphs.clear()

@@ -1,6 +1,7 @@
 """CUDA graphs of the graph engine's device steps: one graph per (layer, shapes, dtypes), shared memory pool.
 
-The first call of a key runs eagerly (it warms the kernels: Triton compiles, cuBLAS picks its algorithms,
+Only decode steps are captured (their shapes repeat every token; a prefill's length varies). The first
+call of a key runs eagerly (it warms the kernels: Triton compiles, cuBLAS picks its algorithms,
 and it is a real step); the second captures the step and replays it; later calls copy their inputs into
 the graph's static inputs and replay. Capture executes nothing, so the cache's state moves only by the
 replays. A capture fails loudly on any host sync inside the step, which is what keeps the step sync-free;
@@ -48,8 +49,15 @@ class LayerGraphs:
         graph.replay()
         return static_out.clone()  # the next replay of this graph overwrites static_out
 
+    def clear(self) -> None:
+        """Drop every graph and its memory (changes state)."""
+        self._graphs.clear()
+        self._seen.clear()
+        self._pool = None
+
     def _capture(self, key: tuple, layer: int, module: nn.Module, inputs: tuple[torch.Tensor, ...]):
-        static_inputs = tuple(x.clone() for x in inputs)
+        with torch.inference_mode(False):  # a later generate outside inference mode copies into them
+            static_inputs = tuple(x.clone() for x in inputs)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()

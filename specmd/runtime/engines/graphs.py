@@ -29,6 +29,7 @@ class LayerGraphs:
         self._seen: set[tuple] = set()
         self.disabled = False  # set, with one logged line, when a capture failed: every step runs uncaptured
         self._pool = None
+        self._shapes: set[tuple] = set()  # the input shapes captured so far (a new batch size adds one)
         self.captures = 0
 
     def run(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -70,5 +71,9 @@ class LayerGraphs:
                         "uncaptured", str(err).splitlines()[0])
             return None
         self.captures += 1
+        shape = key[1:]
+        if self._shapes and shape not in self._shapes:
+            log.info("specmd: decode steps of a new shape (hidden states %s): captured again", shape[0][0])
+        self._shapes.add(shape)
         self._graphs[key] = static_inputs, graph, static_out
         return self._graphs[key]

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
+from .devices import device_memory, move_except_experts, resolve_device
 from .handle import OffloadHandle
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
@@ -31,45 +32,6 @@ from .runtime.store import HostStore
 log = logging.getLogger(__name__)
 
 Engine = ThreadedEngine | GraphEngine
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device the model runs on; raises when CUDA is asked for and absent."""
-    device = torch.device(name if name is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available to torch {torch.__version__}; "
-                           "pass device='cpu' (or None to pick automatically), or install a CUDA build of torch")
-    if device.type == "cuda" and device.index is None:
-        # An explicit index: the watchdog thread must select the same device (set_device needs one).
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _device_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, read through NVML."""
-    if device.type != "cuda":
-        raise ValueError("expert_budget='auto' needs a CUDA device; pass a size such as '600MB' or a fraction")
-    import pynvml  # nvidia-ml-py
-
-    pynvml.nvmlInit()
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
-        return int(info.free), int(info.total)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _move_except_experts(model: nn.Module, experts: list[nn.Module], device: torch.device) -> None:
-    # model.to() would also drag the host-store views to the device; hide them from it for the move.
-    hidden = [(m, dict(m._parameters)) for m in experts]
-    for module, _ in hidden:
-        module._parameters.clear()
-    try:
-        model.to(device)
-    finally:
-        for module, params in hidden:
-            module._parameters.update(params)
 
 
 def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
@@ -151,11 +113,11 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
         # delay: a load of under half a second draws no bar (off a terminal every redraw lands on one line)
         for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5):
             store.add_layer(layer)
-    _move_except_experts(model, [layer.module for layer in layers], target)
+    move_except_experts(model, [layer.module for layer in layers], target)
 
     free = total = None
     if config.expert_budget.kind == "auto":
-        free, total = _device_memory(target)
+        free, total = device_memory(target)
     budget_bytes = config.expert_budget.resolve(total_bytes, free, total, layout.expert_bytes)
     num_slots = min(_slots_for(budget_bytes, layout.expert_bytes, config.expert_budget),
                     layout.num_experts * len(layers))

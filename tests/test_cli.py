@@ -71,6 +71,16 @@ def test_run_refuses_bad_settings_before_loading_anything(argv, words, capsys, m
     one_line_error(capsys, ["run", "--model", "tiny", "--device", "cpu", *argv], *words)
 
 
+def test_run_with_the_graph_engine_preset_and_flag(capsys):
+    assert main(["run", "--model", "tiny", "--preset", "least-stale-graph", "--new-tokens", "3", "--device", "cpu"]) == 0
+    assert "engine: graph  eviction: least-stale" in capsys.readouterr().out
+    assert main(["run", "--model", "tiny", "--engine", "graph", "--eviction", "lfu", "--new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert "engine: graph  eviction: lfu" in capsys.readouterr().out
+    one_line_error(capsys, ["run", "--model", "tiny", "--engine", "graph", "--prefetch", "topk", "--device", "cpu"],
+                   "engine='graph'", "prefetch")
+
+
 def test_run_refuses_bad_checkpoints(tmp_path, truncated_checkpoint, capsys):
     one_line_error(capsys, ["run", "--model", str(tmp_path / "nowhere"), "--device", "cpu"],
                    "no such checkpoint folder", "nothing is downloaded")

@@ -2,6 +2,7 @@
 path), the outputs stay the unpatched model's, and what it does not do yet is refused by name."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import specmd
 from specmd.runtime.adapters import find_moe_layers
@@ -92,3 +93,65 @@ def test_captured_decode_steps_stay_identical_over_generates(eviction):
     stats = ref.specmd.stats()
     assert stats.forward_passes == 36 and stats.total.accesses == stats.total.hits + stats.total.misses
     ref.specmd.close()
+
+
+# Ops that read a CUDA tensor back to the host (or size their output from its values) in eager PyTorch.
+_READ_BACK = ("aten._local_scalar_dense", "aten.nonzero", "aten.repeat_interleave", "aten.masked_select")
+
+
+class _HostTrafficSpy(TorchDispatchMode):
+    """Records every op that mixes a host tensor with device ("meta") tensors (a copy a CUDA graph refuses)
+    and every op that reads values back; and every item assignment of a Python scalar, which eager CUDA
+    turns into a copy of a host tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+        if {"cpu", "meta"} <= {t.device.type for t in tensors} or str(func).startswith(_READ_BACK):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        setitem = self._setitem = torch.Tensor.__setitem__
+
+        def checked(tensor, index, value):
+            if isinstance(value, (bool, int, float)):
+                self.found.append(f"tensor[...] = {value!r}")
+            return setitem(tensor, index, value)
+
+        torch.Tensor.__setitem__ = checked
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.__setitem__ = self._setitem
+        return super().__exit__(*exc)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "fifo", "layer-distance", "least-stale"])
+def test_the_device_step_never_reads_the_device_back(eviction):
+    """The decode step on the "meta" device, which holds no data: any read back to the host (.item(),
+    .tolist(), a boolean mask, nonzero) raises there, and no op may bring a host tensor in (a CUDA graph
+    refuses the copy). This is what keeps the step capturable without a GPU to prove it."""
+    from specmd.runtime.compute import Kernel, KernelPlan
+    from specmd.runtime.copier import SlotPool
+    from specmd.runtime.device_cache import DeviceCache
+
+    meta = torch.device("meta")
+    with meta:
+        model = tiny_model("olmoe", dtype=torch.bfloat16)
+    layers = find_moe_layers(model)
+    cache = DeviceCache(len(layers), layers[0].layout.num_experts, 3, eviction, meta)
+    pool = SlotPool(layers[0].layout, 3, meta)
+    engine = GraphEngine(layers, cache, pool, lambda layer, misses: None, KernelPlan(Kernel.BATCHED, Kernel.BATCHED),
+                         3 * layers[0].layout.expert_bytes)
+    hidden = torch.empty(1, 64, dtype=torch.bfloat16, device=meta)
+    ids = torch.empty(1, 2, dtype=torch.int64, device=meta)
+    weights = torch.empty(1, 2, dtype=torch.bfloat16, device=meta)
+    with _HostTrafficSpy() as spy:
+        cache.begin_pass()
+        for layer in (0, 1):
+            out = engine._device_step(layer, layers[layer].module, hidden, ids, weights)
+    assert out.shape == (1, 64) and spy.found == []

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import check_checkpoint
 from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
 from .devices import device_memory, move_except_experts, resolve_device
 from .handle import OffloadHandle
@@ -217,7 +218,7 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
     config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)  # fails before the load
     resolve_device(config.device)
     dtype = parse_dtype(dtype)
-    _check_checkpoint(Path(path))
+    check_checkpoint(Path(path))
     hf_kwargs.setdefault("local_files_only", True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
@@ -226,15 +227,6 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
                          "safetensors file: copy the checkpoint again") from err
     model.eval()
     return _offload(model, config, progress=progress)
-
-
-def _check_checkpoint(path: Path) -> None:
-    """Refuse, before transformers does (its message speaks of hub repo ids), what cannot be a local checkpoint."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder; specmd reads local checkpoints only (nothing "
-                                "is downloaded): pass the folder that holds config.json and the weights")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
 
 
 def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str | None = None,

@@ -88,6 +88,23 @@ def test_run_refuses_bad_checkpoints(tmp_path, truncated_checkpoint, capsys):
     one_line_error(capsys, ["run", "--model", str(truncated_checkpoint), "--device", "cpu"], "truncated")
 
 
+def test_run_refuses_what_is_not_a_supported_moe_checkpoint(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(dense)
+    capsys.readouterr()  # save_pretrained's progress bar
+    one_line_error(capsys, ["run", "--model", str(dense), "--device", "cpu"], "'llama'", "olmoe")
+    sharded = tmp_path / "sharded"
+    tiny_model("olmoe").save_pretrained(sharded, max_shard_size="20KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    capsys.readouterr()
+    one_line_error(capsys, ["run", "--model", str(sharded), "--device", "cpu"], "missing", "copy the whole")
+
+
 def test_trace_names_its_model(trace_file):
     data = json.loads(trace_file.read_text())
     assert data["model"] == "tiny" and data["lookahead"] == 3

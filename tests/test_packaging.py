@@ -24,7 +24,8 @@ def test_the_wheel_carries_its_yaml_and_runs_a_preset_outside_the_checkout(tmp_p
     for kind in ("policies", "hardware", "models", "bench"):
         shipped = {p.name for p in (ROOT / "configs" / kind).glob("*.yaml")}
         assert shipped and {f"specmd/configs/{kind}/{n}" for n in shipped} <= names, kind
-    assert "specmd/py.typed" in names
+    assert "specmd/py.typed" in names and "specmd/checkpoints/olmoe-pystdlib/config.json" in names
+    assert "specmd/kernels/miss_gather.py" in names
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                               str(wheel)], capture_output=True, text=True, timeout=300)
@@ -41,3 +42,6 @@ def test_the_wheel_carries_its_yaml_and_runs_a_preset_outside_the_checkout(tmp_p
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "eviction: least-stale  prefetch: topk" in run.stdout
+    shipped = subprocess.run([sys.executable, "-m", "specmd", "run", "--new-tokens", "2", "--device", "cpu"],
+                             cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert shipped.returncode == 0, shipped.stderr  # the checkpoint that ships inside the wheel

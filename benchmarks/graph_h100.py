@@ -97,12 +97,14 @@ def main() -> None:
     (out / "graph.json").write_text(json.dumps(result, indent=1))
     print(f"pinned copy of one expert: {rate:.1f} GB/s; bf16 families through the graph engine, tokens equal: "
           f"{result['families_bf16']}")
-    print(f"{'configuration':<28}{'TTFT ms':>9}{'TPOT ms':>9}{'floor ms':>9}{'hit %':>7}{'syncs/tok':>10}  same")
+    print(f"{'configuration':<28}{'TTFT ms':>9}{'TPOT ms':>9}{'floor ms':>9}{'hit %':>7}{'syncs/tok':>10}"
+          f"{'graphs':>7}  same")
     for r in rows:
         floor = f"{r['link_floor_ms']:.1f}" if "link_floor_ms" in r else "-"
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
+        graphs = "-" if r.get("captured_graphs") is None else str(r["captured_graphs"])
         print(f"{r['name']:<28}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}{floor:>9}{hit:>7}{r['syncs_per_token']:>10.1f}"
-              f"  {'yes' if r['same'] else 'NO'}")
+              f"{graphs:>7}  {'yes' if r['same'] else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -111,8 +111,7 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
         store = handle.store  # closed earlier: the experts are already in (pinned) host memory
     else:
         store = HostStore(pin=torch.cuda.is_available())
-        # delay: a load of under half a second draws no bar (off a terminal every redraw lands on one line)
-        for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5):
+        for layer in _store_bar(layers, progress):
             store.add_layer(layer)
     move_except_experts(model, [layer.module for layer in layers], target)
 
@@ -134,6 +133,12 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
              budget_bytes / 2**20, total_bytes / 2**20, config.engine, config.eviction, config.prefetch.policy,
              config.prefetch.lookahead)
     return model
+
+
+def _store_bar(layers: list[MoELayer], progress: bool):
+    """``layers``, with a progress bar while they move into the host store. A load of under half a second
+    draws none (off a terminal every redraw lands on the same line)."""
+    return tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5)
 
 
 def _threaded_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfig, budget_bytes: int,
@@ -158,9 +163,10 @@ def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfi
                   num_slots: int, kernels: KernelPlan, device: torch.device) -> GraphEngine:
     """The graph engine over a new slot pool: store -> gather -> device cache -> engine."""
     layout: ExpertLayout = layers[0].layout
-    cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device)  # may refuse
     pool = SlotPool(layout, num_slots, device)
-    return GraphEngine(layers, cache, pool, make_gather(store, pool, device), kernels, budget_bytes)
+    cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device,
+                        make_gather(store, pool, device))
+    return GraphEngine(layers, cache, pool, kernels, budget_bytes)
 
 
 def _install(model: nn.Module, layers: list[MoELayer], engine: Engine) -> None:
@@ -250,7 +256,7 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     layers = find_moe_layers(model)
     store = HostStore(pin=torch.cuda.is_available())
     std = getattr(model.config, "initializer_range", 0.02)
-    for layer in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress, delay=0.5):
+    for layer in _store_bar(layers, progress):
         store.add_layer(layer, copy=False)
         store.fill_random(layer, std, target)
         # transformers' initialisation would draw them again, on the CPU: minutes for a large model

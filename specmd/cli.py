@@ -100,8 +100,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> int:
-    """A simulator budget in experts: a bare whole number counts experts (the convention of routing traces);
-    fractions, percentages and 'N experts' as ``specmd run`` takes them; sizes need one expert's bytes."""
+    """A simulator budget in experts (at least one): a bare whole number counts experts (the convention of
+    routing traces); fractions, percentages and 'N experts' as ``specmd run`` takes them; sizes need one
+    expert's bytes."""
     from .config import Budget
 
     forms = "experts (38), a fraction (0.05), a percentage (5%) or a size (600MB, with --model-timing)"
@@ -111,18 +112,15 @@ def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> i
         raise ValueError(f"sim --budget {budget!r} is not a budget; pass {forms}") from None
     if spec.kind == "auto":
         raise ValueError(f"sim --budget 'auto': 'auto' measures free GPU memory; pass {forms}")
-    if spec.kind == "fraction":
-        return int(spec.value * total_experts)  # rounded down, as shared/traces/README.md does
-    if spec.kind == "experts":
-        return int(spec.value)
-    if expert_bytes is None:
+    if spec.kind == "bytes" and expert_bytes is None:
         raise ValueError(f"sim --budget {budget!r}: a size needs the size of one expert; pass --model-timing "
                          "(configs/models/ name or YAML), or give experts (38), a fraction (0.05) or a percentage")
-    return int(spec.value) // expert_bytes
-
-
-def _sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> int:
-    capacity = sim_capacity(budget, total_experts, expert_bytes)
+    if spec.kind == "fraction":
+        capacity = int(spec.value * total_experts)  # rounded down, as shared/traces/README.md does
+    elif spec.kind == "experts":
+        capacity = int(spec.value)
+    else:
+        capacity = int(spec.value) // expert_bytes
     if capacity < 1:
         raise ValueError(f"sim --budget {budget!r} is less than one expert of {total_experts}; pass at least 1 "
                          "(a whole number counts experts) or a larger share")
@@ -142,7 +140,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         if not (args.hardware and args.model_timing):
             raise ValueError("time estimates need both --hardware (link) and --model-timing (expert size, layer time)")
         timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
-    capacities = [(b, _sim_capacity(b, total, timing[1].expert_bytes if timing else None))
+    capacities = [(b, sim_capacity(b, total, timing[1].expert_bytes if timing else None))
                   for b in args.budget.split(",")]
     rows = []
     for budget, capacity in capacities:

@@ -8,6 +8,7 @@ import torch
 
 from specmd.runtime.device_cache import COUNTERS, DeviceCache
 from specmd.runtime.device_policies import DEVICE_POLICIES
+from specmd.runtime.engines.mainloop import MainLoop
 from specmd.study.sim import simulate
 from specmd.study.trace import load_trace
 
@@ -17,18 +18,19 @@ OLMOE_TRACE = ROOT / "benchmarks" / "traces" / "trace-olmoe16x64-stdlib.json"
 
 
 def drive(trace, capacity: int, eviction: str) -> DeviceCache:
-    """The trace through a DeviceCache, call by call as the main loop issues them."""
+    """The trace through a DeviceCache, by the main loop that runs the engines and the simulator."""
     cache = DeviceCache(trace.num_layers, trace.num_experts, capacity, eviction, torch.device("cpu"))
+    loop = MainLoop(cache, trace.num_layers, submit=lambda requests: None)
+
+    def check(chunk, slots):
+        assert all(slot >= 0 for slot in slots) and len(set(slots)) == len(slots)
+        assert cache.slots(layer)[chunk].tolist() == slots
+
     for layers in trace.accesses():
-        cache.begin_pass()
         for layer, experts in enumerate(layers):
-            for start in range(0, len(experts), capacity):
-                needed = torch.zeros(trace.num_experts, dtype=torch.bool)
-                needed[experts[start:start + capacity]] = True
-                misses = cache.access(layer, needed)
-                slots = cache.slots(layer)[needed]
-                assert (slots >= 0).all() and len(set(slots.tolist())) == len(slots)
-                assert int(misses.count) == int(misses.valid.sum())
+            position, _ = loop.enter(layer)
+            loop.start(layer, position)
+            loop.run(layer, experts, [], check)
     return cache
 
 
@@ -65,6 +67,12 @@ def test_one_slot_and_the_resident_table(olmoe_trace):
     trace = type(trace)(trace.num_layers, trace.num_experts, trace.top_k, trace.passes[:3], "first passes")
     compare(trace, 1, "lru")
     cache = drive(trace, 3, "fifo")
+    needed = torch.zeros(trace.num_experts, dtype=torch.bool)
+    needed[[0, 1, 2]] = True
+    misses = cache.access(0, needed)
+    assert int(misses.count) == int(misses.valid.sum())
+    valid = misses.valid
+    assert torch.equal(cache.slots(0)[misses.experts[valid]], misses.slots[valid])  # each miss where it was copied
     resident = cache.resident()
     assert len(resident) == 3 and all(cache.slots(layer)[expert] == slot for (layer, expert), slot in resident.items())
 

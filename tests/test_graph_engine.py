@@ -145,7 +145,7 @@ def test_the_device_step_never_reads_the_device_back(eviction):
     layers = find_moe_layers(model)
     cache = DeviceCache(len(layers), layers[0].layout.num_experts, 3, eviction, meta)
     pool = SlotPool(layers[0].layout, 3, meta)
-    engine = GraphEngine(layers, cache, pool, lambda layer, misses: None, KernelPlan(Kernel.BATCHED, Kernel.BATCHED),
+    engine = GraphEngine(layers, cache, pool, KernelPlan(Kernel.BATCHED, Kernel.BATCHED),
                          3 * layers[0].layout.expert_bytes)
     hidden = torch.empty(1, 64, dtype=torch.bfloat16, device=meta)
     ids = torch.empty(1, 2, dtype=torch.int64, device=meta)

@@ -124,6 +124,12 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
     return project(h, views["down_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, H]
 
 
+def sum_over_k(out: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, H] weighted rows -> [T, H]: the reduction of transformers' grouped and batched experts, a sum
+    over k in the rows' dtype, then a cast to ``dtype``."""
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+
+
 def weighted_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.Tensor], kernel: Kernel,
                   hidden_states: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, counts: dict[int, int],
                   chunk: Sequence[int], slots: Sequence[int], out: torch.Tensor) -> None:

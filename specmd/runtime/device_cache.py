@@ -13,6 +13,7 @@ misses are cold (never loaded), collision (evicted earlier in this pass) or capa
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +35,15 @@ class Misses:
     count: torch.Tensor
 
 
-class DeviceCache:
-    """``num_slots`` slots over ``num_layers`` x ``num_experts`` experts with a device ``policy``."""
+Gather = Callable[[int, Misses], None]  # (layer, misses): copy the missed experts into their slots
 
-    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy: str, device: torch.device) -> None:
+
+class DeviceCache:
+    """``num_slots`` slots over ``num_layers`` x ``num_experts`` experts with a device ``policy``; the
+    copies each call needs go to ``gather`` (``runtime/gather.py``; None: copy nothing, as the tests do)."""
+
+    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy: str, device: torch.device,
+                 gather: Gather | None = None) -> None:
         if policy not in DEVICE_POLICIES:
             raise ValueError(f"engine='graph' decides evictions on the device, where {policy!r} has no "
                              f"counterpart; choose one of: {', '.join(sorted(DEVICE_POLICIES))}")
@@ -45,6 +51,7 @@ class DeviceCache:
         self.num_layers, self.num_experts, self.num_slots = L, E, S
         self.width = min(E, S)  # K
         self.device = device
+        self._gather = gather
         # Normal tensors even when offload runs under inference_mode: a later generate updates them in place.
         with torch.inference_mode(False):
             self._make_state(L, E, S, policy, device)
@@ -66,10 +73,26 @@ class DeviceCache:
         self.evicted_this_pass.zero_()
         self.policy.begin_pass()
 
+    def set_position(self, position: int, layer: int, num_layers: int) -> None:
+        """The main loop's notice that ``layer`` runs (``SlotCache.set_position``): the device policies take
+        the layer with each call, and no prefetch is pending."""
+
+    def acquire(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """``SlotCache.acquire`` for the main loop's chunks: make the distinct ``experts`` resident and return
+        their slots in the same order; reads the slots back (one sync)."""
+        ids = torch.tensor(list(experts), device=self.device)
+        needed = torch.zeros(self.num_experts, dtype=torch.bool, device=self.device).index_fill_(0, ids, True)
+        self.access(layer, needed)
+        return self.slots(layer)[ids].tolist()
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Nothing to do: every copy and read runs on the one stream, in order."""
+
     def access(self, layer: int, needed: torch.Tensor, width: int | None = None) -> Misses:
         """Make the experts ``needed`` [E] bool of ``layer`` resident (changes state; no host sync); returns
-        the copies to make, ``width`` of them at most (default min(E, S); a decode step passes its T*k so the
-        gather's grid stays small). At most S experts may be needed (the engine chunks wider calls)."""
+        the copies it made through ``gather``, ``width`` of them at most (default min(E, S); a decode step passes
+        its T*k so the gather's grid stays small). At most S experts may be needed (the main loop chunks wider
+        calls)."""
         E, S = self.num_experts, self.num_slots
         K = min(self.width, width or self.width)
         row = self.table[layer, :E]  # [E] slot of each expert of this layer, -1 when not resident
@@ -107,7 +130,10 @@ class DeviceCache:
         self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
         self.ever_loaded.index_fill_(0, torch.where(valid, layer * E + experts, spare_key), True)
         self._record(layer, needed, missed, keys)
-        return Misses(experts, victims, valid, count)
+        misses = Misses(experts, victims, valid, count)
+        if self._gather is not None:
+            self._gather(layer, misses)
+        return misses
 
     def slots(self, layer: int) -> torch.Tensor:
         """[E] the slot of each expert of ``layer`` (-1 where not resident); a view."""

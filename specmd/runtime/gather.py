@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .copier import SlotPool
-from .device_cache import Misses
+from .device_cache import Gather, Misses
 from .store import HostStore
-
-Gather = Callable[[int, Misses], None]
 
 
 def _kernel():

@@ -10,7 +10,8 @@ pairs fit the pool), everything stays on the device and on the stream the model 
 Stream order alone makes this safe: the gather that overwrites a slot is queued after every computation
 that read it. No event, no lock, no thread; nothing is read back per token (``stats`` reads the counters
 when asked). Other calls (prefill, the loop and grouped kernels, layers needing more experts than there
-are slots) read the routed ids once and run the same steps chunk by chunk.
+are slots) read the routed ids once and run through the main loop's chunks (``mainloop.py``), as the
+threaded engine does, with the device cache in place of the slot cache.
 
 On CUDA each layer's device step is captured as a CUDA graph on its second call of a shape and replayed
 after (``graphs.py``): one replay per layer instead of about sixty launches. Not yet: the whole decode
@@ -21,39 +22,38 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..adapters import MoELayer
-from ..compute import Kernel, KernelPlan, expert_rows, weighted_rows
+from ..compute import Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
-from ..gather import Gather
 from ..metrics import Stats
 from .binding import ClosedHandleError
 from .graphs import LayerGraphs
-from .mainloop import PassClock
+from .mainloop import MainLoop
 
 log = logging.getLogger(__name__)
 
 
 class GraphEngine:
-    """Owns the device cache, the slot pool and the gather; called once per MoE layer per forward pass."""
+    """Owns the device cache and the slot pool; called once per MoE layer per forward pass."""
 
     name = "graph"
 
-    def __init__(self, layers: list[MoELayer], cache: DeviceCache, pool: SlotPool, gather: Gather,
-                 kernels: KernelPlan, budget_bytes: int) -> None:
+    def __init__(self, layers: list[MoELayer], cache: DeviceCache, pool: SlotPool, kernels: KernelPlan,
+                 budget_bytes: int) -> None:
         self.layers = layers
         self.cache = cache
         self.pool = pool
         self.kernels = kernels
         self.decoding = False  # set by the model's generate while it decodes (api._track_decode)
         self.budget_bytes = budget_bytes
-        self.clock = PassClock(len(layers))
+        self.loop = MainLoop(cache, len(layers), submit=_no_prefetch)
         self.closed = False
-        self._gather = gather
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
         self._warned: set[int] = set()
@@ -65,9 +65,7 @@ class GraphEngine:
         if self.closed:
             raise ClosedHandleError("this model's specmd handle was closed; call specmd.offload(model, ...) "
                                     "again to run it")
-        _, new_pass = self.clock.enter(layer)
-        if new_pass:
-            self.cache.begin_pass()
+        self.loop.enter(layer)
         num_tokens, top_k = top_k_index.shape
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
         # Distinct experts of a call: at most E, at most T*k; the device path needs them all in the pool.
@@ -81,7 +79,7 @@ class GraphEngine:
                 self._warn_chunked(num_tokens * top_k)
             flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
             out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
-            return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+            return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
 
     def _on_device(self):
         """The pool's CUDA device as the current one (Triton and CUDA graphs use the current device)."""
@@ -106,48 +104,40 @@ class GraphEngine:
         """One call on the device alone: fixed shapes, no host sync, capturable. [T, H] out."""
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
-        self._make_resident(layer, flat_ids, width=flat_ids.shape[0])
+        needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=flat_ids.device)
+        self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0])
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
         y = expert_rows(module, self.pool.layout, self.pool.views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
-        out = y * weights.unsqueeze(-1)
-        # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
-        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
-    def _make_resident(self, layer: int, ids: torch.Tensor, width: int | None = None) -> None:
-        """The experts ``ids`` (at most num_slots distinct) of ``layer`` into slots; no host sync."""
-        needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
-        self._gather(layer, self.cache.access(layer, needed, width))
+        return sum_over_k(y * weights.unsqueeze(-1), num_tokens, top_k, hidden_states.dtype)
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
                  weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:
-        """The layer in chunks of at most num_slots experts, as the main loop runs it; reads the ids (one sync)."""
+        """The layer through the main loop's chunks of at most num_slots experts; reads the ids (one sync), and
+        each chunk's slots."""
         layout = self.pool.layout
         out_dtype = torch.promote_types(layout.dtype, weights.dtype)
         out = torch.empty(flat_ids.shape[0], hidden_states.shape[-1], dtype=out_dtype, device=hidden_states.device)
         counts = Counter(flat_ids.tolist())
-        experts = sorted(counts)
-        width = self.cache.num_slots
-        for start in range(0, len(experts), width):
-            chunk = experts[start:start + width]
-            ids = torch.tensor(chunk, device=flat_ids.device)
-            self._make_resident(layer, ids)
-            slots = self.cache.slots(layer)[ids].tolist()
+
+        def compute_chunk(chunk: Sequence[int], slots: list[int]) -> None:
             weighted_rows(module, layout, self.pool.views, kernel, hidden_states, flat_ids, weights, counts, chunk,
                           slots, out)
+
+        self.loop.run(layer, sorted(counts), [], compute_chunk)
         return out
 
     def stats(self) -> Stats:
         """A snapshot of the counters; reads them from the device (one sync)."""
         layout = self.pool.layout
         return Stats(num_slots=self.cache.num_slots, budget_bytes=self.budget_bytes,
-                     expert_bytes=layout.expert_bytes, forward_passes=self.clock.forward_passes,
+                     expert_bytes=layout.expert_bytes, forward_passes=self.loop.clock.forward_passes,
                      layers=self.cache.stats(layout.expert_bytes))
 
     def reset_stats(self) -> None:
         """Zero every counter; the cache's contents stay (changes state)."""
         self.cache.reset_counters()
-        self.clock.forward_passes = 0
+        self.loop.clock.forward_passes = 0
 
     def close(self) -> Stats | None:
         """Release the slot pool; later calls raise ``ClosedHandleError``. Returns the last snapshot (None
@@ -161,3 +151,7 @@ class GraphEngine:
             self.pool.free()
             if self._graphs is not None:
                 self._graphs.clear()
+
+
+def _no_prefetch(requests) -> None:
+    assert not requests, "the graph engine does not prefetch yet"

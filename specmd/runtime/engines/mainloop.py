@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..cache import SlotCache
+from ..device_cache import DeviceCache
 from ..prefetch import PrefetchRequest
 
 
@@ -37,9 +38,11 @@ class PassClock:
 
 
 class MainLoop:
-    """Pass and position bookkeeping of one model, and the chunked acquire/compute/release of a layer."""
+    """Pass and position bookkeeping of one model, and the chunked acquire/compute/release of a layer, over
+    either cache (the slot cache of the threaded engine and the simulator, the device cache of the graph
+    engine)."""
 
-    def __init__(self, cache: SlotCache, num_layers: int,
+    def __init__(self, cache: SlotCache | DeviceCache, num_layers: int,
                  submit: Callable[[list[PrefetchRequest]], None]) -> None:
         self.cache = cache
         self.num_layers = num_layers

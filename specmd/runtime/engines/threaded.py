@@ -25,7 +25,7 @@ from torch import nn
 
 from ..adapters import MoELayer
 from ..cache import SlotCache
-from ..compute import KernelPlan, weighted_rows
+from ..compute import KernelPlan, sum_over_k, weighted_rows
 from ..copier import SlotPool
 from ..metrics import LayerStats, Stats
 from ..prefetch import Predictor, PrefetchRequest, prefetch_requests
@@ -132,8 +132,7 @@ class ThreadedEngine:
                           slots, out)
 
         self.loop.run(layer, sorted(counts), requests, compute_chunk)
-        # Same reduction as transformers' grouped/batched experts: sum over k in out_dtype, then cast.
-        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
 
     def _submit(self, requests: list[PrefetchRequest]) -> None:
         # What cannot start now goes to the watchdog, even while it still holds older requests: with lookahead

@@ -1,14 +1,20 @@
 """The graph engine against the threaded engine and the full-GPU model, on the GPU, in one process.
 
-OLMoE-1B-7B shapes, random bf16 weights (random routing: degenerate, see the README), a 16-token prompt and
-64 new tokens. Rows: full GPU (transformers' default kernels, uncompiled), the threaded engine (no prefetch)
-and the graph engine (no prefetch; each layer's decode step replayed as a CUDA graph) at several budgets. Tokens are checked against
-the full-GPU model. The link floor of a budget: bytes gathered per decoded token / the pinned copy rate
-measured in this run. Host syncs per decoded token: CUDA synchronize calls and device->host copies counted
-by torch's profiler over one generate, divided by its decode steps (generate itself syncs once a token).
-Also: every family's tiny model in bf16 through the graph engine, tokens against transformers.
+OLMoE-1B-7B shapes, random bf16 weights (random routing: degenerate, see the README), prompts of 16 (and
+512) tokens, 64 new tokens. Rows:
+  - full GPU, transformers' default kernels, uncompiled (dynamic cache) and compiled (static cache: generate
+    compiles the decode step with its default CompileConfig, mode "reduce-overhead", CUDA graphs);
+  - the threaded engine, no prefetch (uncompiled: its host loop cannot be traced);
+  - the graph engine uncompiled (each layer's step replayed as a CUDA graph) and compiled (the whole decode
+    step one CUDA graph, as ``generate`` runs it by default on CUDA) at each budget.
+Tokens: uncompiled rows against the uncompiled full-GPU model, compiled rows against the compiled one.
+Link floor of a budget: bytes gathered per decoded token / the pinned copy rate measured in this run.
+Host syncs per decode step: from torch's profiler over one 9-token generate, per decode step: stream, device
+and event synchronizations, device->host copies, graph launches and kernel launches (full-GPU rows show
+what generate itself does).
 
-    python benchmarks/graph_h100.py --out DIR        # prints a table last; DIR/graph.json holds everything
+    python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512]
+    # prints a table last; DIR/graph.json holds everything, written after every row
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 import specmd
@@ -27,84 +34,137 @@ from specmd.study.costmodel import ModelSpec
 from specmd.tiny import TINY_CONFIGS, tiny_model
 
 NEW_TOKENS = 64
-CONFIGS = [("threaded", "lru", "100%"), ("threaded", "lru", "5%"), ("graph", "lru", "100%"), ("graph", "lru", "5%")]
+SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def syncs_per_token(model, ids: torch.Tensor) -> float:
-    """CUDA synchronize calls and device->host copies per decode step of one generate."""
+def host_calls_per_step(model, ids: torch.Tensor) -> dict:
+    """Per decode step of one 9-token generate: synchronizations, device->host copies, graph and kernel
+    launches, from the CUDA runtime calls torch's profiler records."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9, do_sample=False)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
-    count = sum(1 for n in names if "Synchronize" in n or "DtoH" in n or "Memcpy DtoH" in n)
-    return count / 8
+    per_step = lambda pred: sum(1 for n in names if pred(n)) / 8  # noqa: E731
+    return {"syncs": per_step(lambda n: n in SYNC_NAMES), "dtoh": per_step(lambda n: "DtoH" in n),
+            "graph_launches": per_step(lambda n: n == "cudaGraphLaunch"),
+            "kernel_launches": per_step(lambda n: n in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                        "cudaLaunchKernelExC"))}
 
 
-def families_bf16() -> dict:
-    """Every family's tiny model in bf16 through the graph engine (decode steps on the device path)."""
+def fresh_compile(model) -> None:
+    """Forget every compiled graph: a new offload must not count against dynamo's recompile limit."""
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    model.__dict__.pop("_cache", None)
+
+
+def families(compiled: bool) -> dict:
+    """Every family's tiny model in bf16 through the graph engine, tokens against transformers in the same
+    mode (compiled: static cache and generate's compiled decode on both sides)."""
     out = {}
     for family in sorted(TINY_CONFIGS):
         ref = tiny_model(family, dtype=torch.bfloat16).cuda()
+        ref.generation_config.cache_implementation = "static" if compiled else None
         ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
-        want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want = ref.generate(ids, **kwargs)
         expert = find_moe_layers(ref)[0].layout.expert_bytes
         same = []
-        for budget in (2 * ref.config.num_experts_per_tok * expert, "50%"):
-            specmd.offload(ref, budget, "lru", "cuda", engine="graph")
-            same.append(bool(torch.equal(ref.generate(ids, max_new_tokens=12, min_new_tokens=12,
-                                                      do_sample=False), want)))
+        # compiled: one budget (each offload compiles afresh)
+        for budget in (2 * ref.config.num_experts_per_tok * expert, "50%")[:1 if compiled else 2]:
+            fresh_compile(ref)
+            specmd.offload(ref, budget, "lru", "cuda", engine="graph", progress=False)
+            ref.generation_config.cache_implementation = "static" if compiled else None
+            ref.generation_config.disable_compile = not compiled
+            same.append(bool(torch.equal(ref.generate(ids, **kwargs), want)))
             ref.specmd.close()
         out[family] = same
+        del ref
     return out
+
+
+def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool) -> None:
+    # like with like: uncompiled rows keep the dynamic cache of the uncompiled full-GPU row
+    model.generation_config.cache_implementation = "static" if compiled else None
+    model.generation_config.disable_compile = not compiled
+    timed = measure(model, ids, NEW_TOKENS, 3, before_last=model.specmd.reset_stats)
+    stats = model.specmd.stats()
+    decode_bytes = stats.total.bytes_copied  # the last generate: prefill + 63 decode steps
+    reference = full["compiled" if compiled else "eager"]
+    row = {"name": name, "prompt": ids.shape[1], "compiled": compiled, "ttft_ms": timed.ttft_ms,
+           "tpot_ms": timed.tpot_ms, "vs_full": timed.tpot_ms / reference["tpot_ms"],
+           "same": bool(torch.equal(timed.tokens, reference["tokens"])), "hit_rate": stats.hit_rate,
+           "gb_per_token": decode_bytes / NEW_TOKENS / 1e9,
+           "link_floor_ms": decode_bytes / NEW_TOKENS / (rate * 1e9) * 1e3,
+           "captured_layer_graphs": getattr(model.specmd.engine, "captured_graphs", None),
+           **host_calls_per_step(model, ids), "stats": stats.to_dict()}
+    rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
+    (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--budgets", nargs="+", default=["100%", "50%", "20%", "10%", "5%"])
+    parser.add_argument("--prompts", nargs="+", type=int, default=[16, 512])
+    parser.add_argument("--families", choices=["none", "eager", "compiled", "both"], default="both")
+    parser.add_argument("--threaded", action="store_true", help="also the threaded engine at each budget")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda", 0)
     model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), device, place="device")[0]
     model.set_experts_implementation("grouped_mm")  # transformers' default kernels: generate decodes with batched_mm
-    layers = find_moe_layers(model)
-    expert_bytes = layers[0].layout.expert_bytes
-    ids = torch.randint(10, 50000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    rows = []
+    expert_bytes = find_moe_layers(model)[0].layout.expert_bytes
+    rate = copy_gbps(expert_bytes, device)
+    rows: list[dict] = []
     with torch.inference_mode():
-        full = measure(model, ids, NEW_TOKENS, 3)
-        rows.append({"name": "full-gpu", "ttft_ms": full.ttft_ms, "tpot_ms": full.tpot_ms, "same": True,
-                     "syncs_per_token": syncs_per_token(model, ids)})
-        rate = copy_gbps(expert_bytes, device)
-        for engine, eviction, budget in CONFIGS:
-            specmd.offload(model, budget, eviction, "cuda", engine=engine, progress=False)
-            timed = measure(model, ids, NEW_TOKENS, 3, before_last=model.specmd.reset_stats, warmup_tokens=8)
-            stats = model.specmd.stats()
-            decode_bytes = stats.total.bytes_copied  # the last generate: prefill + 63 decode steps
-            captured = getattr(model.specmd.engine, "captured_graphs", None)
-            row = {"name": f"{engine} {eviction} @ {budget}", "captured_graphs": captured, "ttft_ms": timed.ttft_ms, "tpot_ms": timed.tpot_ms,
-                   "same": bool(torch.equal(timed.tokens, full.tokens)), "hit_rate": stats.hit_rate,
-                   "gb_per_token": decode_bytes / NEW_TOKENS / 1e9,
-                   "link_floor_ms": decode_bytes / NEW_TOKENS / (rate * 1e9) * 1e3,
-                   "syncs_per_token": syncs_per_token(model, ids), "stats": stats.to_dict()}
-            rows.append(row)
-            model.specmd.close()
-            print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
+        for prompt in args.prompts:
+            ids = torch.randint(10, 50000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+            full = {}
+            for compiled in (False, True):
+                fresh_compile(model)
+                model.generation_config.cache_implementation = "static" if compiled else None
+                timed = measure(model, ids, NEW_TOKENS, 3)
+                mode = "compiled" if compiled else "eager"
+                full[mode] = {"tpot_ms": timed.tpot_ms, "tokens": timed.tokens}
+                row = {"name": f"full GPU {mode}", "prompt": prompt, "compiled": compiled, "ttft_ms": timed.ttft_ms,
+                       "tpot_ms": timed.tpot_ms, "same": True, **host_calls_per_step(model, ids)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            model.generation_config.cache_implementation = None
+            for budget in args.budgets:
+                if args.threaded:
+                    specmd.offload(model, budget, "lru", "cuda", engine="threaded", progress=False)
+                    run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
+                    model.specmd.close()
+                for compiled in (False, True):
+                    fresh_compile(model)
+                    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)
+                    mode = "compiled" if compiled else "per-layer graphs"
+                    run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled)
+                    model.specmd.close()
     del model
-    torch.cuda.empty_cache()
-    result = {"copy_gbps": rate, "rows": rows, "families_bf16": families_bf16(),
+    fresh_compile_families = {}
+    if args.families in ("eager", "both"):
+        fresh_compile_families["eager"] = families(compiled=False)
+    if args.families in ("compiled", "both"):
+        fresh_compile_families["compiled"] = families(compiled=True)
+    result = {"copy_gbps": rate, "rows": rows, "families_bf16": fresh_compile_families,
               "machine": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    (out / "graph.json").write_text(json.dumps(result, indent=1))
-    print(f"pinned copy of one expert: {rate:.1f} GB/s; bf16 families through the graph engine, tokens equal: "
-          f"{result['families_bf16']}")
-    print(f"{'configuration':<28}{'TTFT ms':>9}{'TPOT ms':>9}{'floor ms':>9}{'hit %':>7}{'syncs/tok':>10}"
-          f"{'graphs':>7}  same")
+    (out / "graph.json").write_text(json.dumps(result, indent=1, default=str))
+    print(f"pinned copy of one expert: {rate:.1f} GB/s; bf16 families through the graph engine, tokens equal "
+          f"(2k experts, 50%; compiled: 2k only): {fresh_compile_families}")
+    print(f"{'configuration':<36}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'x full':>7}{'floor ms':>9}{'hit %':>7}"
+          f"{'syncs':>6}{'DtoH':>5}{'graphs':>7}{'kernels':>8}  same")
     for r in rows:
-        floor = f"{r['link_floor_ms']:.1f}" if "link_floor_ms" in r else "-"
+        floor = f"{r['link_floor_ms']:.2f}" if "link_floor_ms" in r else "-"
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
-        graphs = "-" if r.get("captured_graphs") is None else str(r["captured_graphs"])
-        print(f"{r['name']:<28}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}{floor:>9}{hit:>7}{r['syncs_per_token']:>10.1f}"
-              f"{graphs:>7}  {'yes' if r['same'] else 'NO'}")
+        ratio = f"{r['vs_full']:.2f}" if "vs_full" in r else "-"
+        print(f"{r['name']:<36}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.2f}{ratio:>7}{floor:>9}{hit:>7}"
+              f"{r['syncs']:>6.1f}{r['dtoh']:>5.1f}{r['graph_launches']:>7.1f}{r['kernel_launches']:>8.1f}"
+              f"  {'yes' if r['same'] else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,10 @@ def _gather(store, pool, experts, slots, count, words_per_expert, WORDS: tl.cons
 
 def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,
                   count: torch.Tensor) -> None:
-    """``pool[slots[j]] = store[experts[j]]`` for j < ``count`` on the current stream. ``store`` [E, block]
-    pinned host memory, ``pool`` [S, block] on the device, same dtype; ``experts``/``slots`` [K] int64 and
-    ``count`` [] on the device. Launches one kernel; never syncs."""
-    assert store.is_pinned() and pool.is_cuda and store.dtype == pool.dtype and store.shape[1] == pool.shape[1]
-    words = store.view(torch.int32)
-    target = pool.view(torch.int32)
-    per_expert = words.shape[1]
+    """``pool[slots[j]] = store[experts[j]]`` for j < ``count`` on the current stream. ``store`` [E, words]
+    int32: pinned host memory seen as a CUDA tensor (``specmd.runtime.gather.host_words``); ``pool`` [S, words]
+    int32 on the device; ``experts``/``slots`` [K] int64 and ``count`` [] on the device. Launches one kernel;
+    never syncs; traceable by torch.compile (a user Triton kernel)."""
+    per_expert = store.shape[1]
     grid = (experts.shape[0], triton.cdiv(per_expert, WORDS_PER_PROGRAM))
-    _gather[grid](words, target, experts, slots, count.reshape(1), per_expert, WORDS=WORDS_PER_PROGRAM)
+    _gather[grid](store, pool, experts, slots, count.reshape(1), per_expert, WORDS=WORDS_PER_PROGRAM)

@@ -128,6 +128,8 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
         engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor, kernels, target)
     _install(model, layers, engine)
     model.specmd = OffloadHandle(engine, config, store, top_k, implementation, model)
+    if isinstance(engine, GraphEngine) and target.type == "cuda":
+        model.specmd.set_static_cache = _capture_decode(model, engine, top_k)
     log.info("specmd: %d MoE layers, %d slots of %.1f MiB (budget %.1f MiB of %.1f MiB experts), %s engine, "
              "eviction %s, prefetch %s (lookahead %d)", len(layers), num_slots, layout.expert_bytes / 2**20,
              budget_bytes / 2**20, total_bytes / 2**20, config.engine, config.eviction, config.prefetch.policy,
@@ -197,6 +199,24 @@ def _track_decode(model: nn.Module, engine: Engine) -> None:
                 engine.decoding = False
 
     model._optimize_model_for_decode = decoding  # on the instance; close() removes it
+
+
+def _capture_decode(model: nn.Module, engine: GraphEngine, top_k: int) -> bool:
+    """Make ``generate`` run each decode step of the graph engine as one CUDA graph: with a static KV cache,
+    transformers compiles the decode step (torch.compile with its CompileConfig: mode "reduce-overhead",
+    which captures CUDA graphs) and the engine's device path lets the whole step be captured. Set only where
+    the user chose no cache; returns whether it was set (``close`` unsets it)."""
+    need = min(engine.cache.num_experts, top_k)  # one token's routed experts, all in the pool at once
+    if engine.cache.num_slots < need:
+        log.warning("specmd: %d slots hold fewer than the %d experts one token routes to: decode steps run "
+                    "uncaptured and chunked; a budget of at least %d experts lets them run as CUDA graphs",
+                    engine.cache.num_slots, need, need)
+        return False
+    config = getattr(model, "generation_config", None)
+    if config is None or config.cache_implementation is not None:
+        return False
+    config.cache_implementation = "static"
+    return True
 
 
 def _slots_for(budget_bytes: int, expert_bytes: int, spec: Budget) -> int:

@@ -30,6 +30,7 @@ class OffloadHandle:
         self.implementation = implementation  # the experts implementation the model had before offload
         self._model = weakref.ref(model)  # the model holds the handle: no cycle keeping both alive
         self._final_stats: Stats | None = None  # taken at close
+        self.set_static_cache = False  # the graph engine chose generate's static cache (api._capture_decode)
 
     @property
     def engine(self) -> ThreadedEngine | GraphEngine:
@@ -108,6 +109,9 @@ class OffloadHandle:
         model = self._model()
         if model is not None:
             model.__dict__.pop("_optimize_model_for_decode", None)
+            if self.set_static_cache:
+                model.generation_config.cache_implementation = None
+                self.set_static_cache = False
 
     def _check_threaded(self, what: str) -> None:
         self._check_open()

@@ -64,6 +64,7 @@ class DeviceCache:
         self.evicted_this_pass = torch.zeros(L * E + 1, dtype=torch.bool, device=device)
         self.clock = torch.zeros((), **i64)
         self.counters = torch.zeros(len(COUNTERS), L + 1, **i64)  # [counter, layer]
+        self.passes = torch.zeros((), **i64)  # forward passes, counted on the device (compiled steps too)
         self.policy: DevicePolicy = DEVICE_POLICIES[policy](S, L * E, device)
         self._experts = torch.arange(E, **i64)
         self._slots = torch.arange(S + 1, **i64)
@@ -71,6 +72,7 @@ class DeviceCache:
     def begin_pass(self) -> None:
         """A new forward pass starts: collisions are counted afresh (changes state)."""
         self.evicted_this_pass.zero_()
+        self.passes += 1
         self.policy.begin_pass()
 
     def set_position(self, position: int, layer: int, num_layers: int) -> None:
@@ -152,6 +154,14 @@ class DeviceCache:
     def reset_counters(self) -> None:
         """Zero the counters; the cached experts stay (changes state)."""
         self.counters.zero_()
+        self.passes.zero_()
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a call reads or updates in place (the state, the policy's, the gather's): their
+        addresses never change, which torch.compile must be told to capture a step that updates them."""
+        state = [value for value in vars(self).values() if isinstance(value, torch.Tensor)]
+        policy = [value for value in vars(self.policy).values() if isinstance(value, torch.Tensor)]
+        return state + policy + list(getattr(self._gather, "tensors", ()))
 
     def resident(self) -> dict[tuple[int, int], int]:
         """(layer, expert) -> slot of every resident expert; reads the device."""

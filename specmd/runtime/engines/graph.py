@@ -32,6 +32,7 @@ from ..compute import Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
 from ..metrics import Stats
+from ..store import layout_views
 from .binding import ClosedHandleError
 from .graphs import LayerGraphs
 from .mainloop import MainLoop
@@ -56,6 +57,13 @@ class GraphEngine:
         self.closed = False
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
+        if pool.data.is_cuda:
+            # torch.compile captures a step as a CUDA graph only if the tensors it updates in place keep their
+            # addresses, which these do (the pool, the cache's state, the store as the kernel reads it).
+            from torch._dynamo import mark_static_address
+
+            for tensor in [pool.data, *cache.static_tensors()]:
+                mark_static_address(tensor)
         self._warned: set[int] = set()
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -65,13 +73,26 @@ class GraphEngine:
         if self.closed:
             raise ClosedHandleError("this model's specmd handle was closed; call specmd.offload(model, ...) "
                                     "again to run it")
-        self.loop.enter(layer)
         num_tokens, top_k = top_k_index.shape
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
         # Distinct experts of a call: at most E, at most T*k; the device path needs them all in the pool.
-        fits = min(self.cache.num_experts, num_tokens * top_k) <= self.cache.num_slots
+        on_device = kernel is Kernel.BATCHED and min(self.cache.num_experts, num_tokens * top_k) <= self.cache.num_slots
+        if on_device and torch.compiler.is_compiling():
+            # Traced by torch.compile (transformers' compiled decode): one compiled call is one whole forward
+            # pass, so the first MoE layer starts the pass on the device; no Python state changes, so nothing
+            # is specialised on a per-token value and the step is traced once.
+            if layer == 0:
+                self.cache.begin_pass()
+            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
+        return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, on_device)
+
+    @torch.compiler.disable  # under torch.compile: a graph break, and this runs as written
+    def _eager_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, kernel: Kernel, on_device: bool) -> torch.Tensor:
+        self.loop.enter(layer)
+        num_tokens, top_k = top_k_index.shape
         with self._on_device():
-            if kernel is Kernel.BATCHED and fits:
+            if on_device:
                 if self._graphs is not None and self.decoding:  # prefill lengths vary: not captured
                     return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
                 return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
@@ -108,7 +129,10 @@ class GraphEngine:
         self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0])
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
-        y = expert_rows(module, self.pool.layout, self.pool.views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
+        # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the
+        # pool, which the gather updates in place.
+        views = layout_views(self.pool.data, self.pool.layout)
+        y = expert_rows(module, self.pool.layout, views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
         return sum_over_k(y * weights.unsqueeze(-1), num_tokens, top_k, hidden_states.dtype)
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
@@ -131,13 +155,12 @@ class GraphEngine:
         """A snapshot of the counters; reads them from the device (one sync)."""
         layout = self.pool.layout
         return Stats(num_slots=self.cache.num_slots, budget_bytes=self.budget_bytes,
-                     expert_bytes=layout.expert_bytes, forward_passes=self.loop.clock.forward_passes,
+                     expert_bytes=layout.expert_bytes, forward_passes=int(self.cache.passes),
                      layers=self.cache.stats(layout.expert_bytes))
 
     def reset_stats(self) -> None:
         """Zero every counter; the cache's contents stay (changes state)."""
         self.cache.reset_counters()
-        self.loop.clock.forward_passes = 0
 
     def close(self) -> Stats | None:
         """Release the slot pool; later calls raise ``ClosedHandleError``. Returns the last snapshot (None

@@ -14,7 +14,7 @@ misses are cold (never loaded), collision (evicted earlier in this pass) or capa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,9 +33,12 @@ class Misses:
     slots: torch.Tensor
     valid: torch.Tensor
     count: torch.Tensor
+    layer_slots: torch.Tensor  # [E] the slot of each expert of the layer (-1: not resident), after the copies
 
 
-Gather = Callable[[int, Misses], None]  # (layer, misses): copy the missed experts into their slots
+# (layer, misses) -> misses.layer_slots: copy the missed experts into their slots, and return the layer's slots
+# as a tensor that comes after the copies; the layer's compute indexes the pool with it (see gather.py).
+Gather = Callable[[int, Misses], torch.Tensor]
 
 
 class DeviceCache:
@@ -84,8 +87,7 @@ class DeviceCache:
         their slots in the same order; reads the slots back (one sync)."""
         ids = torch.tensor(list(experts), device=self.device)
         needed = torch.zeros(self.num_experts, dtype=torch.bool, device=self.device).index_fill_(0, ids, True)
-        self.access(layer, needed)
-        return self.slots(layer)[ids].tolist()
+        return self.access(layer, needed).layer_slots[ids].tolist()
 
     def release(self, slots: Sequence[int]) -> None:
         """Nothing to do: every copy and read runs on the one stream, in order."""
@@ -132,9 +134,9 @@ class DeviceCache:
         self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
         self.ever_loaded.index_fill_(0, torch.where(valid, layer * E + experts, spare_key), True)
         self._record(layer, needed, missed, keys)
-        misses = Misses(experts, victims, valid, count)
+        misses = Misses(experts, victims, valid, count, self.slots(layer))
         if self._gather is not None:
-            self._gather(layer, misses)
+            misses = replace(misses, layer_slots=self._gather(layer, misses))
         return misses
 
     def slots(self, layer: int) -> torch.Tensor:

@@ -126,9 +126,9 @@ class GraphEngine:
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
         needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=flat_ids.device)
-        self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0])
+        misses = self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0])
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
-        row_slots = self.cache.slots(layer)[flat_ids]  # [T*k]
+        row_slots = misses.layer_slots[flat_ids]  # [T*k]
         # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the
         # pool, which the gather updates in place.
         views = layout_views(self.pool.data, self.pool.layout)

@@ -10,8 +10,11 @@ from specmd.runtime.engines.graph import GraphEngine
 from specmd.tiny import tiny_model
 
 
-def generate(model, ids, tokens=8):
-    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+def generate(model, ids, tokens=8, compiled=False):
+    """Greedy tokens; uncompiled unless asked (on CUDA the graph engine's generate compiles by default,
+    which ``test_the_whole_decode_step_is_compiled_into_one_graph`` covers)."""
+    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                          disable_compile=not compiled)
 
 
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
@@ -93,6 +96,37 @@ def test_captured_decode_steps_stay_identical_over_generates(eviction):
     stats = ref.specmd.stats()
     assert stats.forward_passes == 36 and stats.total.accesses == stats.total.hits + stats.total.misses
     ref.specmd.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate compiles the decode step on CUDA")
+def test_the_whole_decode_step_is_compiled_into_one_graph():
+    """On CUDA, generate compiles the graph engine's decode step (the static cache offload chose; transformers'
+    CompileConfig, CUDA graphs): traced in one piece, tokens equal to the compiled full-GPU model's, counters
+    equal to the uncompiled engine's over the same generates, and close gives the cache choice back."""
+    from torch._dynamo.utils import counters
+
+    ref = tiny_model("olmoe", dtype=torch.bfloat16).cuda()
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    want_eager = generate(ref, ids, 12)
+    ref.generation_config.cache_implementation = "static"
+    want_compiled = generate(ref, ids, 12, compiled=True)
+    ref.generation_config.cache_implementation = None
+    expert = find_moe_layers(ref)[0].layout.expert_bytes
+    stats = {}
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        specmd.offload(ref, 3 * expert, "lru", "cuda", engine="graph")  # top-2 decode fits; misses every step
+        assert ref.generation_config.cache_implementation == "static"
+        for _ in range(3):
+            assert torch.equal(generate(ref, ids, 12, compiled), want_compiled if compiled else want_eager)
+        if compiled:
+            assert not counters["graph_break"] and ref.specmd.engine.captured_graphs == 0
+        stats[compiled] = ref.specmd.stats()
+        ref.specmd.close()
+        assert ref.generation_config.cache_implementation is None
+    assert stats[True].forward_passes == stats[False].forward_passes == 36
+    assert [vars(s) for s in stats[True].layers] == [vars(s) for s in stats[False].layers]
 
 
 # Ops that read a CUDA tensor back to the host (or size their output from its values) in eager PyTorch.

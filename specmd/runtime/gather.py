@@ -69,8 +69,8 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
     ``host_words`` of a layer, one kernel launch, no sync; CPU: the layer's buffer, indexed copies.
 
     Declared as mutating nothing, though it writes into ``pool``: the pool is the cache, updated in place
-    every layer, and a declared mutation makes torch.compile copy the whole pool once per step (measured on
-    the H200: 16 ms of a 20 ms step at a 100% budget). Nothing reorders a read of the pool before this: every
+    every layer, and a declared mutation makes torch.compile copy the whole pool once per step (on the H200,
+    OLMoE shapes at a 100% budget: 19.8 ms a step, against 7.2 ms declared as it is now). Nothing reorders a read of the pool before this: every
     read indexes the pool with ``then``'s copy (the layer's slots), and the copies' ids come from the
     layer's routing, which comes after the previous layer's reads."""
     if pool.is_cuda:

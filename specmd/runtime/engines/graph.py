@@ -13,9 +13,11 @@ when asked). Other calls (prefill, the loop and grouped kernels, layers needing 
 are slots) read the routed ids once and run through the main loop's chunks (``mainloop.py``), as the
 threaded engine does, with the device cache in place of the slot cache.
 
-On CUDA each layer's device step is captured as a CUDA graph on its second call of a shape and replayed
-after (``graphs.py``): one replay per layer instead of about sixty launches. Not yet: the whole decode
-step as one graph (attention and the rest still launch eagerly), and prefetch (issue 11).
+On CUDA, generate compiles the decode step (the static cache ``api._capture_decode`` chooses; torch.compile
+in transformers' mode "reduce-overhead"): ``run_layer`` sees it is traced and takes the device step with
+no Python state change, so the whole step, attention included, is one CUDA graph. Uncompiled decode steps
+(a dynamic cache, ``disable_compile``) capture each layer's device step as its own CUDA graph on its second
+call of a shape and replay it (``graphs.py``). Not yet: prefetch (issue 11).
 """
 from __future__ import annotations
 

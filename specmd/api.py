@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -16,6 +15,7 @@ from .checkpoint import check_checkpoint
 from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
 from .devices import device_memory, move_except_experts, resolve_device
 from .handle import OffloadHandle
+from .loader import checkpoint_dtype, read_checkpoint
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
 from .runtime.compute import KernelPlan
@@ -231,28 +231,63 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
                     device: str | None = None, *, dtype: torch.dtype | str | None = None,
                     prefetch: str | dict | PrefetchConfig | None = None, lookahead: int | None = None,
                     preset: str | None = None, seed: int = 0, engine: str | None = None, progress: bool = True,
-                    **hf_kwargs) -> nn.Module:
+                    attn_implementation: str | None = None) -> nn.Module:
     """Load a local checkpoint and offload it (arguments as ``offload``); experts never all reach the device.
 
-    The checkpoint is read by transformers onto the CPU (which applies each family's checkpoint
-    conversions), then each MoE layer's experts move into the host store and their loaded copy is freed
-    at once: host memory peaks at one copy of the experts plus one layer. Extra keyword arguments go to
-    ``AutoModelForCausalLM.from_pretrained``; nothing is fetched from a hub (``local_files_only``).
+    The model is made on the meta device; each MoE layer's experts get a (pinned) host buffer and every
+    other weight its place on the device; then the safetensors files are read tensor by tensor straight
+    into those places (``loader.py``): the experts are never twice in host memory. ``dtype``: as
+    transformers' "auto" when None (the config's, else the checkpoint's). ``model.specmd.load_report``:
+    the time, bytes read and host peak of the read. Nothing is fetched from a hub.
     """
+    from transformers import AutoConfig, GenerationConfig
+
+    settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
+    target = resolve_device(settings.device)
+    path = Path(path)
+    check_checkpoint(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    config._name_or_path = str(path)
+    dtype = parse_dtype(dtype) or _config_dtype(config) or checkpoint_dtype(path)
+    store = HostStore(pin=torch.cuda.is_available())
+    model, layers = _skeleton(config, dtype, target, store)
+    report = read_checkpoint(model, layers, store, path, progress)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    model = _offload(model.eval(), settings, store=store, progress=progress)
+    model.specmd.load_report = report
+    log.info("specmd: %s", report.summary())
+    return model
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore) -> tuple[nn.Module, list[MoELayer]]:
+    """A model of ``config`` made on the meta device, then placed: each MoE layer's experts become views of a
+    new (pinned) host buffer of ``store`` (unwritten), every other weight and buffer is allocated on
+    ``target`` and initialised by transformers (so buffers such as rotary frequencies are right)."""
     from transformers import AutoModelForCausalLM
 
-    config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)  # fails before the load
-    resolve_device(config.device)
-    dtype = parse_dtype(dtype)
-    check_checkpoint(Path(path))
-    hf_kwargs.setdefault("local_files_only", True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **hf_kwargs)
-    except SafetensorError as err:
-        raise ValueError(f"{path}: a weights file could not be read ({err}); it may be truncated or not a "
-                         "safetensors file: copy the checkpoint again") from err
-    model.eval()
-    return _offload(model, config, progress=progress)
+    with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
+    layers = find_moe_layers(model)
+    for layer in layers:
+        store.add_layer(layer, copy=False)
+        # transformers' initialisation would draw them, on the CPU: minutes for a large model
+        layer.module._is_hf_initialized = True
+    experts = {id(layer.module) for layer in layers}
+    with torch.no_grad():
+        for module in model.modules():
+            if id(module) not in experts:
+                module.to_empty(device=target, recurse=False)
+        model.initialize_weights()  # every other weight and buffer, in place on the device
+        model.tie_weights()  # to_empty gave tied modules separate tensors
+    return model, layers
 
 
 def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str | None = None,
@@ -266,26 +301,13 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     biases; drawn on ``device``), and non-expert weights are allocated on ``device`` and initialised by
     transformers, all seeded by ``seed``. No copy of the whole model exists anywhere, so models larger
     than the device run (benchmarks of real shapes; the outputs are random text)."""
-    from transformers import AutoModelForCausalLM
 
     settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
     target = resolve_device(settings.device)
     torch.manual_seed(seed)
-    with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
-    layers = find_moe_layers(model)
     store = HostStore(pin=torch.cuda.is_available())
+    model, layers = _skeleton(config, dtype, target, store)
     std = getattr(model.config, "initializer_range", 0.02)
     for layer in _store_bar(layers, progress):
-        store.add_layer(layer, copy=False)
         store.fill_random(layer, std, target)
-        # transformers' initialisation would draw them again, on the CPU: minutes for a large model
-        layer.module._is_hf_initialized = True
-    experts = {id(layer.module) for layer in layers}
-    with torch.no_grad():
-        for module in model.modules():
-            if id(module) not in experts:
-                module.to_empty(device=target, recurse=False)
-        model.initialize_weights()  # every other weight and buffer, in place on the device
-        model.tie_weights()  # to_empty gave tied modules separate tensors
     return _offload(model.eval(), settings, store=store, progress=progress)

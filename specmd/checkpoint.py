@@ -26,7 +26,7 @@ def check_checkpoint(path: Path) -> None:
     if model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not a Mixture-of-Experts family specmd supports; "
                          f"supported: {', '.join(SUPPORTED_FAMILIES)}")
-    for shard in _shards(path):
+    for shard in shard_files(path):
         try:
             with safe_open(str(shard), framework="pt") as weights:
                 weights.keys()
@@ -35,7 +35,7 @@ def check_checkpoint(path: Path) -> None:
                              "the checkpoint again") from err
 
 
-def _shards(path: Path) -> list[Path]:
+def shard_files(path: Path) -> list[Path]:
     """The safetensors files the checkpoint names (its index, or the single file); missing ones refused."""
     index = path / "model.safetensors.index.json"
     if index.is_file():

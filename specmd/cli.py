@@ -68,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats, config = model.specmd.stats(), model.specmd.config
     print(f"device: {model.device}  engine: {config.engine}  eviction: {config.eviction}  prefetch: {config.prefetch.policy} "
           f"(lookahead {config.prefetch.lookahead})  budget: {config.expert_budget}  slots: {stats.num_slots}")
+    if model.specmd.load_report is not None:
+        print(f"checkpoint: {model.specmd.load_report.summary()}")
     print(f"prompt: {args.prompt!r}")
     print(f"output: {decode(out[0, ids.shape[1]:])!r}")
     print(f"{args.new_tokens} tokens in {seconds:.2f} s (wall clock)")

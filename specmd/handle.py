@@ -30,6 +30,7 @@ class OffloadHandle:
         self.implementation = implementation  # the experts implementation the model had before offload
         self._model = weakref.ref(model)  # the model holds the handle: no cycle keeping both alive
         self._final_stats: Stats | None = None  # taken at close
+        self.load_report = None  # from_pretrained: the checkpoint read's time, bytes and host peak (loader.py)
         self.set_static_cache = False  # the graph engine chose generate's static cache (api._capture_decode)
 
     @property
@@ -111,7 +112,8 @@ class OffloadHandle:
             model.__dict__.pop("_optimize_model_for_decode", None)
             if self.set_static_cache:
                 model.generation_config.cache_implementation = None
-                self.set_static_cache = False
+                self.load_report = None  # from_pretrained: the checkpoint read's time, bytes and host peak (loader.py)
+        self.set_static_cache = False
 
     def _check_threaded(self, what: str) -> None:
         self._check_open()

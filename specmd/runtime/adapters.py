@@ -45,6 +45,36 @@ CONFIG_CLASSES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How a family's published checkpoints name tensors where the model's names differ (what transformers'
+    checkpoint conversion mapping undoes at load): ``renames`` (regex, replacement), applied in order to
+    every name, then per-expert tensors ``<experts>.E.<gate|up|down>.weight``, which transformers fuses:
+    gate and up stacked into ``gate_up_proj[E]`` (gate rows first), down into ``down_proj[E]``. A
+    checkpoint already in the model's fused layout (what transformers 5 keeps in memory) needs none of it."""
+
+    renames: tuple[tuple[str, str], ...] = ()
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+_GRANITE_NAMES = CheckpointNames(renames=((r"\.block_sparse_moe\.input_linear\.weight$",
+                                           ".block_sparse_moe.experts.gate_up_proj"),
+                                          (r"\.block_sparse_moe\.output_linear\.weight$",
+                                           ".block_sparse_moe.experts.down_proj"),
+                                          (r"\.router\.layer\.", ".router.")))
+# model_type -> its checkpoint names; the families absent here use CheckpointNames() (gate_proj/up_proj/down_proj
+# per expert, or the fused layout). Tested per family in tests/test_loader.py against transformers' own load.
+CHECKPOINT_NAMES: dict[str, CheckpointNames] = {
+    "mixtral": CheckpointNames(renames=((r"\.block_sparse_moe\.", ".mlp."),), gate="w1", up="w3", down="w2"),
+    "phimoe": CheckpointNames(renames=((r"\.block_sparse_moe\.gate\.", ".mlp.router."),
+                                       (r"\.block_sparse_moe\.", ".mlp.")), gate="w1", up="w3", down="w2"),
+    "granitemoe": _GRANITE_NAMES,
+    "granitemoeshared": _GRANITE_NAMES,
+}
+
+
 def family_config(family: str, **kwargs):
     """A transformers config of ``family`` (a key of ``SUPPORTED_FAMILIES``) built from ``kwargs``."""
     import transformers

@@ -189,3 +189,28 @@ def test_the_device_step_never_reads_the_device_back(eviction):
         for layer in (0, 1):
             out = engine._device_step(layer, layers[layer].module, hidden, ids, weights)
     assert out.shape == (1, 64) and spy.found == []
+
+
+def test_the_decode_step_traces_in_one_piece():
+    """What generate's compiled decode needs, on the CPU (torch.compile's eager backend: dynamo's tracing
+    without inductor): the graph engine's decode step traces with no graph break and no recompile per token
+    (the pass is counted on the device, not in Python), and the tokens and counters stay right."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    ref = tiny_model("olmoe")
+    ref.set_experts_implementation("batched_mm")  # what generate decodes with on a GPU: the device path
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    want = generate(ref, ids, 10)
+    specmd.offload(ref, "50%", "lru", "cpu", engine="graph")
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        got = ref.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static",
+                           compile_config=compile_config)
+        assert torch.equal(got, want)
+    assert not counters["graph_break"] and counters["frames"]["ok"] == 1  # one frame, traced once
+    assert ref.specmd.stats().forward_passes == 20
+    ref.specmd.close()

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import check_checkpoint
 from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
-from .devices import device_memory, move_except_experts, resolve_device
+from .devices import device_memory, host_memory_available, move_except_experts, resolve_device
 from .handle import OffloadHandle
 from .loader import checkpoint_dtype, read_checkpoint
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
@@ -276,6 +276,12 @@ def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore
     with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
     layers = find_moe_layers(model)
+    need = sum(layer.layout.num_experts * layer.layout.block_numel for layer in layers) * dtype.itemsize
+    available = host_memory_available()
+    if available is not None and need > available:  # refused now, not when the allocation fails half way
+        raise MemoryError(f"the experts need {need / 2**30:.1f} GiB of host memory and {available / 2**30:.1f} GiB "
+                          "are available: free memory, use a machine with more RAM, or load a smaller dtype "
+                          "(dtype='bfloat16')")
     for layer in layers:
         store.add_layer(layer, copy=False)
         # transformers' initialisation would draw them, on the CPU: minutes for a large model

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"run": cmd_run, "trace": cmd_trace, "sim": cmd_sim, "bench": cmd_bench}[args.command](args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:
         # A user's input (or machine) problem: one line, no traceback. Bugs are not caught here.
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"specmd: {message}", file=sys.stderr)

@@ -32,6 +32,19 @@ def device_memory(device: torch.device) -> tuple[int, int]:
         pynvml.nvmlShutdown()
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory the kernel says can be allocated without swapping (Linux's MemAvailable), or None
+    where there is no /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def move_except_experts(model: nn.Module, experts: list[nn.Module], device: torch.device) -> None:
     """``model.to(device)`` for everything but the ``experts`` modules, whose parameters stay in the host store."""
     # model.to() would also drag the host-store views to the device; hide them from it for the move.

@@ -138,3 +138,35 @@ def test_run_prints_what_the_load_cost(capsys):
     assert main(["run", "--model", str(specmd.shipped_model_path()), "--new-tokens", "2", "--device", "cpu"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkpoint: "))
     assert "GiB in" in line and "GB/s" in line and "host peak" in line
+
+
+def test_a_host_too_small_is_refused_before_anything_is_allocated(tmp_path, monkeypatch, capsys):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    monkeypatch.setattr(specmd.api, "host_memory_available", lambda: 1000)
+    with pytest.raises(MemoryError, match="GiB of host memory and 0.0 GiB are available"):
+        specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    from specmd.cli import main
+
+    assert main(["run", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert "host memory" in capsys.readouterr().err
+
+
+def test_pinning_that_fails_falls_back_to_pageable_memory_with_one_warning(tmp_path, monkeypatch, caplog):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    want = transformers_tokens(tmp_path)
+    empty = torch.empty
+
+    def no_pinning(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc: out of memory (as a locked-memory limit would answer)")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_pinning)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so the store asks for pinned memory
+    with caplog.at_level("WARNING"):
+        model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    warnings = [r for r in caplog.records if "pinning" in r.getMessage()]
+    assert len(warnings) == 1 and "ulimit -l" in warnings[0].getMessage()
+    assert not model.specmd.store.pin and not model.specmd.store.layer(0).is_pinned()
+    monkeypatch.undo()
+    assert torch.equal(generate(model), want)

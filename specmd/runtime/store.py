@@ -7,10 +7,14 @@ fused parameters are replaced by strided views of that buffer: the model still s
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .adapters import ExpertLayout, MoELayer
+
+log = logging.getLogger(__name__)
 
 
 def layout_views(buffer: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Tensor]:
@@ -43,7 +47,7 @@ class HostStore:
         assert layer.index == len(self._buffers), "layers are added in order"
         layout, module = layer.layout, layer.module
         with torch.inference_mode(False):  # normal tensors, whatever mode offload is called in
-            buffer = torch.empty(layout.num_experts, layout.block_numel, dtype=layout.dtype, pin_memory=self.pin)
+            buffer = self._allocate(layout.num_experts, layout.block_numel, layout.dtype)
             for name, view in layout_views(buffer, layout).items():
                 if copy:
                     view.copy_(getattr(module, name).detach())
@@ -53,6 +57,21 @@ class HostStore:
             module.register_state_dict_post_hook(_contiguous_experts)
             module._specmd_state_dict_hook = True
         self._buffers.append(buffer)
+
+    def _allocate(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, numel] host buffer, pinned while pinning works; after the first failure (a locked-memory
+        limit, too little RAM) pageable, with one warning: a late crash would lose the whole load."""
+        if self.pin:
+            try:
+                return torch.empty(rows, numel, dtype=dtype, pin_memory=True)
+            except RuntimeError as err:
+                self.pin = False
+                log.warning("specmd: pinning %.2f GiB of host memory failed (%s); the experts go to pageable memory "
+                            "from here on: host->device copies are staged by the driver and run several times "
+                            "slower, and engine='graph' cannot run (it reads pinned memory from the GPU). Raise the "
+                            "locked-memory limit (ulimit -l) or free host memory to pin them",
+                            rows * numel * dtype.itemsize / 2**30, str(err).splitlines()[0])
+        return torch.empty(rows, numel, dtype=dtype)
 
     def fill_random(self, layer: MoELayer, std: float, device: torch.device, chunk_bytes: int = 256 * 2**20) -> None:
         """Fill ``layer``'s experts as transformers initialises them, N(0, std) weights and zero biases,

@@ -24,7 +24,7 @@ from .runtime.device_cache import DeviceCache
 from .runtime.engines.binding import IMPLEMENTATION_NAME, Binding, experts_forward
 from .runtime.engines.graph import GraphEngine
 from .runtime.engines.threaded import ThreadedEngine
-from .runtime.gather import make_gather
+from .runtime.gather import MissGather
 from .runtime.metrics import LayerStats
 from .runtime.policies import make_policy
 from .runtime.prefetch import Predictor, PrefetchConfig
@@ -167,7 +167,7 @@ def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfi
     layout: ExpertLayout = layers[0].layout
     pool = SlotPool(layout, num_slots, device)
     cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device,
-                        make_gather(store, pool, device))
+                        MissGather(store, pool, device))
     return GraphEngine(layers, cache, pool, kernels, budget_bytes)
 
 

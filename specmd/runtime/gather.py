@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .copier import SlotPool
-from .device_cache import Gather, Misses
+from .device_cache import Misses
 from .store import HostStore
 
 
@@ -69,10 +69,11 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
     ``host_words`` of a layer, one kernel launch, no sync; CPU: the layer's buffer, indexed copies.
 
     Declared as mutating nothing, though it writes into ``pool``: the pool is the cache, updated in place
-    every layer, and a declared mutation makes torch.compile copy the whole pool once per step (on the H200,
-    OLMoE shapes at a 100% budget: 19.8 ms a step, against 7.2 ms declared as it is now). Nothing reorders a read of the pool before this: every
-    read indexes the pool with ``then``'s copy (the layer's slots), and the copies' ids come from the
-    layer's routing, which comes after the previous layer's reads."""
+        every layer, and a declared mutation makes torch.compile copy the whole pool once per step (on the
+    H200, OLMoE shapes at a 100% budget: 19.8 ms a step, against 7.2 ms declared as it is now). The order
+    stays right without it: every read of the pool indexes it with the returned copy of ``then`` (the
+    layer's slots), so it comes after the copies; and the copies' ids come from this layer's routing, which
+    depends on the previous layer's output, so they come after that layer's reads."""
     if pool.is_cuda:
         _kernel().gather_misses(store, pool.view(torch.int32), experts, slots, count)
     else:
@@ -86,18 +87,20 @@ def _(store, pool, experts, slots, count, then):
     return torch.empty_like(then)
 
 
-def make_gather(store: HostStore, pool: SlotPool, device: torch.device) -> Gather:
+class MissGather:
     """``gather(layer, misses)``: copy ``misses`` of ``layer`` into the pool, on the current stream; returns
-    ``misses.layer_slots`` after the copies. Its ``tensors``: what it reads the store through."""
-    if device.type == "cuda" and not store.pin:
-        raise RuntimeError("engine='graph' reads the host store from the GPU, so it must be pinned; "
-                           "offload with CUDA available")
-    sources = ([host_words(store.layer(i), device) for i in range(store.num_layers)] if device.type == "cuda"
-               else [store.layer(i) for i in range(store.num_layers)])
+    ``misses.layer_slots`` after the copies (``gather_misses``)."""
 
-    def gather(layer: int, misses: Misses) -> torch.Tensor:
-        return gather_misses(sources[layer], pool.data, misses.experts, misses.slots, misses.count,
+    def __init__(self, store: HostStore, pool: SlotPool, device: torch.device) -> None:
+        if device.type == "cuda" and not store.pin:
+            raise RuntimeError("engine='graph' reads the host store from the GPU, so it must be pinned (CUDA was "
+                               "unavailable at load, or pinning failed: see its warning); use engine='threaded'")
+        self._pool = pool
+        # what the kernel reads each layer through; on CUDA fixed addresses torch.compile must be told of
+        self._sources = [host_words(store.layer(i), device) if device.type == "cuda" else store.layer(i)
+                         for i in range(store.num_layers)]
+        self.tensors = self._sources if device.type == "cuda" else []
+
+    def __call__(self, layer: int, misses: Misses) -> torch.Tensor:
+        return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,
                              misses.layer_slots)
-
-    gather.tensors = sources if device.type == "cuda" else []  # fixed addresses, for torch.compile
-    return gather

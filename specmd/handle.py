@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .runtime.store import HostStore
 from .study.recorder import TraceRecorder
 from .study.replay import RoutingReplay
 from .study.trace import RoutingTrace, load_trace
+
+log = logging.getLogger(__name__)
 
 
 class OffloadHandle:
@@ -84,7 +87,19 @@ class OffloadHandle:
             return
         if not isinstance(trace, RoutingTrace):
             trace = load_trace(trace)
-        self._engine.replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
+        replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
+        prefetch = self.config.prefetch
+        if prefetch.enabled and replay.has_predictions:
+            if prefetch.policy != "topk":
+                raise ValueError(f"under replay the prefetch candidates come from the trace, which ranks them "
+                                 f"without probabilities: use prefetch='topk' (not {prefetch.policy!r})")
+            if prefetch.lookahead > trace.lookahead:
+                raise ValueError(f"lookahead={prefetch.lookahead}: {trace.source} recorded predictions "
+                                 f"{trace.lookahead} layers ahead at most; offload with lookahead <= {trace.lookahead}")
+        elif prefetch.enabled:
+            log.warning("specmd: %s holds routed ids only: under replay, prefetch asks this model's own routers",
+                        trace.source)
+        self._engine.replay = replay
 
     def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
         """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``

@@ -132,3 +132,59 @@ def test_perfect_prefetch_bounds_topk():
     demand = simulate(trace, 4, "least-stale").hit_rate
     perfect = simulate(trace, 4, "least-stale", prefetch="perfect", lookahead=1).hit_rate
     assert perfect > demand
+
+
+def recorded_trace(model, lookahead, device, prompts=((6, 5), (3, 4))):
+    """A trace of ``model``'s own routing and its predictor's candidates (``lookahead`` layers ahead)."""
+    specmd.offload(model, "100%", "lru", device)
+    recorder = model.specmd.record_routing(lookahead=lookahead, model="recording")
+    for length, decode in prompts:
+        ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
+    model.specmd.close()
+    return RoutingTrace(recorder.num_layers, recorder.num_experts, recorder.top_k,
+                        [[layer["ids"] for layer in p["layers"]] for p in recorder.passes], "recorded",
+                        tuple(prompts), [[layer["predicted"] for layer in p["layers"]] for p in recorder.passes])
+
+
+@pytest.mark.parametrize("eviction", ["lru", "least-stale", "layer-distance"])
+def test_replayed_speculation_equals_the_simulator(eviction, device):
+    """Under replay the prefetch candidates come from the trace: a model whose routers differ from the
+    recording's (another seed) gives the simulator's counts on that trace, prefetches included, at 5% and
+    20%; so a live run sees the recorded predictor, not its own."""
+    from specmd.runtime.prefetch import PrefetchConfig
+
+    shape = dict(num_hidden_layers=4, num_experts=16)
+    trace = recorded_trace(tiny_model("olmoe", seed=1, **shape).to(device), 2, device)
+    model = tiny_model("olmoe", seed=2, **shape).to(device)
+    for budget, capacity in (("5%", 3), ("20%", 12)):
+        for lookahead in (1, 2):
+            config = PrefetchConfig(policy="topk", lookahead=lookahead, inline=True)
+            specmd.offload(model, budget, eviction, device, prefetch=config)
+            assert model.specmd.num_slots == capacity
+            model.specmd.replay_routing(trace)
+            for length, decode in trace.prompts:
+                ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+                model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
+            live = model.specmd.stats()
+            model.specmd.close()
+            sim = simulate(trace, capacity, eviction, prefetch="topk", lookahead=lookahead)
+            for layer, (a, b) in enumerate(zip(live.layers, sim.layers)):
+                assert [getattr(a, c) for c in PREFETCH_COUNTS] == [getattr(b, c) for c in PREFETCH_COUNTS], \
+                    (budget, lookahead, layer)
+            assert live.total.prefetches > 0
+
+
+def test_replayed_speculation_refuses_what_the_trace_cannot_answer(device, caplog):
+    trace = recorded_trace(tiny_model("olmoe", num_hidden_layers=3), 1, device, prompts=((4, 2),))
+    model = specmd.offload(tiny_model("olmoe", num_hidden_layers=3), "50%", device=device, prefetch="top-p")
+    with pytest.raises(ValueError, match="use prefetch='topk'"):
+        model.specmd.replay_routing(trace)
+    model.specmd.close()
+    specmd.offload(model, "50%", device=device, prefetch="topk", lookahead=2)
+    with pytest.raises(ValueError, match="lookahead <= 1"):
+        model.specmd.replay_routing(trace)
+    with caplog.at_level("WARNING"):
+        model.specmd.replay_routing(synthetic_trace(num_layers=3))  # ids only
+    assert any("routed ids only" in r.getMessage() for r in caplog.records)
+    model.specmd.close()

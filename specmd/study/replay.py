@@ -1,7 +1,9 @@
 """Routing replay: a model runs with its routers' choices replaced by a recorded trace.
 
 The gate still computes (its cost is real); the expert ids come from the trace, so a full-size
-random-weight model is timed with learned routing. Outputs are meaningless under replay: it is for
+random-weight model is timed with learned routing. With prefetch (top-k), the candidates come from the
+trace too when it recorded them: a live run then sees the learned predictor's accuracy, not the random
+routers', and its counts equal the simulator's on the same trace. Outputs are meaningless under replay: it is for
 timing and cache behaviour only.
 """
 from __future__ import annotations
@@ -28,6 +30,16 @@ class RoutingReplay:
         if self._pass + 1 >= len(self.trace.passes):
             raise ValueError(f"routing replay: the trace has only {len(self.trace.passes)} forward passes")
         self._pass += 1
+
+    @property
+    def has_predictions(self) -> bool:
+        """Whether the trace recorded its predictor's candidates (specmd traces do; ids-only ones do not)."""
+        return self.trace.predicted is not None
+
+    def predicted(self, layer: int, depth: int, k: int) -> list[list[int]]:
+        """The first ``k`` candidates the trace's predictor gave at ``layer`` of the current pass for each of
+        the next ``depth`` layers, nearest first: what the simulator's ``topk`` prefetch takes."""
+        return [candidates[:k] for candidates in self.trace.predicted[self._pass][layer][:depth]]
 
     def ids(self, layer: int, num_tokens: int) -> list[int]:
         """The recorded ids of ``layer`` in the current pass, token-major ([T*k]); checks T."""

@@ -100,7 +100,8 @@ class ThreadedEngine:
             replayed = self.replay.ids(layer, num_tokens)
             top_k_index = torch.tensor(replayed).view(num_tokens, top_k).to(hidden_states.device, non_blocking=True)
         flat_ids = top_k_index.reshape(-1)  # [T*k]
-        if predicted is None:
+        replayed_predictions = predicted is not None and self.replay is not None and self.replay.has_predictions
+        if predicted is None or replayed_predictions:  # the predictor ran (its cost is real); the trace's are used
             host_ids = replayed if self.replay is not None else flat_ids.tolist()  # the one sync of this layer
         else:
             host_ids = torch.cat([flat_ids, predicted.reshape(-1).to(flat_ids.dtype)]).tolist()  # the one sync
@@ -113,7 +114,12 @@ class ThreadedEngine:
         self.loop.start(layer, position)
         counts = Counter(routed)
         self._score_prediction(layer, counts.keys())
-        requests = self._requests(layer, position, host_ids[num_tokens * top_k:])
+        if replayed_predictions:
+            targets = self.predictor.targets(layer)
+            by_target = list(zip(targets, self.replay.predicted(layer, len(targets), self.predictor.candidates)))
+        else:
+            by_target = self._by_target(layer, host_ids[num_tokens * top_k:])
+        requests = self._requests(position, by_target)
         return self._compute(layer, module, hidden_states, flat_ids, top_k_weights, counts, requests)
 
     def _compute(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
@@ -150,17 +156,20 @@ class ThreadedEngine:
             stats.predicted_correct += len(predicted.intersection(experts))
             stats.predicted_accesses += len(experts)
 
-    def _requests(self, layer: int, position: int, predicted: list[int]) -> list[PrefetchRequest]:
-        """The prefetch requests of the predicted ids ([D*C] flat, -1 where the policy kept fewer)."""
+    def _by_target(self, layer: int, predicted: list[int]) -> list[tuple[int, list[int]]]:
+        """(target layer, ids) of the predicted ids ([D*C] flat, -1 where the policy kept fewer), nearest first."""
         targets = self.predictor.targets(layer)
         if not targets:
             return []
         per_layer = len(predicted) // len(targets)
-        by_target = []
-        for i, target in enumerate(targets):
-            ids = [e for e in predicted[i * per_layer:(i + 1) * per_layer] if e >= 0]
-            self._predictions[target] = set(ids)  # a later (nearer) prediction replaces an earlier one
-            by_target.append((target, ids))
+        return [(target, [e for e in predicted[i * per_layer:(i + 1) * per_layer] if e >= 0])
+                for i, target in enumerate(targets)]
+
+    def _requests(self, position: int, by_target: list[tuple[int, list[int]]]) -> list[PrefetchRequest]:
+        """The prefetch requests of ``by_target``; each becomes its target layer's prediction to score (a later,
+        nearer prediction replaces an earlier one)."""
+        for target, ids in by_target:
+            self._predictions[target] = set(ids)
         return prefetch_requests(position, by_target)
 
     def stats(self) -> Stats:

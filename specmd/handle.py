@@ -15,7 +15,7 @@ from .runtime.engines.threaded import ThreadedEngine
 from .runtime.metrics import Stats
 from .runtime.store import HostStore
 from .study.recorder import TraceRecorder
-from .study.replay import RoutingReplay
+from .study.replay import DeviceRoutingReplay, RoutingReplay
 from .study.trace import RoutingTrace, load_trace
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,18 @@ class OffloadHandle:
         a trace file) instead of the router, pass by pass; ``None`` returns to the router. Feed the trace's
         prompts (``trace.prompts``: lengths and decode steps). For timing and cache studies: the outputs
         are not the model's."""
-        self._check_threaded("routing replay")
+        self._check_open()
+        graph = isinstance(self._engine, GraphEngine)
         if trace is None:
-            self._engine.replay = None
+            if graph:
+                self._engine.set_replay(None)
+            else:
+                self._engine.replay = None
             return
         if not isinstance(trace, RoutingTrace):
             trace = load_trace(trace)
-        replay = RoutingReplay(trace, len(self._engine.layers), self._top_k)
+        replay = (DeviceRoutingReplay(trace, len(self._engine.layers), self._top_k, self._engine.pool.data.device)
+                  if graph else RoutingReplay(trace, len(self._engine.layers), self._top_k))
         prefetch = self.config.prefetch
         if prefetch.enabled and replay.has_predictions:
             if prefetch.policy != "topk":
@@ -99,7 +104,10 @@ class OffloadHandle:
         elif prefetch.enabled:
             log.warning("specmd: %s holds routed ids only: under replay, prefetch asks this model's own routers",
                         trace.source)
-        self._engine.replay = replay
+        if graph:
+            self._engine.set_replay(replay)
+        else:
+            self._engine.replay = replay
 
     def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
         """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``

@@ -188,3 +188,42 @@ def test_replayed_speculation_refuses_what_the_trace_cannot_answer(device, caplo
         model.specmd.replay_routing(synthetic_trace(num_layers=3))  # ids only
     assert any("routed ids only" in r.getMessage() for r in caplog.records)
     model.specmd.close()
+
+
+def replay_graph(model, trace, capacity, eviction, device, compiled):
+    """``replay_live`` through the graph engine; ``compiled``: generate's compiled decode (torch.compile's
+    eager backend on the CPU, so the tracing is what is tested; inductor and CUDA graphs on a GPU)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    specmd.offload(model, capacity * expert, eviction, device, engine="graph")
+    model.specmd.replay_routing(trace)
+    kwargs = dict(cache_implementation="static", disable_compile=not compiled)
+    if compiled and device == "cpu":
+        kwargs["compile_config"] = CompileConfig(backend="eager")
+        kwargs["compile_config"]._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    for length, decode in trace.prompts:
+        ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False, **kwargs)
+    if compiled:
+        assert not counters["graph_break"]
+    stats = model.specmd.stats()
+    assert model.specmd.engine.replay.passes_done == len(trace.passes)
+    model.specmd.close()
+    return stats
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("eviction", ["lru", "least-stale"])
+def test_graph_engine_replay_equals_the_simulator(eviction, compiled, device):
+    """Replay through the graph engine, its decode steps uncompiled (host ids) or compiled (the ids and the
+    pass counter on the device): the simulator's counts."""
+    trace = synthetic_trace(prompts=((5, 6), (3, 4), (4, 3)))
+    model = tiny_model("olmoe").to(device)
+    model.set_experts_implementation("batched_mm")  # decode steps through the device path, as on a GPU
+    for capacity in (2, 5):  # a one-token step needs top-2 slots
+        live = replay_graph(model, trace, capacity, eviction, device, compiled)
+        assert_same_counts(live, simulate(trace, capacity, eviction))

@@ -8,6 +8,8 @@ timing and cache behaviour only.
 """
 from __future__ import annotations
 
+import torch
+
 from .trace import RoutingTrace
 
 
@@ -48,3 +50,38 @@ class RoutingReplay:
             raise ValueError(f"routing replay: pass {self._pass} recorded {len(ids) // self.trace.top_k} tokens "
                              f"at MoE layer {layer}, the model ran {num_tokens}; feed the trace's prompts")
         return ids
+
+
+class DeviceRoutingReplay(RoutingReplay):
+    """The graph engine's replay: the pass counter and the ids of the one-token passes live on ``device``, so
+    a compiled decode step takes its ids there without the host (``advance``, ``step_ids``); the host-side
+    calls read the counter back (a sync: uncompiled calls only). A compiled step cannot raise: past the
+    trace's end it repeats the last pass, and ``passes_done`` shows the overrun."""
+
+    def __init__(self, trace: RoutingTrace, num_layers: int, top_k: int, device: torch.device) -> None:
+        self.counter = torch.full((), -1, dtype=torch.int64, device=device)  # before the base sets _pass
+        super().__init__(trace, num_layers, top_k)
+        table = torch.zeros(len(trace.passes), num_layers, top_k, dtype=torch.int64)  # [P, L, k]
+        for p, layers in enumerate(trace.passes):
+            if len(layers[0]) == top_k:  # one token: a decode step
+                table[p] = torch.tensor(layers)
+        self.table = table.to(device)
+        self.tensors = [self.counter, self.table]  # updated in place / read by compiled steps: fixed addresses
+
+    @property
+    def _pass(self) -> int:
+        return int(self.counter)
+
+    @_pass.setter
+    def _pass(self, value: int) -> None:
+        self.counter.fill_(value)
+
+    def advance(self) -> None:
+        """The next pass, on the device (changes state; no check, no sync)."""
+        self.counter += 1
+
+    def step_ids(self, layer: int) -> torch.Tensor:
+        """[1, k] the ids of ``layer`` in the current pass, which must be a one-token pass; on the device."""
+        last = self.table.shape[0] - 1
+        # index_select, not table[counter]: indexing by a 0-d tensor reads it back to the host
+        return self.table[:, layer].index_select(0, self.counter.clamp(0, last).view(1))

@@ -25,6 +25,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -42,6 +43,21 @@ from .mainloop import MainLoop
 log = logging.getLogger(__name__)
 
 
+class DeviceRoutingSource(Protocol):
+    """Routed ids that replace the routers' (``study.replay.DeviceRoutingReplay``): host calls for
+    uncompiled layers, device ones (``advance``, ``step_ids``) inside a compiled step."""
+
+    tensors: list[torch.Tensor]
+
+    def begin_pass(self) -> None: ...
+
+    def ids(self, layer: int, num_tokens: int) -> list[int]: ...
+
+    def advance(self) -> None: ...
+
+    def step_ids(self, layer: int) -> torch.Tensor: ...
+
+
 class GraphEngine:
     """Owns the device cache and the slot pool; called once per MoE layer per forward pass."""
 
@@ -57,6 +73,7 @@ class GraphEngine:
         self.budget_bytes = budget_bytes
         self.loop = MainLoop(cache, len(layers), submit=_no_prefetch)
         self.closed = False
+        self.replay: DeviceRoutingSource | None = None  # set_replay (OffloadHandle.replay_routing)
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
         if pool.data.is_cuda:
@@ -85,14 +102,26 @@ class GraphEngine:
             # is specialised on a per-token value and the step is traced once.
             if layer == 0:
                 self.cache.begin_pass()
+                if self.replay is not None:
+                    self.replay.advance()
+            if self.replay is not None:
+                if num_tokens != 1:
+                    raise ValueError("a compiled decode step replays one-token passes only: generate one sequence "
+                                     "at a time under replay, or pass disable_compile=True to generate")
+                top_k_index = self.replay.step_ids(layer)
             return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
         return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, on_device)
 
     @torch.compiler.disable  # under torch.compile: a graph break, and this runs as written
     def _eager_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor, kernel: Kernel, on_device: bool) -> torch.Tensor:
-        self.loop.enter(layer)
+        _, new_pass = self.loop.enter(layer)
         num_tokens, top_k = top_k_index.shape
+        if self.replay is not None:  # the gate ran; its choice is replaced by the trace's
+            if new_pass:
+                self.replay.begin_pass()
+            replayed = torch.tensor(self.replay.ids(layer, num_tokens)).view(num_tokens, top_k)
+            top_k_index = replayed.to(top_k_index.device, non_blocking=True)
         with self._on_device():
             if on_device:
                 if self._graphs is not None and self.decoding:  # prefill lengths vary: not captured
@@ -103,6 +132,15 @@ class GraphEngine:
             flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
             out = self._chunked(layer, module, hidden_states, flat_ids, weights, kernel)
             return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
+
+    def set_replay(self, replay: DeviceRoutingSource | None) -> None:
+        """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
+        if replay is not None and self.pool.data.is_cuda:
+            from torch._dynamo import mark_static_address
+
+            for tensor in replay.tensors:
+                mark_static_address(tensor)
+        self.replay = replay
 
     def _on_device(self):
         """The pool's CUDA device as the current one (Triton and CUDA graphs use the current device)."""

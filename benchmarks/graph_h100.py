@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +112,61 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
     (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
 
 
+def prefills_only(trace):
+    """The trace's prefill passes alone, as prompts of one token each (generate(max_new_tokens=1))."""
+    from specmd.study.trace import RoutingTrace
+
+    starts, p = [], 0
+    for _, decode in trace.prompts:
+        starts.append(p)
+        p += 1 + decode
+    return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, [trace.passes[i] for i in starts],
+                        trace.source + " (prefills)", tuple((tokens, 0) for tokens, _ in trace.prompts))
+
+
+def replay_seconds(model, trace) -> float:
+    """Seconds to generate the trace's prompts under its routing (each prompt: decode + 1 new tokens)."""
+    model.specmd.replay_routing(trace)
+    gen = torch.Generator().manual_seed(0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for tokens, decode in trace.prompts:
+        ids = torch.randint(10, 50000, (1, tokens), generator=gen).cuda()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode + 1,
+                       min_new_tokens=decode + 1, do_sample=False)
+    torch.cuda.synchronize()
+    assert model.specmd.engine.replay.passes_done == len(trace.passes)
+    model.specmd.replay_routing(None)
+    return time.perf_counter() - start
+
+
+def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict:
+    """The graph engine on the trace's learned routing (random weights, so tokens are not checked). TPOT:
+    (time of the whole replay - time of its prefills alone, each from a cold cache) / decode steps; TTFT: the
+    prefills' mean. Warmed up (and compiled) by a first whole replay."""
+    fresh_compile(model)
+    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)
+    model.generation_config.cache_implementation = "static" if compiled else None
+    model.generation_config.disable_compile = not compiled
+    replay_seconds(model, trace)  # warm-up: compiles, records the graphs
+    model.specmd.reset_stats()
+    whole = replay_seconds(model, trace)
+    stats = model.specmd.stats()
+    model.specmd.close()
+    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)  # cold again, as the whole run
+    model.generation_config.cache_implementation = "static" if compiled else None
+    model.generation_config.disable_compile = not compiled
+    prefills = replay_seconds(model, prefills_only(trace))
+    model.specmd.close()
+    decode_steps = sum(decode for _, decode in trace.prompts)
+    mode = "compiled" if compiled else "per-layer graphs"
+    return {"name": f"graph lru @ {budget} ({mode}, replayed trace)", "prompt": trace.prompts[0][0],
+            "compiled": compiled, "ttft_ms": prefills / len(trace.prompts) * 1e3,
+            "tpot_ms": (whole - prefills) / decode_steps * 1e3, "same": None, "hit_rate": stats.hit_rate,
+            "link_floor_ms": stats.total.bytes_copied / (decode_steps + len(trace.prompts)) / (rate * 1e9) * 1e3,
+            "stats": stats.to_dict()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -118,6 +174,7 @@ def main() -> None:
     parser.add_argument("--prompts", nargs="+", type=int, default=[16, 512])
     parser.add_argument("--families", choices=["none", "eager", "compiled", "both"], default="both")
     parser.add_argument("--threaded", action="store_true", help="also the threaded engine at each budget")
+    parser.add_argument("--trace", default=None, help="also the graph engine on this trace's routing (replayed)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +210,15 @@ def main() -> None:
                     mode = "compiled" if compiled else "per-layer graphs"
                     run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled)
                     model.specmd.close()
+        if args.trace:
+            from specmd.study.trace import load_trace
+
+            trace = load_trace(args.trace)
+            for budget in args.budgets:
+                for compiled in (False, True):
+                    row = replayed_row(model, trace, budget, compiled, rate)
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
     del model
     fresh_compile_families = {}
     if args.families in ("eager", "both"):
@@ -171,8 +237,8 @@ def main() -> None:
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
         ratio = f"{r['vs_full']:.2f}" if "vs_full" in r else "-"
         print(f"{r['name']:<36}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.2f}{ratio:>7}{floor:>9}{hit:>7}"
-              f"{r['syncs']:>6.1f}{r['dtoh']:>5.1f}{r['graph_launches']:>7.1f}"
-              f"  {'yes' if r['same'] else 'NO'}")
+              + (f"{r['syncs']:>6.1f}{r['dtoh']:>5.1f}{r['graph_launches']:>7.1f}" if "syncs" in r else f"{'-':>18}")
+              + f"  {'-' if r['same'] is None else 'yes' if r['same'] else 'NO'}")
 
 
 if __name__ == "__main__":

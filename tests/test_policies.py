@@ -68,6 +68,52 @@ def test_layer_distance_evicts_furthest_layer_cyclically():
     assert p.select_victim() == (3, 1)
 
 
+def test_layer_lru_counts_recency_in_passes_then_evicts_the_layer_needed_last():
+    p = make_policy("layer-lru")
+    p.begin_pass()  # pass 1: layers 0..3 run in order
+    for layer in range(4):
+        p.set_layer(layer, 4)
+        p.insert((layer, 0))
+    pass_one = [(layer, 0) for layer in range(4)]
+    p.begin_pass()  # pass 2
+    p.set_layer(0, 4)
+    p.insert((0, 1))  # layer 0 runs again, with another expert
+    # the pass-1 keys are equally old; the furthest layer ahead of layer 0 is layer 3 (it just ran), where LRU
+    # takes (0, 0), the least recent:
+    assert p.select_victim() == (3, 0)
+    assert make_lru_victim(pass_one + [(0, 1)]) == (0, 0)
+    p.set_layer(1, 4)
+    p.lookup((1, 0))
+    # left from pass 1: (0, 0) three layers ahead of layer 1, (3, 0) two, (2, 0) one
+    assert p.select_victim() == (0, 0)
+    assert p.select_victim(exclude={(0, 0)}) == (3, 0)  # LRU takes (2, 0), the one the next layer needs
+    assert make_lru_victim(pass_one, exclude={(0, 0), (1, 0)}) == (2, 0)
+    p.lookup((2, 0))  # used in this pass: newer than every pass-1 key, whatever its layer
+    assert p.select_victim(exclude={(0, 0)}) == (3, 0)
+    assert p.select_victim(exclude={(0, 0), (3, 0)}) == (0, 1)  # pass 2 keys: (0, 1) is furthest ahead
+
+
+def make_lru_victim(keys, exclude=()):
+    lru = make_policy("lru")
+    fill(lru, keys)
+    return lru.select_victim(exclude=set(exclude))
+
+
+def test_predicted_keeps_what_a_live_prediction_wants_until_its_layer_runs():
+    p = make_policy("predicted")
+    fill(p, [(0, 0), (1, 0), (2, 0), (3, 0)])
+    p.set_layer(0, 4)  # furthest ahead of layer 0: layer 3 (it just ran), then 2, 1
+    assert p.select_victim() == (3, 0)
+    p.touch((3, 0))  # the prefetch loop predicted it (for the next pass's layer 3)
+    p.touch((0, 0))
+    assert p.select_victim() == (2, 0)  # no prediction wants it
+    assert p.select_victim(exclude={(2, 0), (1, 0)}) == (3, 0)  # only wanted keys left: furthest first
+    p.set_layer(3, 4)  # layer 3 runs: its prediction is settled, the demand decides from now on
+    assert p.select_victim(exclude={(2, 0), (1, 0)}) == (3, 0)  # (0, 0) is still wanted
+    p.set_layer(0, 4)
+    assert p.select_victim(exclude={(2, 0), (1, 0)}) == (3, 0)  # no prediction left; layer 3 is furthest
+
+
 def test_least_stale_evicts_stale_first_then_oldest_first_touch():
     p = make_policy("least-stale")
     p.begin_pass()  # pass 1

@@ -213,6 +213,81 @@ class LeastStale(EvictionPolicy):
         )
 
 
+class LayerLRU(LRU):
+    """Layer-aware LRU, after Angelopoulos, Marchal, Obrecht and Simon, "Cache Management for Mixture-of-Experts
+    LLMs" (2025), as we read its description (the paper's text was not reachable here): recency is counted
+    in rounds (forward passes), not in accesses; among keys last used in the same (oldest) round, the one
+    whose layer runs furthest ahead (cyclically from the executing layer) goes first, then LRU order. Plain
+    LRU instead evicts a pass's earliest layers first, which the next pass needs soonest. Keys must be
+    ``(layer, expert)``."""
+
+    name = "layer-lru"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._round = 0
+        self._last_round: dict[Key, int] = {}
+        self._layer = 0
+        self._num_layers = 1
+
+    def begin_pass(self) -> None:
+        self._round += 1
+
+    def set_layer(self, layer: int, num_layers: int) -> None:
+        self._layer, self._num_layers = layer, num_layers
+
+    def insert(self, key: Key) -> None:
+        super().insert(key)
+        self._last_round[key] = self._round
+
+    def lookup(self, key: Key) -> None:
+        super().lookup(key)
+        self._last_round[key] = self._round
+
+    def remove(self, key: Key) -> None:
+        super().remove(key)
+        self._last_round.pop(key, None)
+
+    def select_victim(self, exclude: Collection[Key] = ()) -> Key | None:
+        best, best_rank = None, None
+        for key in self._order:  # LRU order: the first key of the best rank wins ties
+            if key in exclude:
+                continue
+            rank = (self._last_round[key], -((key[0] - self._layer) % self._num_layers))
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        return best
+
+
+class PredictionInformed(LayerDistance):
+    """Evict what no live prediction and no nearer layer wants: keys a prediction named (``touch``, from the
+    prefetch loop) are kept until their layer runs; among the others, the key whose layer runs furthest ahead
+    goes first, then LRU order (``LayerDistance``). Predicted keys go last, the same way. With perfect
+    predictions it approaches Belady (the simulator's ``belady``, its ceiling); without prefetch it is
+    ``layer-distance``. Keys must be ``(layer, expert)``."""
+
+    name = "predicted"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._wanted: set[Key] = set()
+
+    def set_layer(self, layer: int, num_layers: int) -> None:
+        super().set_layer(layer, num_layers)
+        self._wanted = {key for key in self._wanted if key[0] != layer}  # its layer runs: the demand decides
+
+    def touch(self, key: Key) -> None:
+        self._wanted.add(key)
+
+    def remove(self, key: Key) -> None:
+        super().remove(key)
+        self._wanted.discard(key)
+
+    def select_victim(self, exclude: Collection[Key] = ()) -> Key | None:
+        unwanted = super().select_victim(exclude=set(exclude) | self._wanted)
+        return unwanted if unwanted is not None else super().select_victim(exclude)
+
+
 class Belady(LRU):
     """The oracle (simulator only): evict the key whose next access is furthest in the future; keys never
     accessed again first; ties to the least recently used. ``next_access(key, now)`` answers from the trace;
@@ -241,7 +316,7 @@ class Belady(LRU):
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRU, LFU, FIFO, RandomPolicy, LayerDistance, LeastStale)
+    cls.name: cls for cls in (LRU, LFU, FIFO, RandomPolicy, LayerDistance, LeastStale, LayerLRU, PredictionInformed)
 }
 
 

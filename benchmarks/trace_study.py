@@ -1,6 +1,8 @@
 """Policy study on learned routing: record a routing trace from a trained checkpoint (default: the shipped
 one) on held-out text, then simulate every eviction policy (Belady included) x prefetch {none, recorded
-top-k d=1, perfect d=1} at budgets 2/5/10/20/50%; write the trace, a Markdown table and hit-rate plots.
+top-k d=1, recorded top-k d=2, perfect d=1} at budgets 2/5/10/20/50%; write the trace, a Markdown table per
+prefetch, which policy wins where, and hit-rate plots. An ids-only trace (no recorded predictions, such as
+../shared/traces) gets none and perfect only.
 
     python benchmarks/trace_study.py --out benchmarks/results/2026-11-23-cpu
     python benchmarks/trace_study.py --model CKPT --name olmoe16x64-stdlib --trace-dir benchmarks/traces \
@@ -24,6 +26,7 @@ from specmd.study.sim import SIM_POLICIES, simulate
 from specmd.study.trace import load_trace
 
 BUDGETS = (2, 5, 10, 20, 50)
+PREFETCHES = (("none", 1), ("topk", 1), ("topk", 2), ("perfect", 1))  # (prefetch, lookahead)
 
 
 def record(args) -> Path:
@@ -76,23 +79,51 @@ def main() -> None:
 
         timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
     total = trace.num_layers * trace.num_experts
+    prefetches = [p for p in PREFETCHES if p[0] != "topk" or trace.predicted is not None]
     rows = []
-    for prefetch in ("none", "topk", "perfect"):
+    for prefetch, lookahead in prefetches:
         for budget in BUDGETS:
             for eviction in SIM_POLICIES:
-                stats = simulate(trace, max(1, total * budget // 100), eviction, prefetch=prefetch, lookahead=1,
-                                 timing=timing)
-                rows.append({"budget": f"{budget}%", "eviction": eviction, "prefetch": prefetch, "lookahead": 1,
-                             **stats.to_dict()})
+                stats = simulate(trace, max(1, total * budget // 100), eviction, prefetch=prefetch,
+                                 lookahead=lookahead, timing=timing)
+                rows.append({"budget": f"{budget}%", "eviction": eviction, "prefetch": prefetch,
+                             "lookahead": lookahead, **stats.to_dict()})
     (out / f"sim-{args.name}.json").write_text(json.dumps(rows, indent=1))
     tables = []
-    for prefetch in ("none", "topk", "perfect"):
-        subset = [r for r in rows if r["prefetch"] == prefetch]
-        tables.append(f"### prefetch: {prefetch}\n\n" + markdown_table(subset))
-        hit_rate_plot(subset, out / f"hit-rate-{prefetch}.png",
-                      title=f"{args.name}, learned routing, prefetch {prefetch}")
+    for prefetch, lookahead in prefetches:
+        subset = [r for r in rows if (r["prefetch"], r["lookahead"]) == (prefetch, lookahead)]
+        name = prefetch if prefetch == "none" else f"{prefetch} d{lookahead}"
+        tables.append(f"### prefetch: {name}\n\n" + markdown_table(subset))
+        hit_rate_plot(subset, out / f"hit-rate-{name.replace(' ', '-')}.png",
+                      title=f"{args.name}, learned routing, prefetch {name}")
+    tables.append(winners(rows, prefetches))
     (out / f"sim-{args.name}.md").write_text("\n".join(tables))
     print("\n".join(tables))
+
+
+def winners(rows: list[dict], prefetches) -> str:
+    """Which online policy (Belady aside) has the best hit rate per prefetch and budget, which the best
+    estimated TPOT (when the rows have one: collision misses stall, so the two can differ), and least-stale
+    against lru there."""
+    lines = ["### winners (Belady aside)\n", "| prefetch | budget | best hit rate | hit % | belady % | "
+             "best estimated TPOT | ms | least-stale - lru (points) |", "|---|---|---|---|---|---|---|---|"]
+    for prefetch, lookahead in prefetches:
+        name = prefetch if prefetch == "none" else f"{prefetch} d{lookahead}"
+        for budget in BUDGETS:
+            cell = {r["eviction"]: r for r in rows if (r["prefetch"], r["lookahead"], r["budget"]) ==
+                    (prefetch, lookahead, f"{budget}%")}
+            online = {k: v for k, v in cell.items() if k != "belady"}
+            top = max(online.values(), key=lambda r: r["hit_rate"])["hit_rate"]
+            best = sorted(k for k, v in online.items() if v["hit_rate"] == top)
+            gap = 100 * (cell["least-stale"]["hit_rate"] - cell["lru"]["hit_rate"])
+            fastest, ms = "-", "-"
+            if all(r.get("estimated_tpot_ms") is not None for r in online.values()):
+                low = min(r["estimated_tpot_ms"] for r in online.values())
+                fastest = ", ".join(sorted(k for k, v in online.items() if v["estimated_tpot_ms"] == low))
+                ms = f"{low:.1f}"
+            lines.append(f"| {name} | {budget}% | {', '.join(best)} | {100 * top:.1f} | "
+                         f"{100 * cell['belady']['hit_rate']:.1f} | {fastest} | {ms} | {gap:+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

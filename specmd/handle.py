@@ -135,7 +135,6 @@ class OffloadHandle:
             model.__dict__.pop("_optimize_model_for_decode", None)
             if self.set_static_cache:
                 model.generation_config.cache_implementation = None
-                self.load_report = None  # from_pretrained: the checkpoint read's time, bytes and host peak (loader.py)
         self.set_static_cache = False
 
     def _check_threaded(self, what: str) -> None:

@@ -76,6 +76,11 @@ def _entries(shard: Path) -> list[_Entry]:
     base = 8 + length
     entries = [_Entry(key, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
                       base + info["data_offsets"][1]) for key, info in header.items()]
+    for entry in entries:
+        dtype = FLOAT_DTYPES.get(entry.dtype)
+        if dtype is not None and entry.end - entry.start != torch.Size(entry.shape).numel() * dtype.itemsize:
+            raise ValueError(f"{shard}: the header gives {entry.key} {entry.end - entry.start} bytes for shape "
+                             f"{list(entry.shape)} of {entry.dtype}; the file is damaged: copy the checkpoint again")
     return sorted(entries, key=lambda e: e.start)
 
 
@@ -130,10 +135,16 @@ class _Places:
         self.views = [layout_views(store.layer(layer.index), layer.layout) for layer in layers]
         self.fused = {f"{block}.{name}": (index, name) for block, index in self.blocks.items()
                       for name in layers[index].layout.names}
-        experts = {id(view) for layer in layers for view in (getattr(layer.module, n) for n in layer.layout.names)}
-        # every other parameter and persistent buffer, under each of its names (tied ones share a tensor)
-        self.params = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) not in experts
-                       and name not in self.fused}
+        # every other parameter and persistent buffer, under each of its names (tied ones share a tensor). Not
+        # model.state_dict(): its hook makes the strided expert views contiguous, a second copy of the experts.
+        self.params = {}
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            tensors = list(module._parameters.items()) + [(name, t) for name, t in module._buffers.items()
+                                                          if name not in module._non_persistent_buffers_set]
+            for name, tensor in tensors:
+                full = f"{prefix}.{name}" if prefix else name
+                if tensor is not None and full not in self.fused:  # the experts are the store's
+                    self.params[full] = tensor
         self.loaded: set[str] = set()
         self.expert_elements: dict[tuple[int, str], int] = {}
 
@@ -160,13 +171,13 @@ class _Places:
         if expert >= layout.num_experts:
             raise ValueError(f"{key}: expert {expert}, but the config gives {layout.num_experts} experts per layer: "
                              "the checkpoint does not match its config.json")
-        if proj == self.names.down:
-            return self.views[layer]["down_proj"][expert], (layer, "down_proj")
-        if proj not in (self.names.gate, self.names.up):
+        if proj not in (self.names.gate, self.names.up, self.names.down):
             return None, None
-        if layout.is_transposed:
+        if layout.is_transposed:  # before any part: a square down projection would load transposed
             raise ValueError(f"{key}: per-expert tensors of a transposed expert layout are not supported; save the "
                              "checkpoint with transformers 5 (fused experts)")
+        if proj == self.names.down:
+            return self.views[layer]["down_proj"][expert], (layer, "down_proj")
         rows = self.views[layer]["gate_up_proj"][expert]  # [2I, H]: gate rows, then up rows
         half = rows.shape[0] // 2
         return (rows[:half] if proj == self.names.gate else rows[half:]), (layer, "gate_up_proj")

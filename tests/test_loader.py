@@ -170,3 +170,16 @@ def test_pinning_that_fails_falls_back_to_pageable_memory_with_one_warning(tmp_p
     assert not model.specmd.store.pin and not model.specmd.store.layer(0).is_pinned()
     monkeypatch.undo()
     assert torch.equal(generate(model), want)
+
+
+def test_the_load_never_makes_the_expert_views_contiguous(tmp_path, monkeypatch):
+    """state_dict() makes each strided expert view contiguous (a copy of every expert at once: on a CUDA host,
+    where the pinned store is resident, twice the experts); the load must never call it."""
+    from specmd.runtime import store
+
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    calls = []
+    real = store._contiguous_experts
+    monkeypatch.setattr(store, "_contiguous_experts", lambda *a: calls.append(1) or real(*a))
+    specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    assert not calls

@@ -36,9 +36,10 @@ class Misses:
     layer_slots: torch.Tensor  # [E] the slot of each expert of the layer (-1: not resident), after the copies
 
 
-# (layer, misses) -> misses.layer_slots: copy the missed experts into their slots, and return the layer's slots
-# as a tensor that comes after the copies; the layer's compute indexes the pool with it (see gather.py).
-Gather = Callable[[int, Misses], torch.Tensor]
+# (layer, misses, after) -> misses.layer_slots: copy the missed experts into their slots once ``after`` (a tensor
+# of the layer's input, or None) exists, and return the layer's slots as a tensor that comes after the copies;
+# the layer's compute indexes the pool with it (see gather.py).
+Gather = Callable[[int, Misses, torch.Tensor | None], torch.Tensor]
 
 
 class DeviceCache:
@@ -92,7 +93,8 @@ class DeviceCache:
     def release(self, slots: Sequence[int]) -> None:
         """Nothing to do: every copy and read runs on the one stream, in order."""
 
-    def access(self, layer: int, needed: torch.Tensor, width: int | None = None) -> Misses:
+    def access(self, layer: int, needed: torch.Tensor, width: int | None = None,
+               after: torch.Tensor | None = None) -> Misses:
         """Make the experts ``needed`` [E] bool of ``layer`` resident (changes state; no host sync); returns
         the copies it made through ``gather``, ``width`` of them at most (default min(E, S); a decode step passes
         its T*k so the gather's grid stays small). At most S experts may be needed (the main loop chunks wider
@@ -136,7 +138,7 @@ class DeviceCache:
         self._record(layer, needed, missed, keys)
         misses = Misses(experts, victims, valid, count, self.slots(layer))
         if self._gather is not None:
-            misses = replace(misses, layer_slots=self._gather(layer, misses))
+            misses = replace(misses, layer_slots=self._gather(layer, misses, after))
         return misses
 
     def slots(self, layer: int) -> torch.Tensor:

@@ -59,21 +59,28 @@ def host_words(buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not (buffer.is_pinned() and buffer.is_contiguous() and buffer[0].numel() * buffer.element_size() % 4 == 0):
         raise ValueError("host_words needs a pinned, contiguous buffer of whole 32-bit words per row")
     with torch.cuda.device(device):
-        return torch.as_tensor(_CudaArray(buffer), device=device)
+        words = torch.as_tensor(_CudaArray(buffer), device=device)
+    if words.data_ptr() != buffer.data_ptr():  # torch copied it: the memory was pinned for another device
+        raise RuntimeError(f"the host store was pinned for another GPU than {device}, which cannot read it in "
+                           "place; offload to the GPU that was current when the model was loaded, or use "
+                           "engine='threaded'")
+    return words
 
 
 @torch.library.custom_op("specmd::gather_misses", mutates_args=())
 def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,
-                  count: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+                  count: torch.Tensor, then: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
     """``pool[slots[j]] = store[experts[j]]`` for j < ``count``, then a copy of ``then``. CUDA: ``store`` is
     ``host_words`` of a layer, one kernel launch, no sync; CPU: the layer's buffer, indexed copies.
+    ``after`` is not read: passing a tensor orders the op after whatever produced it.
 
     Declared as mutating nothing, though it writes into ``pool``: the pool is the cache, updated in place
-        every layer, and a declared mutation makes torch.compile copy the whole pool once per step (on the
-    H200, OLMoE shapes at a 100% budget: 19.8 ms a step, against 7.2 ms declared as it is now). The order
-    stays right without it: every read of the pool indexes it with the returned copy of ``then`` (the
-    layer's slots), so it comes after the copies; and the copies' ids come from this layer's routing, which
-    depends on the previous layer's output, so they come after that layer's reads."""
+    every layer, and a declared mutation makes torch.compile copy the whole pool once per step (on the
+    H200, OLMoE shapes at a 100% budget: 19.8 ms a step, against 7.2 ms declared as it is now). So the
+    order must come from data dependencies, which the graph engine gives it: every read of the pool indexes
+    it with the returned copy of ``then`` (the layer's slots), so it comes after the copies; and ``after`` is
+    the layer's input (the previous layer's output), so the copies come after the previous layer's reads.
+    (The routed ids alone would not do: under replay they come from a table, not from the hidden state.)"""
     if pool.is_cuda:
         _kernel().gather_misses(store, pool.view(torch.int32), experts, slots, count)
     else:
@@ -83,13 +90,13 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
 
 
 @gather_misses.register_fake
-def _(store, pool, experts, slots, count, then):
+def _(store, pool, experts, slots, count, then, after):
     return torch.empty_like(then)
 
 
 class MissGather:
-    """``gather(layer, misses)``: copy ``misses`` of ``layer`` into the pool, on the current stream; returns
-    ``misses.layer_slots`` after the copies (``gather_misses``)."""
+    """``gather(layer, misses, after)``: copy ``misses`` of ``layer`` into the pool, ordered after ``after``, on
+    the current stream; returns ``misses.layer_slots`` after the copies (``gather_misses``)."""
 
     def __init__(self, store: HostStore, pool: SlotPool, device: torch.device) -> None:
         if device.type == "cuda" and not store.pin:
@@ -101,6 +108,6 @@ class MissGather:
                          for i in range(store.num_layers)]
         self.tensors = self._sources if device.type == "cuda" else []
 
-    def __call__(self, layer: int, misses: Misses) -> torch.Tensor:
+    def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None = None) -> torch.Tensor:
         return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,
-                             misses.layer_slots)
+                             misses.layer_slots, after)

@@ -166,7 +166,9 @@ class GraphEngine:
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
         needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=flat_ids.device)
-        misses = self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0])
+        # after=hidden_states: the copies wait for the previous layer's output, so for its reads of the pool
+        misses = self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0],
+                                   after=hidden_states)
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = misses.layer_slots[flat_ids]  # [T*k]
         # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the

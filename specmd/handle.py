@@ -98,6 +98,10 @@ class OffloadHandle:
             if prefetch.policy != "topk":
                 raise ValueError(f"under replay the prefetch candidates come from the trace, which ranks them "
                                  f"without probabilities: use prefetch='topk' (not {prefetch.policy!r})")
+            candidates = len(trace.predicted[0][0][0])
+            if (prefetch.k or self._top_k) > candidates:
+                raise ValueError(f"prefetch k={prefetch.k or self._top_k}: {trace.source} recorded {candidates} "
+                                 f"candidates per layer; offload with prefetch k <= {candidates}")
             if prefetch.lookahead > trace.lookahead:
                 raise ValueError(f"lookahead={prefetch.lookahead}: {trace.source} recorded predictions "
                                  f"{trace.lookahead} layers ahead at most; offload with lookahead <= {trace.lookahead}")

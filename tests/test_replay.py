@@ -227,3 +227,26 @@ def test_graph_engine_replay_equals_the_simulator(eviction, compiled, device):
     for capacity in (2, 5):  # a one-token step needs top-2 slots
         live = replay_graph(model, trace, capacity, eviction, device, compiled)
         assert_same_counts(live, simulate(trace, capacity, eviction))
+
+
+def test_a_compiled_step_that_cannot_replay_its_pass_is_reported(device):
+    """A compiled decode step cannot raise: one that meets a pass it cannot replay (here the next prompt's
+    prefill, because the generate ran one step more than the trace recorded) is counted on the device, and
+    the next uncompiled pass raises."""
+    from transformers import CompileConfig
+
+    trace = synthetic_trace(prompts=((5, 3), (3, 2)))
+    model = tiny_model("olmoe").to(device)
+    model.set_experts_implementation("batched_mm")
+    specmd.offload(model, "50%", "lru", device, engine="graph")
+    model.specmd.replay_routing(trace)
+    kwargs = dict(cache_implementation="static", do_sample=False)
+    if device == "cpu":
+        kwargs["compile_config"] = CompileConfig(backend="eager")
+        kwargs["compile_config"]._compile_all_devices = True
+    torch._dynamo.reset()
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(5)).to(device)
+    model.generate(ids, max_new_tokens=5, min_new_tokens=5, **kwargs)  # 4 decode steps; the trace has 3
+    with pytest.raises(ValueError, match="1 compiled decode steps met a pass"):
+        model.generate(ids[:, :3], max_new_tokens=3, min_new_tokens=3, **kwargs)
+    model.specmd.close()

@@ -54,34 +54,47 @@ class RoutingReplay:
 
 class DeviceRoutingReplay(RoutingReplay):
     """The graph engine's replay: the pass counter and the ids of the one-token passes live on ``device``, so
-    a compiled decode step takes its ids there without the host (``advance``, ``step_ids``); the host-side
-    calls read the counter back (a sync: uncompiled calls only). A compiled step cannot raise: past the
-    trace's end it repeats the last pass, and ``passes_done`` shows the overrun."""
+    a compiled decode step takes its ids there without the host (``advance``, ``step_ids``). A compiled step
+    cannot raise: a pass that is not a one-token pass, or one past the trace's end, is counted on the device
+    (and replays the last pass), and the next uncompiled pass raises (``begin_pass``: one sync per
+    uncompiled pass, which also picks up the passes compiled steps ran)."""
 
     def __init__(self, trace: RoutingTrace, num_layers: int, top_k: int, device: torch.device) -> None:
-        self.counter = torch.full((), -1, dtype=torch.int64, device=device)  # before the base sets _pass
         super().__init__(trace, num_layers, top_k)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.counter = torch.full((), -1, **i64)  # the current pass, as the host's _pass between uncompiled passes
+        self.wrong = torch.zeros((), **i64)  # compiled steps that met a pass they cannot replay
         table = torch.zeros(len(trace.passes), num_layers, top_k, dtype=torch.int64)  # [P, L, k]
+        one_token = torch.zeros(len(trace.passes), dtype=torch.bool)
         for p, layers in enumerate(trace.passes):
             if len(layers[0]) == top_k:  # one token: a decode step
                 table[p] = torch.tensor(layers)
-        self.table = table.to(device)
-        self.tensors = [self.counter, self.table]  # updated in place / read by compiled steps: fixed addresses
+                one_token[p] = True
+        self.table, self.one_token = table.to(device), one_token.to(device)
+        self.tensors = [self.counter, self.wrong, self.table, self.one_token]  # fixed addresses, for compiled steps
 
     @property
-    def _pass(self) -> int:
-        return int(self.counter)
+    def passes_done(self) -> int:
+        return int(self.counter) + 1
 
-    @_pass.setter
-    def _pass(self, value: int) -> None:
-        self.counter.fill_(value)
+    def begin_pass(self) -> None:
+        """The next pass, from the host (changes state; one sync); raises where a compiled step went wrong."""
+        if int(self.wrong):
+            raise ValueError(f"routing replay: {int(self.wrong)} compiled decode steps met a pass of the trace that "
+                             "is not a one-token decode step, or ran past its end; feed the trace's prompts")
+        self._pass = int(self.counter)
+        super().begin_pass()
+        self.counter.fill_(self._pass)
 
     def advance(self) -> None:
-        """The next pass, on the device (changes state; no check, no sync)."""
+        """The next pass, on the device (changes state; no sync)."""
         self.counter += 1
 
     def step_ids(self, layer: int) -> torch.Tensor:
-        """[1, k] the ids of ``layer`` in the current pass, which must be a one-token pass; on the device."""
+        """[1, k] the ids of ``layer`` in the current pass, on the device; a pass that is not a one-token pass
+        (or past the end) counts in ``wrong``, once per step (at layer 0)."""
         last = self.table.shape[0] - 1
-        # index_select, not table[counter]: indexing by a 0-d tensor reads it back to the host
-        return self.table[:, layer].index_select(0, self.counter.clamp(0, last).view(1))
+        index = self.counter.clamp(0, last).view(1)  # index_select, not table[counter]: no read-back
+        if layer == 0:
+            self.wrong += (self.counter > last) | ~self.one_token.index_select(0, index)[0]
+        return self.table[:, layer].index_select(0, index)

@@ -14,7 +14,8 @@ stream, device and event synchronizations, device->host copies, graph launches a
 full-GPU rows show what generate itself does per step). Kernel launches are in the JSON only: for the
 engines they do not cancel out (the two prefills run different numbers of chunks).
 
-    python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512]
+    python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512] [--threaded] [--trace T]
+    python benchmarks/graph_h100.py --device cpu ...   # a smoke run of the logic on a tiny model (no figures)
     # prints a table last; DIR/graph.json holds everything, written after every row
 """
 from __future__ import annotations
@@ -36,15 +37,32 @@ from specmd.study.costmodel import ModelSpec
 from specmd.tiny import TINY_CONFIGS, tiny_model
 
 NEW_TOKENS = 64
+DEVICE = torch.device("cuda", 0)  # --device cpu: a smoke run of this script's logic on a tiny model (no figures)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def cpu_compile_config(model) -> None:
+    """On the CPU, generate compiles only when told to, and the smoke run needs dynamo's tracing, not inductor."""
+    if DEVICE.type == "cpu":
+        from transformers import CompileConfig
+
+        config = CompileConfig(backend="eager")
+        config._compile_all_devices = True
+        model.generation_config.compile_config = config
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 
 
 def _host_calls(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
+        sync()
     names = [e.name for e in prof.events()]
     count = lambda pred: sum(1 for n in names if pred(n))  # noqa: E731
     return {"syncs": count(lambda n: n in SYNC_NAMES), "dtoh": count(lambda n: "DtoH" in n),
@@ -72,9 +90,10 @@ def families(compiled: bool) -> dict:
     mode (compiled: static cache and generate's compiled decode on both sides)."""
     out = {}
     for family in sorted(TINY_CONFIGS):
-        ref = tiny_model(family, dtype=torch.bfloat16).cuda()
+        ref = tiny_model(family, dtype=torch.bfloat16).to(DEVICE)
+        cpu_compile_config(ref)
         ref.generation_config.cache_implementation = "static" if compiled else None
-        ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+        ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
         kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
         want = ref.generate(ids, **kwargs)
         expert = find_moe_layers(ref)[0].layout.expert_bytes
@@ -82,7 +101,7 @@ def families(compiled: bool) -> dict:
         # compiled: one budget (each offload compiles afresh)
         for budget in (2 * ref.config.num_experts_per_tok * expert, "50%")[:1 if compiled else 2]:
             fresh_compile(ref)
-            specmd.offload(ref, budget, "lru", "cuda", engine="graph", progress=False)
+            specmd.offload(ref, budget, "lru", DEVICE.type, engine="graph", progress=False)
             ref.generation_config.cache_implementation = "static" if compiled else None
             ref.generation_config.disable_compile = not compiled
             same.append(bool(torch.equal(ref.generate(ids, **kwargs), want)))
@@ -128,13 +147,13 @@ def replay_seconds(model, trace) -> float:
     """Seconds to generate the trace's prompts under its routing (each prompt: decode + 1 new tokens)."""
     model.specmd.replay_routing(trace)
     gen = torch.Generator().manual_seed(0)
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for tokens, decode in trace.prompts:
-        ids = torch.randint(10, 50000, (1, tokens), generator=gen).cuda()
+        ids = torch.randint(3, min(50000, model.config.vocab_size), (1, tokens), generator=gen).to(DEVICE)
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode + 1,
                        min_new_tokens=decode + 1, do_sample=False)
-    torch.cuda.synchronize()
+    sync()
     assert model.specmd.engine.replay.passes_done == len(trace.passes)
     model.specmd.replay_routing(None)
     return time.perf_counter() - start
@@ -145,7 +164,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict
     (time of the whole replay - time of its prefills alone, each from a cold cache) / decode steps; TTFT: the
     prefills' mean. Warmed up (and compiled) by a first whole replay."""
     fresh_compile(model)
-    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)
+    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
     model.generation_config.cache_implementation = "static" if compiled else None
     model.generation_config.disable_compile = not compiled
     replay_seconds(model, trace)  # warm-up: compiles, records the graphs
@@ -153,7 +172,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict
     whole = replay_seconds(model, trace)
     stats = model.specmd.stats()
     model.specmd.close()
-    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)  # cold again, as the whole run
+    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)  # cold again, as the whole run
     model.generation_config.cache_implementation = "static" if compiled else None
     model.generation_config.disable_compile = not compiled
     prefills = replay_seconds(model, prefills_only(trace))
@@ -175,18 +194,27 @@ def main() -> None:
     parser.add_argument("--families", choices=["none", "eager", "compiled", "both"], default="both")
     parser.add_argument("--threaded", action="store_true", help="also the threaded engine at each budget")
     parser.add_argument("--trace", default=None, help="also the graph engine on this trace's routing (replayed)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a smoke run of the script on a tiny model of the trace's topology (no figures)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda", 0)
-    model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), device, place="device")[0]
-    model.set_experts_implementation("grouped_mm")  # transformers' default kernels: generate decodes with batched_mm
+    global DEVICE
+    DEVICE = device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        model = build_model(ModelSpec.load("olmoe-1b-7b-0924"), device, place="device")[0]
+    else:  # the OLMoE topology (so a trace of it replays), tiny sizes
+        model = tiny_model("olmoe", num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, dtype=torch.bfloat16)
+    cpu_compile_config(model)
+    # transformers' default kernels: generate decodes with batched_mm (on a GPU; the CPU smoke run asks for it)
+    model.set_experts_implementation("grouped_mm" if device.type == "cuda" else "batched_mm")
     expert_bytes = find_moe_layers(model)[0].layout.expert_bytes
-    rate = copy_gbps(expert_bytes, device)
+    rate = copy_gbps(expert_bytes, device) if device.type == "cuda" else float("nan")
     rows: list[dict] = []
     with torch.inference_mode():
         for prompt in args.prompts:
-            ids = torch.randint(10, 50000, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+            ids = torch.randint(10, min(50000, model.config.vocab_size), (1, prompt),
+                                generator=torch.Generator().manual_seed(0)).to(device)
             full = {}
             for compiled in (False, True):
                 fresh_compile(model)
@@ -201,12 +229,12 @@ def main() -> None:
             model.generation_config.cache_implementation = None
             for budget in args.budgets:
                 if args.threaded:
-                    specmd.offload(model, budget, "lru", "cuda", engine="threaded", progress=False)
+                    specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)
                     run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
                     model.specmd.close()
                 for compiled in (False, True):
                     fresh_compile(model)
-                    specmd.offload(model, budget, "lru", "cuda", engine="graph", progress=False)
+                    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
                     mode = "compiled" if compiled else "per-layer graphs"
                     run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled)
                     model.specmd.close()
@@ -226,17 +254,18 @@ def main() -> None:
     if args.families in ("compiled", "both"):
         fresh_compile_families["compiled"] = families(compiled=True)
     result = {"copy_gbps": rate, "rows": rows, "families_bf16": fresh_compile_families,
-              "machine": torch.cuda.get_device_name(device), "torch": torch.__version__}
+              "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke run)",
+              "torch": torch.__version__}
     (out / "graph.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"pinned copy of one expert: {rate:.1f} GB/s; bf16 families through the graph engine, tokens equal "
           f"(2k experts, 50%; compiled: 2k only): {fresh_compile_families}")
-    print(f"{'configuration':<36}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'x full':>7}{'floor ms':>9}{'hit %':>7}"
+    print(f"{'configuration':<50}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'x full':>7}{'floor ms':>9}{'hit %':>7}"
           f"{'syncs':>6}{'DtoH':>5}{'graphs':>7}  same")
     for r in rows:
         floor = f"{r['link_floor_ms']:.2f}" if "link_floor_ms" in r else "-"
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
         ratio = f"{r['vs_full']:.2f}" if "vs_full" in r else "-"
-        print(f"{r['name']:<36}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.2f}{ratio:>7}{floor:>9}{hit:>7}"
+        print(f"{r['name']:<50}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.2f}{ratio:>7}{floor:>9}{hit:>7}"
               + (f"{r['syncs']:>6.1f}{r['dtoh']:>5.1f}{r['graph_launches']:>7.1f}" if "syncs" in r else f"{'-':>18}")
               + f"  {'-' if r['same'] is None else 'yes' if r['same'] else 'NO'}")
 

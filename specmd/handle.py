@@ -139,6 +139,9 @@ class OffloadHandle:
             model.__dict__.pop("_optimize_model_for_decode", None)
             if self.set_static_cache:
                 model.generation_config.cache_implementation = None
+                # generate keeps its static KV cache and the compiled step on the model: let them go with us
+                model.__dict__.pop("_cache", None)
+                model.__dict__.pop("_compiled_call", None)
         self.set_static_cache = False
 
     def _check_threaded(self, what: str) -> None:

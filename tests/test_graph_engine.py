@@ -212,3 +212,29 @@ def test_the_decode_step_traces_in_one_piece():
     assert not counters["graph_break"] and counters["frames"]["ok"] == 1  # one frame, traced once
     assert ref.specmd.stats().forward_passes == 20
     ref.specmd.close()
+
+
+def test_generate_gets_a_static_cache_where_one_step_fits_and_the_user_chose_none(caplog):
+    """What offload does on CUDA (api._capture_decode), called here on a CPU-offloaded model: a static cache
+    (so generate compiles the decode step) only where one token's routed experts fit the pool, never over
+    the user's choice; below, one logged line names the budget that would allow it."""
+    from specmd.api import _capture_decode
+
+    model = specmd.offload(tiny_model("olmoe"), 1 * _expert_bytes(), "lru", "cpu", engine="graph")
+    top_k = model.config.num_experts_per_tok
+    with caplog.at_level("WARNING"):
+        assert not _capture_decode(model, model.specmd.engine, top_k)  # one slot, top-2
+    assert model.generation_config.cache_implementation is None
+    assert any(f"at least {top_k} experts" in r.getMessage() for r in caplog.records)
+    model.specmd.close()
+    specmd.offload(model, "50%", "lru", "cpu", engine="graph")
+    assert _capture_decode(model, model.specmd.engine, top_k)
+    assert model.generation_config.cache_implementation == "static"
+    model.generation_config.cache_implementation = "dynamic"  # the user's choice stays
+    assert not _capture_decode(model, model.specmd.engine, top_k)
+    assert model.generation_config.cache_implementation == "dynamic"
+    model.specmd.close()
+
+
+def _expert_bytes():
+    return find_moe_layers(tiny_model("olmoe"))[0].layout.expert_bytes

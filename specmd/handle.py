@@ -139,9 +139,10 @@ class OffloadHandle:
             model.__dict__.pop("_optimize_model_for_decode", None)
             if self.set_static_cache:
                 model.generation_config.cache_implementation = None
-                # generate keeps its static KV cache and the compiled step on the model: let them go with us
-                model.__dict__.pop("_cache", None)
-                model.__dict__.pop("_compiled_call", None)
+                # generate keeps its compiled step on the model (and, in some transformers versions, its static
+                # cache): let them go with the engine; the next offload compiles afresh
+                for name in ("_compiled_call", "_last_compile_config", "_cache"):
+                    model.__dict__.pop(name, None)
         self.set_static_cache = False
 
     def _check_threaded(self, what: str) -> None:

@@ -250,3 +250,27 @@ def test_a_compiled_step_that_cannot_replay_its_pass_is_reported(device):
     with pytest.raises(ValueError, match="1 compiled decode steps met a pass"):
         model.generate(ids[:, :3], max_new_tokens=3, min_new_tokens=3, **kwargs)
     model.specmd.close()
+
+
+def test_a_one_token_prompt_is_never_replayed_as_a_decode_step(device, caplog):
+    """A compiled step that runs one step too many lands on the next prompt's prefill; a one-token prefill
+    looks like a decode step, but is counted as a pass it cannot replay; dropping the replay says so."""
+    from transformers import CompileConfig
+
+    trace = synthetic_trace(prompts=((3, 2), (1, 2)))
+    model = tiny_model("olmoe").to(device)
+    model.set_experts_implementation("batched_mm")
+    specmd.offload(model, "50%", "lru", device, engine="graph")
+    model.specmd.replay_routing(trace)
+    kwargs = dict(cache_implementation="static", do_sample=False)
+    if device == "cpu":
+        kwargs["compile_config"] = CompileConfig(backend="eager")
+        kwargs["compile_config"]._compile_all_devices = True
+    torch._dynamo.reset()
+    ids = torch.randint(3, 200, (1, 3), generator=torch.Generator().manual_seed(3)).to(device)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # 3 decode steps; the trace has 2
+    assert int(model.specmd.engine.replay.wrong) == 1
+    with caplog.at_level("WARNING"):
+        model.specmd.replay_routing(None)
+    assert any("1 compiled decode steps met a pass" in r.getMessage() for r in caplog.records)
+    model.specmd.close()

@@ -66,8 +66,12 @@ class DeviceRoutingReplay(RoutingReplay):
         self.wrong = torch.zeros((), **i64)  # compiled steps that met a pass they cannot replay
         table = torch.zeros(len(trace.passes), num_layers, top_k, dtype=torch.int64)  # [P, L, k]
         one_token = torch.zeros(len(trace.passes), dtype=torch.bool)
+        prefills, p = set(), 0
+        for _, decode in trace.prompts:  # a one-token prompt's prefill is not a decode step
+            prefills.add(p)
+            p += 1 + decode
         for p, layers in enumerate(trace.passes):
-            if len(layers[0]) == top_k:  # one token: a decode step
+            if len(layers[0]) == top_k and p not in prefills:  # one token: a decode step
                 table[p] = torch.tensor(layers)
                 one_token[p] = True
         self.table, self.one_token = table.to(device), one_token.to(device)

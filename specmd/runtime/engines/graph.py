@@ -48,6 +48,7 @@ class DeviceRoutingSource(Protocol):
     uncompiled layers, device ones (``advance``, ``step_ids``) inside a compiled step."""
 
     tensors: list[torch.Tensor]
+    wrong: torch.Tensor  # compiled steps that met a pass they could not replay
 
     def begin_pass(self) -> None: ...
 
@@ -135,12 +136,22 @@ class GraphEngine:
 
     def set_replay(self, replay: DeviceRoutingSource | None) -> None:
         """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
+        self._warn_unreplayed()
         if replay is not None and self.pool.data.is_cuda:
             from torch._dynamo import mark_static_address
 
             for tensor in replay.tensors:
                 mark_static_address(tensor)
         self.replay = replay
+
+    def _warn_unreplayed(self) -> None:
+        """The replay being dropped: say so if compiled steps met passes they could not replay (no uncompiled
+        pass came after them to raise)."""
+        wrong = int(self.replay.wrong) if self.replay is not None else 0
+        if wrong:
+            log.warning("specmd: %d compiled decode steps met a pass of the trace that is not a one-token decode "
+                        "step, or ran past its end; their counts are not the trace's (feed the trace's prompts)",
+                        wrong)
 
     def _on_device(self):
         """The pool's CUDA device as the current one (Triton and CUDA graphs use the current device)."""
@@ -210,6 +221,7 @@ class GraphEngine:
         if self.closed:
             return None
         self.closed = True
+        self._warn_unreplayed()
         try:
             return self.stats()
         finally:

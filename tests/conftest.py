@@ -17,3 +17,17 @@ DEVICE = os.environ.get("SPECMD_TEST_DEVICE", "cpu")
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture
+def compiled_generate(device) -> dict:
+    """generate's keyword arguments for a compiled decode step on the tests' device: a static cache, and on
+    the CPU torch.compile's eager backend (dynamo's tracing without inductor; transformers compiles only on
+    accelerators unless told); on CUDA transformers' default (inductor, CUDA graphs)."""
+    kwargs = dict(cache_implementation="static", disable_compile=False)
+    if device == "cpu":
+        from transformers import CompileConfig
+
+        kwargs["compile_config"] = CompileConfig(backend="eager")
+        kwargs["compile_config"]._compile_all_devices = True
+    return kwargs

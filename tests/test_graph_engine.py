@@ -189,25 +189,24 @@ def test_the_device_step_never_reads_the_device_back(eviction):
     assert out.shape == (1, 64) and spy.found == []
 
 
-def test_the_decode_step_traces_in_one_piece():
+def test_the_decode_step_traces_in_one_piece(device, compiled_generate):
     """What generate's compiled decode needs, on the CPU (torch.compile's eager backend: dynamo's tracing
     without inductor): the graph engine's decode step traces with no graph break and no recompile per token
     (the pass is counted on the device, not in Python), and the tokens and counters stay right."""
+    # on CUDA, test_the_whole_decode_step_is_compiled_into_one_graph checks it against the compiled full GPU
+    if device != "cpu":
+        pytest.skip("the CPU check of the tracing (eager backend)")
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
-    ref = tiny_model("olmoe")
+    ref = tiny_model("olmoe").to(device)
     ref.set_experts_implementation("batched_mm")  # what generate decodes with on a GPU: the device path
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
     want = generate(ref, ids, 10)
-    specmd.offload(ref, "50%", "lru", "cpu", engine="graph")
-    compile_config = CompileConfig(backend="eager")
-    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    specmd.offload(ref, "50%", "lru", device, engine="graph")
     torch._dynamo.reset()
     counters.clear()
     for _ in range(2):
-        got = ref.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, cache_implementation="static",
-                           compile_config=compile_config)
+        got = ref.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, **compiled_generate)
         assert torch.equal(got, want)
     assert not counters["graph_break"] and counters["frames"]["ok"] == 1  # one frame, traced once
     assert ref.specmd.stats().forward_passes == 20

@@ -190,25 +190,21 @@ def test_replayed_speculation_refuses_what_the_trace_cannot_answer(device, caplo
     model.specmd.close()
 
 
-def replay_graph(model, trace, capacity, eviction, device, compiled):
-    """``replay_live`` through the graph engine; ``compiled``: generate's compiled decode (torch.compile's
-    eager backend on the CPU, so the tracing is what is tested; inductor and CUDA graphs on a GPU)."""
+def replay_graph(model, trace, capacity, eviction, device, generate_kwargs):
+    """``replay_live`` through the graph engine, generating with ``generate_kwargs`` (``compiled_generate``:
+    compiled decode steps, checked to trace without a graph break; else uncompiled)."""
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     expert = find_moe_layers(model)[0].layout.expert_bytes
     specmd.offload(model, capacity * expert, eviction, device, engine="graph")
     model.specmd.replay_routing(trace)
-    kwargs = dict(cache_implementation="static", disable_compile=not compiled)
-    if compiled and device == "cpu":
-        kwargs["compile_config"] = CompileConfig(backend="eager")
-        kwargs["compile_config"]._compile_all_devices = True
     torch._dynamo.reset()
     counters.clear()
     for length, decode in trace.prompts:
         ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
-        model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False, **kwargs)
-    if compiled:
+        model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False,
+                       **generate_kwargs)
+    if not generate_kwargs["disable_compile"]:
         assert not counters["graph_break"]
     stats = model.specmd.stats()
     assert model.specmd.engine.replay.passes_done == len(trace.passes)
@@ -218,57 +214,47 @@ def replay_graph(model, trace, capacity, eviction, device, compiled):
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("eviction", ["lru", "least-stale"])
-def test_graph_engine_replay_equals_the_simulator(eviction, compiled, device):
+def test_graph_engine_replay_equals_the_simulator(eviction, compiled, device, compiled_generate):
     """Replay through the graph engine, its decode steps uncompiled (host ids) or compiled (the ids and the
     pass counter on the device): the simulator's counts."""
     trace = synthetic_trace(prompts=((5, 6), (3, 4), (4, 3)))
     model = tiny_model("olmoe").to(device)
     model.set_experts_implementation("batched_mm")  # decode steps through the device path, as on a GPU
     for capacity in (2, 5):  # a one-token step needs top-2 slots
-        live = replay_graph(model, trace, capacity, eviction, device, compiled)
+        kwargs = compiled_generate if compiled else dict(cache_implementation="static", disable_compile=True)
+        live = replay_graph(model, trace, capacity, eviction, device, kwargs)
         assert_same_counts(live, simulate(trace, capacity, eviction))
 
 
-def test_a_compiled_step_that_cannot_replay_its_pass_is_reported(device):
+def replaying_on_the_device_path(trace, device):
+    """A tiny OLMoE offloaded to the graph engine (decode steps through its device path), replaying ``trace``,
+    dynamo's caches cleared."""
+    model = tiny_model("olmoe").to(device)
+    model.set_experts_implementation("batched_mm")
+    specmd.offload(model, "50%", "lru", device, engine="graph")
+    model.specmd.replay_routing(trace)
+    torch._dynamo.reset()
+    return model
+
+
+def test_a_compiled_step_that_cannot_replay_its_pass_is_reported(device, compiled_generate):
     """A compiled decode step cannot raise: one that meets a pass it cannot replay (here the next prompt's
     prefill, because the generate ran one step more than the trace recorded) is counted on the device, and
     the next uncompiled pass raises."""
-    from transformers import CompileConfig
-
-    trace = synthetic_trace(prompts=((5, 3), (3, 2)))
-    model = tiny_model("olmoe").to(device)
-    model.set_experts_implementation("batched_mm")
-    specmd.offload(model, "50%", "lru", device, engine="graph")
-    model.specmd.replay_routing(trace)
-    kwargs = dict(cache_implementation="static", do_sample=False)
-    if device == "cpu":
-        kwargs["compile_config"] = CompileConfig(backend="eager")
-        kwargs["compile_config"]._compile_all_devices = True
-    torch._dynamo.reset()
+    model = replaying_on_the_device_path(synthetic_trace(prompts=((5, 3), (3, 2))), device)
     ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(5)).to(device)
-    model.generate(ids, max_new_tokens=5, min_new_tokens=5, **kwargs)  # 4 decode steps; the trace has 3
+    model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, **compiled_generate)  # 4 steps; 3 traced
     with pytest.raises(ValueError, match="1 compiled decode steps met a pass"):
-        model.generate(ids[:, :3], max_new_tokens=3, min_new_tokens=3, **kwargs)
+        model.generate(ids[:, :3], max_new_tokens=3, min_new_tokens=3, do_sample=False, **compiled_generate)
     model.specmd.close()
 
 
-def test_a_one_token_prompt_is_never_replayed_as_a_decode_step(device, caplog):
+def test_a_one_token_prompt_is_never_replayed_as_a_decode_step(device, compiled_generate, caplog):
     """A compiled step that runs one step too many lands on the next prompt's prefill; a one-token prefill
     looks like a decode step, but is counted as a pass it cannot replay; dropping the replay says so."""
-    from transformers import CompileConfig
-
-    trace = synthetic_trace(prompts=((3, 2), (1, 2)))
-    model = tiny_model("olmoe").to(device)
-    model.set_experts_implementation("batched_mm")
-    specmd.offload(model, "50%", "lru", device, engine="graph")
-    model.specmd.replay_routing(trace)
-    kwargs = dict(cache_implementation="static", do_sample=False)
-    if device == "cpu":
-        kwargs["compile_config"] = CompileConfig(backend="eager")
-        kwargs["compile_config"]._compile_all_devices = True
-    torch._dynamo.reset()
+    model = replaying_on_the_device_path(synthetic_trace(prompts=((3, 2), (1, 2))), device)
     ids = torch.randint(3, 200, (1, 3), generator=torch.Generator().manual_seed(3)).to(device)
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # 3 decode steps; the trace has 2
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, **compiled_generate)  # 3 steps; 2 traced
     assert int(model.specmd.engine.replay.wrong) == 1
     with caplog.at_level("WARNING"):
         model.specmd.replay_routing(None)

@@ -78,6 +78,13 @@ def host_calls_per_step(model, ids: torch.Tensor) -> dict:
     return {name: (long[name] - short[name]) / 8 for name in short}
 
 
+def decode_mode(model, compiled: bool) -> None:
+    """Compiled: generate with a static cache, which makes it compile the decode step; else uncompiled, with
+    the dynamic cache of the uncompiled full-GPU row (like with like)."""
+    model.generation_config.cache_implementation = "static" if compiled else None
+    model.generation_config.disable_compile = not compiled
+
+
 def fresh_compile(model) -> None:
     """Forget every compiled graph: a new offload must not count against dynamo's recompile limit."""
     torch._dynamo.reset()
@@ -92,7 +99,7 @@ def families(compiled: bool) -> dict:
     for family in sorted(TINY_CONFIGS):
         ref = tiny_model(family, dtype=torch.bfloat16).to(DEVICE)
         cpu_compile_config(ref)
-        ref.generation_config.cache_implementation = "static" if compiled else None
+        decode_mode(ref, compiled)
         ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
         kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
         want = ref.generate(ids, **kwargs)
@@ -102,8 +109,7 @@ def families(compiled: bool) -> dict:
         for budget in (2 * ref.config.num_experts_per_tok * expert, "50%")[:1 if compiled else 2]:
             fresh_compile(ref)
             specmd.offload(ref, budget, "lru", DEVICE.type, engine="graph", progress=False)
-            ref.generation_config.cache_implementation = "static" if compiled else None
-            ref.generation_config.disable_compile = not compiled
+            decode_mode(ref, compiled)
             same.append(bool(torch.equal(ref.generate(ids, **kwargs), want)))
             ref.specmd.close()
         out[family] = same
@@ -112,9 +118,7 @@ def families(compiled: bool) -> dict:
 
 
 def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool) -> None:
-    # like with like: uncompiled rows keep the dynamic cache of the uncompiled full-GPU row
-    model.generation_config.cache_implementation = "static" if compiled else None
-    model.generation_config.disable_compile = not compiled
+    decode_mode(model, compiled)
     timed = measure(model, ids, NEW_TOKENS, 3, before_last=model.specmd.reset_stats)
     stats = model.specmd.stats()
     decode_bytes = stats.total.bytes_copied  # the last generate: prefill + 63 decode steps
@@ -132,14 +136,11 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
 
 
 def prefills_only(trace):
-    """The trace's prefill passes alone, as prompts of one token each (generate(max_new_tokens=1))."""
+    """The trace's prefill passes alone, as prompts with no decode step (generate(max_new_tokens=1))."""
     from specmd.study.trace import RoutingTrace
 
-    starts, p = [], 0
-    for _, decode in trace.prompts:
-        starts.append(p)
-        p += 1 + decode
-    return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, [trace.passes[i] for i in starts],
+    prefills = [trace.passes[i] for i in trace.prefill_passes]
+    return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, prefills,
                         trace.source + " (prefills)", tuple((tokens, 0) for tokens, _ in trace.prompts))
 
 
@@ -165,16 +166,14 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict
     prefills' mean. Warmed up (and compiled) by a first whole replay."""
     fresh_compile(model)
     specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
-    model.generation_config.cache_implementation = "static" if compiled else None
-    model.generation_config.disable_compile = not compiled
+    decode_mode(model, compiled)
     replay_seconds(model, trace)  # warm-up: compiles, records the graphs
     model.specmd.reset_stats()
     whole = replay_seconds(model, trace)
     stats = model.specmd.stats()
     model.specmd.close()
     specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)  # cold again, as the whole run
-    model.generation_config.cache_implementation = "static" if compiled else None
-    model.generation_config.disable_compile = not compiled
+    decode_mode(model, compiled)
     prefills = replay_seconds(model, prefills_only(trace))
     model.specmd.close()
     decode_steps = sum(decode for _, decode in trace.prompts)
@@ -218,7 +217,7 @@ def main() -> None:
             full = {}
             for compiled in (False, True):
                 fresh_compile(model)
-                model.generation_config.cache_implementation = "static" if compiled else None
+                decode_mode(model, compiled)
                 timed = measure(model, ids, NEW_TOKENS, 3)
                 mode = "compiled" if compiled else "eager"
                 full[mode] = {"tpot_ms": timed.tpot_ms, "tokens": timed.tokens}

@@ -11,7 +11,7 @@ Also the pinning choices for a store of the same size: per-layer ``pin_memory`` 
 pageable memory registered with cudaHostRegister.
 
     python benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out OUT     # prints a table last, OUT/load.json
-    python benchmarks/load_h100.py --model tiny --device cpu --budget 50% ...        # the same steps on a tiny model (CPU)
+    python benchmarks/load_h100.py --model tiny --device cpu --budget 50% ...  # the same steps, tiny model, CPU
 """
 from __future__ import annotations
 

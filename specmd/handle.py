@@ -82,17 +82,16 @@ class OffloadHandle:
         prompts (``trace.prompts``: lengths and decode steps). For timing and cache studies: the outputs
         are not the model's."""
         self._check_open()
-        graph = isinstance(self._engine, GraphEngine)
         if trace is None:
-            if graph:
-                self._engine.set_replay(None)
-            else:
-                self._engine.replay = None
+            self._engine.set_replay(None)
             return
         if not isinstance(trace, RoutingTrace):
             trace = load_trace(trace)
-        replay = (DeviceRoutingReplay(trace, len(self._engine.layers), self._top_k, self._engine.pool.data.device)
-                  if graph else RoutingReplay(trace, len(self._engine.layers), self._top_k))
+        num_layers = len(self._engine.layers)
+        if isinstance(self._engine, GraphEngine):  # compiled steps read the ids on the device
+            replay = DeviceRoutingReplay(trace, num_layers, self._top_k, self._engine.pool.data.device)
+        else:
+            replay = RoutingReplay(trace, num_layers, self._top_k)
         prefetch = self.config.prefetch
         if prefetch.enabled and replay.has_predictions:
             if prefetch.policy != "topk":
@@ -108,10 +107,7 @@ class OffloadHandle:
         elif prefetch.enabled:
             log.warning("specmd: %s holds routed ids only: under replay, prefetch asks this model's own routers",
                         trace.source)
-        if graph:
-            self._engine.set_replay(replay)
-        else:
-            self._engine.replay = replay
+        self._engine.set_replay(replay)
 
     def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
         """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``

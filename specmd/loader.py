@@ -196,7 +196,8 @@ class _Places:
         done = {self.params[name].data_ptr() for name in self.loaded}
         missing = [name for name, t in self.params.items() if name not in self.loaded and t.data_ptr() not in done]
         if missing:
-            raise ValueError(f"{path}: {len(missing)} weights are not in the checkpoint ({', '.join(missing[:3])} ...); "
+            raise ValueError(f"{path}: {len(missing)} weights are not in the checkpoint "
+                             f"({', '.join(missing[:3])} ...); "
                              "it does not match its config.json")
 
 

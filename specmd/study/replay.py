@@ -41,7 +41,7 @@ class RoutingReplay:
     def predicted(self, layer: int, depth: int, k: int) -> list[list[int]]:
         """The first ``k`` candidates the trace's predictor gave at ``layer`` of the current pass for each of
         the next ``depth`` layers, nearest first: what the simulator's ``topk`` prefetch takes."""
-        return [candidates[:k] for candidates in self.trace.predicted[self._pass][layer][:depth]]
+        return self.trace.candidates(self._pass, layer, depth, k)
 
     def ids(self, layer: int, num_tokens: int) -> list[int]:
         """The recorded ids of ``layer`` in the current pass, token-major ([T*k]); checks T."""
@@ -66,10 +66,7 @@ class DeviceRoutingReplay(RoutingReplay):
         self.wrong = torch.zeros((), **i64)  # compiled steps that met a pass they cannot replay
         table = torch.zeros(len(trace.passes), num_layers, top_k, dtype=torch.int64)  # [P, L, k]
         one_token = torch.zeros(len(trace.passes), dtype=torch.bool)
-        prefills, p = set(), 0
-        for _, decode in trace.prompts:  # a one-token prompt's prefill is not a decode step
-            prefills.add(p)
-            p += 1 + decode
+        prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is not a decode step
         for p, layers in enumerate(trace.passes):
             if len(layers[0]) == top_k and p not in prefills:  # one token: a decode step
                 table[p] = torch.tensor(layers)

@@ -68,10 +68,12 @@ def _predicted(trace: RoutingTrace, accesses: list, prefetch: str, k: int, looka
     """(target layer, ids) of each looked-ahead layer, nearest first: ``topk`` the first ``k`` candidates the
     trace recorded; ``perfect`` the ids the target layer really routes to (a bound for ids-only traces)."""
     num_layers = trace.num_layers
+    depth = min(lookahead, num_layers)
+    recorded = trace.candidates(p, layer, depth, k) if prefetch == "topk" else None
     predicted = []
-    for distance in range(1, min(lookahead, num_layers) + 1):
-        if prefetch == "topk":
-            ids = trace.predicted[p][layer][distance - 1][:k]
+    for distance in range(1, depth + 1):
+        if recorded is not None:
+            ids = recorded[distance - 1]
         else:
             target_pass, target_layer = divmod(p * num_layers + layer + distance, num_layers)
             ids = accesses[target_pass][target_layer] if target_pass < len(accesses) else []

@@ -31,6 +31,20 @@ class RoutingTrace:
         """How many layers ahead the trace recorded predictions (0 for an ids-only trace)."""
         return len(self.predicted[0][0]) if self.predicted and self.predicted[0] else 0
 
+    @property
+    def prefill_passes(self) -> list[int]:
+        """The index of each prompt's first pass (its prefill), from ``prompts``."""
+        starts, p = [], 0
+        for _, decode in self.prompts:
+            starts.append(p)
+            p += 1 + decode
+        return starts
+
+    def candidates(self, p: int, layer: int, depth: int, k: int) -> list[list[int]]:
+        """The first ``k`` candidates the predictor recorded at ``layer`` of pass ``p`` for each of the next
+        ``depth`` layers, nearest first (a trace with predictions)."""
+        return [ids[:k] for ids in self.predicted[p][layer][:depth]]
+
     def accesses(self) -> list[list[list[int]]]:
         """Per pass and layer, the distinct ids in ascending order: what the engine makes resident."""
         return [[sorted(set(ids)) for ids in layers] for layers in self.passes]

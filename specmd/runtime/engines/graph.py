@@ -77,13 +77,8 @@ class GraphEngine:
         self.replay: DeviceRoutingSource | None = None  # set_replay (OffloadHandle.replay_routing)
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
-        if pool.data.is_cuda:
-            # torch.compile captures a step as a CUDA graph only if the tensors it updates in place keep their
-            # addresses, which these do (the pool, the cache's state, the store as the kernel reads it).
-            from torch._dynamo import mark_static_address
-
-            for tensor in [pool.data, *cache.static_tensors()]:
-                mark_static_address(tensor)
+        if pool.data.is_cuda:  # the pool, the cache's state, the store as the kernel reads it
+            _mark_static([pool.data, *cache.static_tensors()])
         self._warned: set[int] = set()
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -138,10 +133,7 @@ class GraphEngine:
         """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
         self._warn_unreplayed()
         if replay is not None and self.pool.data.is_cuda:
-            from torch._dynamo import mark_static_address
-
-            for tensor in replay.tensors:
-                mark_static_address(tensor)
+            _mark_static(replay.tensors)
         self.replay = replay
 
     def _warn_unreplayed(self) -> None:
@@ -228,6 +220,15 @@ class GraphEngine:
             self.pool.free()
             if self._graphs is not None:
                 self._graphs.clear()
+
+
+def _mark_static(tensors: list[torch.Tensor]) -> None:
+    """torch.compile captures a step as a CUDA graph only if the tensors it updates in place keep their
+    addresses; these do, for the engine's life."""
+    from torch._dynamo import mark_static_address
+
+    for tensor in tensors:
+        mark_static_address(tensor)
 
 
 def _no_prefetch(requests) -> None:

@@ -73,9 +73,13 @@ class ThreadedEngine:
         # Without a watchdog every copy is issued here; with one, only where a copy does not block (CUDA).
         self._copy_here = self.watchdog is None or copies_from_model_thread
         self.loop = MainLoop(cache, len(layers), self._submit)
-        self.replay: RoutingSource | None = None  # set by OffloadHandle.replay_routing
+        self.replay: RoutingSource | None = None  # set_replay (OffloadHandle.replay_routing)
         self.recorder: RoutingRecorder | None = None  # set by OffloadHandle.record_routing
         self.closed = False
+
+    def set_replay(self, replay: RoutingSource | None) -> None:
+        """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
+        self.replay = replay
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from .checkpoint import check_checkpoint
 from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse_dtype, preset_path
 from .devices import device_memory, host_memory_available, move_except_experts, resolve_device
 from .handle import OffloadHandle
-from .loader import checkpoint_dtype, read_checkpoint
+from .load_report import LoadReport, StageClock, host_peak_bytes, host_resident_bytes
+from .loader import READ_THREADS, checkpoint_dtype, read_checkpoint
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
 from .runtime.compute import KernelPlan
@@ -234,14 +235,17 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
                     attn_implementation: str | None = None) -> nn.Module:
     """Load a local checkpoint and offload it (arguments as ``offload``); experts never all reach the device.
 
-    The model is made on the meta device; each MoE layer's experts get a (pinned) host buffer and every
-    other weight its place on the device; then the safetensors files are read tensor by tensor straight
-    into those places (``loader.py``): the experts are never twice in host memory. ``dtype``: as
-    transformers' "auto" when None (the config's, else the checkpoint's). ``model.specmd.load_report``:
-    the time, bytes read and host peak of the read. Nothing is fetched from a hub.
+    The model is made on the meta device; each MoE layer's experts get a host buffer and every other weight
+    its place on the device; then the safetensors files are read tensor by tensor, on several threads,
+    straight into those places (``loader.py``): the experts are never twice in host memory. Each buffer is
+    pinned in place once its experts are in, while later layers are read. ``dtype``: as transformers' "auto"
+    when None (the config's, else the checkpoint's). ``model.specmd.load_report``: the wall time by stage,
+    bytes read and host memory of the load (``load_report.LoadReport``). Nothing is fetched from a hub.
     """
     from transformers import AutoConfig, GenerationConfig
 
+    clock = StageClock()
+    host_before = host_resident_bytes()
     settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
     target = resolve_device(settings.device)
     path = Path(path)
@@ -252,11 +256,18 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
     config._name_or_path = str(path)
     dtype = parse_dtype(dtype) or _config_dtype(config) or checkpoint_dtype(path)
     store = HostStore(pin=torch.cuda.is_available())
-    model, layers = _skeleton(config, dtype, target, store)
-    report = read_checkpoint(model, layers, store, path, progress)
+    model, layers = _skeleton(config, dtype, target, store, clock)
+    try:
+        bytes_read = read_checkpoint(model, layers, store, path, progress)
+        clock.lap("read")
+    finally:  # also after a failed read: no pinning thread outlives the load
+        store.wait_pinned()
+    clock.lap("pin")
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     model = _offload(model.eval(), settings, store=store, progress=progress)
+    clock.lap("engine")
+    report = LoadReport(clock.seconds, bytes_read, host_peak_bytes(), host_before, clock.stages, READ_THREADS)
     model.specmd.load_report = report
     log.info("specmd: %s", report.summary())
     return model
@@ -267,15 +278,19 @@ def _config_dtype(config) -> torch.dtype | None:
     return parse_dtype(dtype) if isinstance(dtype, str) else dtype
 
 
-def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore) -> tuple[nn.Module, list[MoELayer]]:
+def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore,
+              clock: StageClock | None = None) -> tuple[nn.Module, list[MoELayer]]:
     """A model of ``config`` made on the meta device, then placed: each MoE layer's experts become views of a
-    new (pinned) host buffer of ``store`` (unwritten), every other weight and buffer is allocated on
-    ``target`` and initialised by transformers (so buffers such as rotary frequencies are right)."""
+    new host buffer of ``store`` (unwritten, not pinned yet), every other weight and buffer is allocated on
+    ``target`` and initialised by transformers (so buffers such as rotary frequencies are right). ``clock``
+    times the three stages (skeleton, allocate, place)."""
+    clock = clock or StageClock()
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):  # on a copy of the config: offloading sets its experts implementation
         model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype)
     layers = find_moe_layers(model)
+    clock.lap("skeleton")
     need = sum(layer.layout.num_experts * layer.layout.block_numel for layer in layers) * dtype.itemsize
     available = host_memory_available()
     if available is not None and need > available:  # refused now, not when the allocation fails half way
@@ -286,6 +301,7 @@ def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore
         store.add_layer(layer, copy=False)
         # transformers' initialisation would draw them, on the CPU: minutes for a large model
         layer.module._is_hf_initialized = True
+    clock.lap("allocate")
     experts = {id(layer.module) for layer in layers}
     with torch.no_grad():
         for module in model.modules():
@@ -293,6 +309,7 @@ def _skeleton(config, dtype: torch.dtype, target: torch.device, store: HostStore
                 module.to_empty(device=target, recurse=False)
         model.initialize_weights()  # every other weight and buffer, in place on the device
         model.tie_weights()  # to_empty gave tied modules separate tensors
+    clock.lap("place")
     return model, layers
 
 
@@ -313,6 +330,9 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     torch.manual_seed(seed)
     store = HostStore(pin=torch.cuda.is_available())
     model, layers = _skeleton(config, dtype, target, store)
+    for layer in layers:  # pinned before the fill: copies from the device then run at link speed
+        store.submit_pin(layer.index)
+    store.wait_pinned()
     std = getattr(model.config, "initializer_range", 0.02)
     for layer in _store_bar(layers, progress):
         store.fill_random(layer, std, target)

@@ -33,7 +33,7 @@ class OffloadHandle:
         self.implementation = implementation  # the experts implementation the model had before offload
         self._model = weakref.ref(model)  # the model holds the handle: no cycle keeping both alive
         self._final_stats: Stats | None = None  # taken at close
-        self.load_report = None  # from_pretrained: the checkpoint read's time, bytes and host peak (loader.py)
+        self.load_report = None  # from_pretrained: its time by stage, bytes read and host memory (load_report.py)
         self.set_static_cache = False  # the graph engine chose generate's static cache (api._capture_decode)
 
     @property

@@ -1,8 +1,13 @@
 """Reading a checkpoint's safetensors files straight into an offloaded model: each expert tensor from the
-memory-mapped file into its rows of the pinned host store, every other tensor into its parameter on the
-device, one tensor at a time, by plain reads of the file (no memory map: a mapped file's touched pages
-would count as the process's memory). The experts never exist twice in host memory (transformers' own load makes
-the whole model first; copying its experts into the store after would hold them twice).
+file into its rows of the host store, every other tensor into its parameter on the device, by plain reads
+of the file (no memory map: a mapped file's touched pages would count as the process's memory), on
+``READ_THREADS`` threads. The experts never exist twice in host memory (transformers' own load makes the
+whole model first; copying its experts into the store after would hold them twice).
+
+Everything is checked before the first byte is read (names, dtypes, shapes, sizes, completeness); then the
+tensors are read in pieces of about ``CHUNK_BYTES`` (consecutive tensors of one file) by a thread pool, each
+piece through its own file handle. A MoE layer's store buffer is submitted for pinning as soon as its
+experts are all in (``HostStore.submit_pin``), so the pinning overlaps the reads of the later layers.
 
 Names: a checkpoint holds either the model's own fused tensors (``...experts.gate_up_proj``, what
 transformers 5 keeps in memory) or the per-expert tensors of published checkpoints, under the family's
@@ -13,10 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import resource
-import sys
-import time
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,27 +38,12 @@ log = logging.getLogger(__name__)
 # safetensors dtype -> torch dtype of what specmd reads; the others (quantized formats) are refused
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """What one checkpoint read cost: wall time, bytes of tensors read, and the process's peak resident host
-    memory when it ended (Linux's ru_maxrss)."""
-
-    seconds: float
-    bytes_read: int
-    host_peak_bytes: int
-
-    def summary(self) -> str:
-        rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-        return (f"loaded {self.bytes_read / 2**30:.2f} GiB in {self.seconds:.1f} s ({rate:.2f} GB/s); host peak "
-                f"{self.host_peak_bytes / 2**30:.2f} GiB")
-
-
-def host_peak_bytes() -> int:
-    """The process's peak resident memory so far (bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+# Readers: the reads release the GIL; several requests in flight keep an NVMe drive busy cold, and the page
+# cache is copied on several cores warm. 8 is a first guess, not a measured optimum: benchmarks/load_h100.py
+# prints a plain parallel read of the same count beside the load.
+READ_THREADS = min(8, os.cpu_count() or 1)
+CHUNK_BYTES = 64 * 2**20  # one task of a reader: small enough to balance 8 readers over a 14 GB checkpoint
+STAGING_BYTES = 64 * 2**20  # at most this much host memory per reader for tensors that cannot be read in place
 
 
 @dataclass(frozen=True)
@@ -107,8 +97,8 @@ def _read_exactly(file, offset: int, target: torch.Tensor, shard: Path) -> None:
 
 def _read_tensor(file, entry: _Entry, target: torch.Tensor, shard: Path) -> None:
     """Copy ``entry`` into ``target`` (its shape; any device and dtype): read straight into the target where
-    it is a CPU tensor of the file's dtype, contiguous per row (the store's experts), else through one
-    temporary tensor of the entry's size."""
+    it is a CPU tensor of the file's dtype, contiguous per row (the store's experts), else through a staging
+    tensor of at most ``STAGING_BYTES``, a run of rows at a time (the file holds the rows in order)."""
     dtype = FLOAT_DTYPES[entry.dtype]
     if target.device.type == "cpu" and target.dtype == dtype:
         rows = [target] if target.is_contiguous() else list(target)  # a fused [E, ...] view: contiguous per expert
@@ -118,9 +108,14 @@ def _read_tensor(file, entry: _Entry, target: torch.Tensor, shard: Path) -> None
                 _read_exactly(file, offset, row, shard)
                 offset += row.numel() * row.element_size()
             return
-    staging = torch.empty(entry.shape, dtype=dtype)
-    _read_exactly(file, entry.start, staging, shard)
-    target.copy_(staging)
+    target = target.unsqueeze(0) if target.dim() == 0 else target  # [rows, ...]
+    row_bytes = (entry.end - entry.start) // max(target.shape[0], 1)
+    step = max(1, STAGING_BYTES // max(row_bytes, 1))
+    staging = torch.empty((min(step, target.shape[0]), *target.shape[1:]), dtype=dtype)
+    for first in range(0, target.shape[0], step):
+        part = staging[:min(step, target.shape[0] - first)]
+        _read_exactly(file, entry.start + first * row_bytes, part, shard)
+        target[first:first + part.shape[0]].copy_(part)
 
 
 class _Places:
@@ -201,41 +196,126 @@ class _Places:
                              "it does not match its config.json")
 
 
-def read_checkpoint(model: nn.Module, layers: list[MoELayer], store: HostStore, path: Path,
-                    progress: bool = True) -> LoadReport:
-    """Copy every tensor of the checkpoint at ``path`` into ``model`` (its MoE layers' experts: the host
-    store's rows; the rest: the parameters, already on their device) and check that nothing is missing,
-    misshapen or of an unsupported dtype. Changes the model and the store."""
-    start = time.perf_counter()
-    places = _Places(model, layers, store, CHECKPOINT_NAMES.get(model.config.model_type, CheckpointNames()))
-    shards = [(shard, _entries(shard)) for shard in shard_files(path)]
-    unused, bytes_read = [], 0
-    bar = tqdm(total=sum(e.end - e.start for _, entries in shards for e in entries), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="checkpoint -> host store", disable=not progress, delay=0.5)
-    with torch.no_grad(), bar:
-        for shard, entries in shards:
-            if entries and shard.stat().st_size < entries[-1].end:
-                raise ValueError(f"{shard}: shorter than its header says; the file is truncated: copy the "
-                                 "checkpoint again")
-            with open(shard, "rb", buffering=0) as file:  # plain reads: no mapping, no page counted twice
-                for entry in entries:
-                    target, part = places.target(entry.key)
-                    if target is None:
-                        unused.append(entry.key)
-                        continue
-                    if entry.dtype not in FLOAT_DTYPES:
-                        raise ValueError(f"{shard.name}: {entry.key} is {entry.dtype}; specmd reads float "
-                                         f"checkpoints ({', '.join(FLOAT_DTYPES)}); quantized ones are not supported")
-                    if entry.shape != tuple(target.shape):
-                        raise ValueError(f"{shard.name}: {entry.key} has shape {list(entry.shape)} where the config "
-                                         f"gives {list(target.shape)}: the checkpoint does not match its config.json")
-                    _read_tensor(file, entry, target, shard)
-                    bytes_read += entry.end - entry.start
-                    bar.update(entry.end - entry.start)
-                    if part is not None:
-                        places.count(part, target.numel())
+@dataclass(frozen=True)
+class _Item:
+    """One tensor to read: its entry, where it goes, and the MoE layer whose store it fills (None: another
+    weight)."""
+
+    entry: _Entry
+    target: torch.Tensor
+    layer: int | None
+
+
+def _check_size(shard: Path, entries: list[_Entry]) -> None:
+    if entries and shard.stat().st_size < entries[-1].end:
+        raise ValueError(f"{shard}: shorter than its header says; the file is truncated: copy the checkpoint again")
+
+
+def _plan(places: _Places, path: Path) -> tuple[list[tuple[Path, list[_Item]]], list[str]]:
+    """Every tensor to read, by file, checked (dtype, shape, file size, nothing missing); and the names of
+    those that go nowhere. Reads headers only."""
+    plan, unused, claimed = [], [], set()
+    for shard in shard_files(path):
+        entries = _entries(shard)
+        _check_size(shard, entries)
+        items = []
+        for entry in entries:
+            target, part = places.target(entry.key)
+            if target is None:
+                unused.append(entry.key)
+                continue
+            if entry.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{shard.name}: {entry.key} is {entry.dtype}; specmd reads float "
+                                 f"checkpoints ({', '.join(FLOAT_DTYPES)}); quantized ones are not supported")
+            if entry.shape != tuple(target.shape):
+                raise ValueError(f"{shard.name}: {entry.key} has shape {list(entry.shape)} where the config "
+                                 f"gives {list(target.shape)}: the checkpoint does not match its config.json")
+            if part is None:
+                # Tied weights under both names: read once (the first), so no two readers write one tensor.
+                if target.data_ptr() in claimed:
+                    continue
+                claimed.add(target.data_ptr())
+            else:
+                places.count(part, target.numel())
+            items.append(_Item(entry, target, None if part is None else part[0]))
+        plan.append((shard, items))
     places.check_complete(path)
+    return plan, unused
+
+
+def _chunks(plan: list[tuple[Path, list[_Item]]]) -> list[tuple[Path, list[_Item]]]:
+    """The reading tasks: runs of consecutive tensors of one file, about ``CHUNK_BYTES`` each, the earliest
+    MoE layers first (their pinning can start while the later ones are read)."""
+    chunks = []
+    for shard, items in plan:
+        run, size = [], 0
+        for item in items:
+            run.append(item)
+            size += item.entry.end - item.entry.start
+            if size >= CHUNK_BYTES:
+                chunks.append((shard, run))
+                run, size = [], 0
+        if run:
+            chunks.append((shard, run))
+    layer = {id(run): min((i.layer for i in run if i.layer is not None), default=-1) for _, run in chunks}
+    return sorted(chunks, key=lambda chunk: layer[id(chunk[1])])
+
+
+def read_checkpoint(model: nn.Module, layers: list[MoELayer], store: HostStore, path: Path,
+                    progress: bool = True, threads: int = READ_THREADS) -> int:
+    """Copy every tensor of the checkpoint at ``path`` into ``model`` (its MoE layers' experts: the host
+    store's rows; the rest: the parameters, already on their device) on ``threads`` reader threads, after
+    checking that nothing is missing, misshapen or of an unsupported dtype; submit each store buffer for
+    pinning once its experts are in (the caller waits: ``store.wait_pinned``). Changes the model and the
+    store; returns the bytes read. A reader's error is raised here, as raised in the reader."""
+    places = _Places(model, layers, store, CHECKPOINT_NAMES.get(model.config.model_type, CheckpointNames()))
+    plan, unused = _plan(places, path)
     if unused:
         log.warning("specmd: %d tensors of %s match no weight of the model and were not read (%s ...)",
                     len(unused), path, ", ".join(unused[:3]))
-    return LoadReport(time.perf_counter() - start, bytes_read, host_peak_bytes())
+    pending = [0] * len(layers)  # MoE layer -> its expert tensors not read yet
+    for _, items in plan:
+        for item in items:
+            if item.layer is not None:
+                pending[item.layer] += 1
+    total = sum(item.entry.end - item.entry.start for _, items in plan for item in items)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checkpoint -> host store",
+               disable=not progress, delay=0.5)
+    lock = threading.Lock()  # guards pending and bar
+    stop = threading.Event()  # a reader failed: the others stop at their next tensor
+
+    def read(shard: Path, items: list[_Item]) -> None:
+        with open(shard, "rb", buffering=0) as file, torch.no_grad():  # plain reads: no page counted twice
+            _advise(file, items)
+            for item in items:
+                if stop.is_set():
+                    return
+                _read_tensor(file, item.entry, item.target, shard)
+                with lock:
+                    bar.update(item.entry.end - item.entry.start)
+                    if item.layer is not None:
+                        pending[item.layer] -= 1
+                    complete = item.layer is not None and pending[item.layer] == 0
+                if complete:
+                    store.submit_pin(item.layer)
+
+    with bar, ThreadPoolExecutor(max(1, threads), thread_name_prefix="specmd-read") as pool:
+        futures = [pool.submit(read, shard, items) for shard, items in _chunks(plan)]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                raise failed
+        except BaseException:  # a reader's error, or an interrupt here: no reader starts another tensor
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return total
+
+
+def _advise(file, items: list[_Item]) -> None:
+    """Ask the kernel to read the whole run ahead now (many requests in flight on a cold disk; a no-op on
+    cached pages). Linux only; a hint, never required."""
+    if hasattr(os, "posix_fadvise"):
+        start, end = items[0].entry.start, items[-1].entry.end
+        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)

@@ -1,6 +1,7 @@
 """The cache decided on the device evicts exactly what the Python cache evicts: both are driven through the
 same recorded traces (the shared Granite trace and the OLMoE-topology trace), with the main loop's chunks,
 and every per-layer counter must agree."""
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,62 @@ def test_one_slot_and_the_resident_table(olmoe_trace):
 def test_an_unknown_device_policy_is_refused():
     with pytest.raises(ValueError, match="least-stale"):
         DeviceCache(2, 8, 4, "random", torch.device("cpu"))
+
+
+def _kernel_runs(device: str) -> str | None:
+    """Why the cache kernel cannot run here (None: it can): CUDA with triton, or the CPU under Triton's
+    interpreter (TRITON_INTERPRET=1)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "no triton on this machine"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1"
+    return None
+
+
+@pytest.mark.parametrize("eviction", sorted(DEVICE_POLICIES))
+@pytest.mark.parametrize("percent,tile", [(5, None), (20, 64), (100, None)])
+def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, olmoe_trace, device, monkeypatch):
+    """kernels/cache_access.py against DeviceCache.access, call by call, on the OLMoE-topology trace: the same
+    misses in the same slots, and the same state after (tile=64 makes the victim search take several tiles)."""
+    reason = _kernel_runs(device)
+    if reason:
+        pytest.skip(reason)
+    from specmd.runtime.kernels import kernel
+
+    if tile:
+        monkeypatch.setattr(kernel("cache_access"), "TILE", tile)
+    trace, dev = olmoe_trace, torch.device(device)
+    L, E = trace.num_layers, trace.num_experts
+    capacity = L * E * percent // 100
+    passes = trace.passes if device == "cuda" else trace.passes[:12]  # the interpreter is slow
+    torch_cache, kernel_cache = (DeviceCache(L, E, capacity, eviction, dev) for _ in range(2))
+    calls = 0
+    for index, layers in enumerate(passes):
+        first = True  # a pass starts with its first call on the device
+        for layer, ids in enumerate(layers):
+            routed = torch.tensor(ids, device=dev)
+            needed = torch.zeros(E, dtype=torch.bool, device=dev).index_fill_(0, routed, True)
+            if int(needed.sum()) > capacity:
+                continue  # the main loop chunks these: not a device step
+            if first:
+                torch_cache.begin_pass()
+            want = torch_cache.access(layer, needed, width=routed.numel())
+            got = kernel_cache.access_ids(layer, routed, begin=first)
+            first = False
+            count = int(want.count)
+            assert int(got.count) == count, (index, layer)
+            assert got.experts[:count].tolist() == want.experts[:count].tolist(), (index, layer)
+            assert got.slots[:count].tolist() == want.slots[:count].tolist(), (index, layer)
+            assert torch.equal(got.layer_slots, want.layer_slots), (index, layer)
+            calls += 1
+    assert calls > len(passes)
+    S = capacity  # the spare entries past the end take masked writes and differ; the rest must not
+    real = {"table": (slice(None), slice(0, E)), "owner": slice(0, S), "ever_loaded": slice(0, L * E),
+            "evicted_this_pass": slice(0, L * E), "counters": (slice(None), slice(0, L))}
+    for name in ("table", "owner", "ever_loaded", "evicted_this_pass", "clock", "counters", "passes"):
+        a, b = getattr(torch_cache, name), getattr(kernel_cache, name)
+        assert torch.equal(a[real.get(name, ...)], b[real.get(name, ...)]), name
+    for a, b in zip(torch_cache.policy.kernel_state(), kernel_cache.policy.kernel_state()):
+        assert torch.equal(a[:S] if a.dim() else a, b[:S] if b.dim() else b)

@@ -118,7 +118,7 @@ def test_the_experts_are_never_twice_in_host_memory(tmp_path):
     del model
     script = textwrap.dedent(f"""
         import torch, specmd
-        from specmd.loader import host_peak_bytes
+        from specmd.load_report import host_peak_bytes
         from specmd.tiny import tiny_model
         tiny_model("olmoe")  # imports and first allocations before the baseline
         before = host_peak_bytes()
@@ -152,24 +152,38 @@ def test_a_host_too_small_is_refused_before_anything_is_allocated(tmp_path, monk
 
 
 def test_pinning_that_fails_falls_back_to_pageable_memory_with_one_warning(tmp_path, monkeypatch, caplog):
+    from specmd.runtime import pinning
+
     tiny_model("olmoe").save_pretrained(tmp_path)
     want = transformers_tokens(tmp_path)
-    empty = torch.empty
-
-    def no_pinning(*args, pin_memory=False, **kwargs):
-        if pin_memory:
-            raise RuntimeError("cudaHostAlloc: out of memory (as a locked-memory limit would answer)")
-        return empty(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "empty", no_pinning)
+    cudart = FakeCudart(fail_after=1)  # the first layer is pinned, the second fails (as a locked-memory limit would)
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so the store asks for pinned memory
     with caplog.at_level("WARNING"):
         model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
     warnings = [r for r in caplog.records if "pinning" in r.getMessage()]
     assert len(warnings) == 1 and "ulimit -l" in warnings[0].getMessage()
-    assert not model.specmd.store.pin and not model.specmd.store.layer(0).is_pinned()
+    assert "out of memory" in warnings[0].getMessage()
+    assert not model.specmd.store.pin
+    assert [call[0] for call in cudart.calls] == ["register", "register"]  # nothing asked after the failure
     monkeypatch.undo()
     assert torch.equal(generate(model), want)
+
+
+def test_a_store_without_a_cuda_runtime_stays_pageable_with_one_warning(tmp_path, monkeypatch, caplog):
+    from specmd.runtime import pinning
+
+    def no_runtime():
+        raise RuntimeError("CUDA driver initialization failed")
+
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    monkeypatch.setattr(pinning, "_cuda_runtime", no_runtime)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING"):
+        model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "pinning" in r.getMessage()]
+    assert len(warnings) == 1 and "CUDA driver initialization failed" in warnings[0]
+    assert not model.specmd.store.pin
 
 
 def test_the_load_never_makes_the_expert_views_contiguous(tmp_path, monkeypatch):
@@ -183,3 +197,139 @@ def test_the_load_never_makes_the_expert_views_contiguous(tmp_path, monkeypatch)
     monkeypatch.setattr(store, "_contiguous_experts", lambda *a: calls.append(1) or real(*a))
     specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
     assert not calls
+
+
+class FakeCudart:
+    """torch.cuda.cudart() as far as the store's pinning uses it: records each call, and whether the memory was
+    still mapped when it was unregistered. Succeeds ``fail_after`` times, then answers out of memory."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls = []
+        self.fail_after = fail_after
+
+    def cudaHostRegister(self, address, size, flags):
+        self.calls.append(("register", address, size))
+        registered = sum(call[0] == "register" for call in self.calls)
+        return 2 if self.fail_after is not None and registered > self.fail_after else 0
+
+    def cudaHostUnregister(self, address):
+        self.calls.append(("unregister", address, _mapped(address)))
+        return 0
+
+    def cudaGetErrorString(self, code):
+        return "out of memory"
+
+
+def _mapped(address):
+    """Whether ``address`` lies in a mapping of this process (Linux); None elsewhere."""
+    try:
+        maps = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return None
+    return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in maps))
+
+
+def test_the_store_is_registered_layer_by_layer_and_unregistered_before_it_is_freed(tmp_path, monkeypatch):
+    """The bookkeeping of pinning in place, with the CUDA runtime faked: each layer's buffer registered once,
+    whole, at its own address; unregistered when the model is gone, while its memory is still mapped."""
+    import gc
+
+    from specmd.runtime import pinning
+
+    tiny_model("olmoe").save_pretrained(tmp_path, max_shard_size="100KB")
+    want = transformers_tokens(tmp_path)
+    cudart = FakeCudart()
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    store = model.specmd.store
+    buffers = [(store.layer(i).data_ptr(), store.layer(i).numel() * store.layer(i).element_size())
+               for i in range(store.num_layers)]
+    assert store.pin and sorted(call[1:] for call in cudart.calls) == sorted(buffers)
+    assert all(address % 4096 == 0 for address, _ in buffers)  # page-aligned mappings
+    monkeypatch.undo()
+    assert torch.equal(generate(model), want)
+    model.specmd.close()
+    del model, store
+    gc.collect()
+    unregistered = [call for call in cudart.calls if call[0] == "unregister"]
+    assert sorted(call[1] for call in unregistered) == sorted(address for address, _ in buffers)
+    if _mapped(buffers[0][0]) is not None:
+        assert all(call[2] for call in unregistered)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning in place needs CUDA (the CPU tests fake it)")
+def test_the_store_is_pinned_in_place_on_cuda(tmp_path):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    model = specmd.from_pretrained(tmp_path, "50%", device="cuda", progress=False)
+    store = model.specmd.store
+    assert store.pin and all(store.layer(i).is_pinned() for i in range(store.num_layers))
+    model.specmd.close()
+
+
+def test_a_readers_error_is_raised_as_itself(tmp_path, monkeypatch):
+    """A shard that shrinks after the checks, before it is read: the reader thread's ValueError reaches the
+    caller as itself, and no reader or pinning thread is left running."""
+    import threading
+
+    from specmd import loader
+
+    tiny_model("olmoe").save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    plan = loader._plan
+
+    def plan_then_truncate(*args):
+        planned = plan(*args)
+        shard.write_bytes(shard.read_bytes()[:-100])
+        return planned
+
+    monkeypatch.setattr(loader, "_plan", plan_then_truncate)
+    with pytest.raises(ValueError, match="ends inside a tensor; the file is truncated"):
+        specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith(("specmd-read", "specmd-pin"))]
+
+
+def test_the_report_times_the_stages_and_the_host_memory(tmp_path):
+    from specmd.load_report import host_peak_bytes, host_resident_bytes
+
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    report = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False).specmd.load_report
+    assert list(report.stages) == ["skeleton", "allocate", "place", "read", "pin", "engine"]
+    assert report.seconds == pytest.approx(sum(report.stages.values()))
+    assert 0 < report.host_before_bytes <= report.host_peak_bytes <= host_peak_bytes()
+    assert host_peak_bytes() >= host_resident_bytes() > 0
+    assert "\n" not in report.summary() and "read " in report.summary()
+
+
+def test_the_host_peak_is_the_processs_own():
+    """A child's peak does not include the memory its parent held (ru_maxrss carries it across exec on Linux)."""
+    from specmd.load_report import host_peak_bytes
+
+    if sys.platform != "linux":
+        pytest.skip("the peak since exec is Linux's VmHWM")
+    held = torch.ones(2**30, dtype=torch.uint8)  # 1 GiB, every page touched
+    script = "from specmd.load_report import host_peak_bytes; print(host_peak_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert host_peak_bytes() > held.numel() > child
+
+
+def test_offload_and_from_config_pin_each_layer_before_writing_it(monkeypatch):
+    """offload copies each layer's experts into a registered buffer, from_config draws them into one (a copy
+    from the device into pinned memory runs at link speed); outputs as without pinning."""
+    from specmd.runtime import pinning
+    from specmd.tiny import tiny_config
+
+    source = tiny_model("olmoe")
+    want = generate(source)
+    cudart = FakeCudart()
+    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = specmd.offload(source, "50%", device="cpu")
+    assert model.specmd.store.pin and len(cudart.calls) == model.specmd.store.num_layers
+    assert torch.equal(generate(model), want)
+    built = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32, seed=1)
+    assert built.specmd.store.pin and len(cudart.calls) == 2 * built.specmd.store.num_layers
+    monkeypatch.undo()
+    unpinned = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32, seed=1)
+    assert not unpinned.specmd.store.pin
+    assert torch.equal(generate(built), generate(unpinned))

@@ -13,8 +13,9 @@ misses are cold (never loaded), collision (evicted earlier in this pass) or capa
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -36,10 +37,19 @@ class Misses:
     layer_slots: torch.Tensor  # [E] the slot of each expert of the layer (-1: not resident), after the copies
 
 
-# (layer, misses, after) -> misses.layer_slots: copy the missed experts into their slots once ``after`` (a tensor
-# of the layer's input, or None) exists, and return the layer's slots as a tensor that comes after the copies;
-# the layer's compute indexes the pool with it (see gather.py).
-Gather = Callable[[int, Misses, torch.Tensor | None], torch.Tensor]
+class Gather(Protocol):
+    """The copies of the misses into the pool (``gather.MissGather``)."""
+
+    fused: bool  # whether ``step`` runs: the whole call and its copies as one op
+
+    def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None) -> torch.Tensor:
+        """Copy the missed experts into their slots once ``after`` (a tensor of the layer's input, or None)
+        exists; return the layer's slots as a tensor that comes after the copies (the layer's compute indexes
+        the pool with it)."""
+
+    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None,
+             begin: bool) -> torch.Tensor:
+        """``DeviceCache.step`` in one op."""
 
 
 class DeviceCache:
@@ -72,6 +82,9 @@ class DeviceCache:
         self.policy: DevicePolicy = DEVICE_POLICIES[policy](S, L * E, device)
         self._experts = torch.arange(E, **i64)
         self._slots = torch.arange(S + 1, **i64)
+        # kernels/cache_access.py: the needed mask it shares between its phases; the misses it found
+        self._scratch = torch.zeros(E, dtype=torch.int8, device=device)
+        self.found = [torch.zeros(self.width, **i64), torch.zeros(self.width, **i64), torch.zeros(1, **i64)]
 
     def begin_pass(self) -> None:
         """A new forward pass starts: collisions are counted afresh (changes state)."""
@@ -141,6 +154,39 @@ class DeviceCache:
             misses = replace(misses, layer_slots=self._gather(layer, misses, after))
         return misses
 
+    def step(self, layer: int, ids: torch.Tensor, after: torch.Tensor | None = None,
+             begin: bool = False) -> torch.Tensor:
+        """A decode step's call: make the experts routed in ``ids`` resident (after ``begin_pass`` when
+        ``begin``) and copy the misses through the gather; returns the layer's slots [E] after the copies, for
+        the compute to index the pool with. On CUDA the gather's fused op (two launches); else ``access``."""
+        if self._gather is not None and self._gather.fused:
+            return self._gather.step(self, layer, ids, after, begin)
+        if begin:
+            self.begin_pass()
+        needed = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
+        return self.access(layer, needed.index_fill_(0, ids.reshape(-1), True), width=ids.numel(),
+                           after=after).layer_slots
+
+    def access_ids(self, layer: int, ids: torch.Tensor, begin: bool = False) -> Misses:
+        """``access`` of the experts routed in ``ids`` (int64, any shape), after ``begin_pass`` when ``begin``, by
+        one launch of the Triton kernel ``kernels/cache_access.py`` (CUDA; on the CPU under
+        TRITON_INTERPRET=1, for the tests); no host sync. Same outcome as ``access``, gather excepted:
+        ``layer_slots`` is a new tensor; the misses' tensors are the cache's own, overwritten by the next call."""
+        from .kernels import kernel
+
+        K = min(self.width, ids.numel())
+        slots = torch.empty(self.num_experts, dtype=torch.int64, device=self.device)
+        experts, victims, count = self.found
+        kernel("cache_access").access(ids, layer, begin, self.kernel_state(), [experts, victims, count, slots],
+                                      self.num_layers, self.num_experts, self.num_slots, self.policy.kernel_id)
+        valid = torch.arange(K, device=self.device) < count
+        return Misses(experts[:K], victims[:K], valid, count.view(()), slots)
+
+    def kernel_state(self) -> list[torch.Tensor]:
+        """The state in the order ``kernels/cache_access.py`` takes it."""
+        return [self.table, self.owner, self.ever_loaded, self.evicted_this_pass, self.clock, self.counters,
+                self.passes, *self.policy.kernel_state(), self._scratch]
+
     def slots(self, layer: int) -> torch.Tensor:
         """[E] the slot of each expert of ``layer`` (-1 where not resident); a view."""
         return self.table[layer, :self.num_experts]
@@ -163,7 +209,7 @@ class DeviceCache:
     def static_tensors(self) -> list[torch.Tensor]:
         """Every tensor a call reads or updates in place (the state, the policy's, the gather's): their
         addresses never change, which torch.compile must be told to capture a step that updates them."""
-        state = [value for value in vars(self).values() if isinstance(value, torch.Tensor)]
+        state = [value for value in vars(self).values() if isinstance(value, torch.Tensor)] + self.found
         policy = [value for value in vars(self.policy).values() if isinstance(value, torch.Tensor)]
         return state + policy + list(getattr(self._gather, "tensors", ()))
 

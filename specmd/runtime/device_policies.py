@@ -17,6 +17,7 @@ class DevicePolicy:
     """State and sort key of one policy over ``num_slots`` slots and ``num_keys`` (layer, expert) keys."""
 
     name = ""
+    kernel_id = 0  # the policy's number in kernels/cache_access.py
 
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         self.last = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)  # clock of the last access
@@ -36,6 +37,11 @@ class DevicePolicy:
     def begin_pass(self) -> None:
         """A new forward pass starts (changes state for pass-aware policies)."""
 
+    def kernel_state(self) -> list[torch.Tensor]:
+        """What ``kernels/cache_access.py`` takes: last use, LFU counts, least-stale touched pass and pass number
+        (``last`` stands in where the policy keeps none: the kernel never reads it there)."""
+        return [self.last] * 4
+
 
 class DeviceLRU(DevicePolicy):
     name = "lru"
@@ -43,6 +49,7 @@ class DeviceLRU(DevicePolicy):
 
 class DeviceFIFO(DevicePolicy):
     name = "fifo"
+    kernel_id = 1
 
     def update(self, slots, keys, ticks, inserted) -> None:
         self.last.index_put_((slots,), torch.where(inserted, ticks, self.last[slots]))  # only insertions move
@@ -52,6 +59,7 @@ class DeviceLFU(DevicePolicy):
     """Counts per key survive eviction, as in ``policies.LFU``; ties to the least recently used."""
 
     name = "lfu"
+    kernel_id = 2
 
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         super().__init__(num_slots, num_keys, device)
@@ -64,11 +72,15 @@ class DeviceLFU(DevicePolicy):
         super().update(slots, keys, ticks, inserted)
         self.count.index_put_((keys,), torch.ones_like(keys), accumulate=True)
 
+    def kernel_state(self) -> list[torch.Tensor]:
+        return [self.last, self.count, self.last, self.last]
+
 
 class DeviceLayerDistance(DevicePolicy):
     """The key whose layer runs furthest ahead (cyclically) first; ties to the least recently used."""
 
     name = "layer-distance"
+    kernel_id = 3
 
     def sort_keys(self, owner, layer, num_layers, num_experts) -> tuple[torch.Tensor, torch.Tensor]:
         distance = (torch.div(owner.clamp(min=0), num_experts, rounding_mode="floor") - layer) % num_layers
@@ -79,6 +91,7 @@ class DeviceLeastStale(DevicePolicy):
     """Stale (not touched in this pass) before current; inside each, oldest first touch in the latest pass."""
 
     name = "least-stale"
+    kernel_id = 4
 
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         super().__init__(num_slots, num_keys, device)
@@ -96,6 +109,9 @@ class DeviceLeastStale(DevicePolicy):
 
     def begin_pass(self) -> None:
         self.pass_number += 1
+
+    def kernel_state(self) -> list[torch.Tensor]:
+        return [self.last, self.last, self.touched_pass, self.pass_number]
 
 
 DEVICE_POLICIES: dict[str, type[DevicePolicy]] = {

@@ -9,37 +9,12 @@ as a CUDA graph (it skips graphs that read CPU tensors).
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from .copier import SlotPool
-from .device_cache import Misses
+from .device_cache import DeviceCache, Misses
+from .kernels import kernel
 from .store import HostStore
-
-
-@functools.cache
-def _kernel():
-    if importlib.util.find_spec("specmd.kernels") is None:
-        # A checkout on the path without an install: kernels/ sits beside the package. Registered under its
-        # installed name, since torch.compile re-imports the kernel's module by name when it traces the launch.
-        root = Path(__file__).resolve().parents[2] / "kernels"
-        spec = importlib.util.spec_from_file_location("specmd.kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["specmd.kernels"] = package
-        spec.loader.exec_module(package)
-    try:
-        return importlib.import_module("specmd.kernels.miss_gather")
-    except ModuleNotFoundError as err:
-        if err.name == "triton":
-            raise RuntimeError("engine='graph' on CUDA gathers experts with a Triton kernel and this Python has no "
-                               "triton; install it (pip install triton) or use engine='threaded'") from err
-        raise
 
 
 class _CudaArray:
@@ -82,7 +57,7 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
     the layer's input (the previous layer's output), so the copies come after the previous layer's reads.
     (The routed ids alone would not do: under replay they come from a table, not from the hidden state.)"""
     if pool.is_cuda:
-        _kernel().gather_misses(store, pool.view(torch.int32), experts, slots, count)
+        kernel("miss_gather").gather_misses(store, pool.view(torch.int32), experts, slots, count)
     else:
         n = int(count)  # free on the CPU; the op is opaque to torch.compile, so no graph break
         pool.index_copy_(0, slots[:n], store[experts[:n]])
@@ -92,6 +67,33 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
 @gather_misses.register_fake
 def _(store, pool, experts, slots, count, then, after):
     return torch.empty_like(then)
+
+
+@torch.library.custom_op("specmd::cache_step", mutates_args=())
+def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Tensor], found: list[torch.Tensor],
+               store: torch.Tensor, pool: torch.Tensor, after: torch.Tensor | None, dims: list[int]) -> torch.Tensor:
+    """A whole cache call of ``layer`` on CUDA, two launches, no sync: ``kernels/cache_access.py`` decides hits,
+    misses and victims for the routed ``ids`` and updates the cache's ``state`` (``DeviceCache.kernel_state``;
+    ``found``: where it leaves the misses), then ``kernels/miss_gather.py`` copies the misses from ``store``
+    into ``pool``. Returns the layer's slots [E] after the copies, a new tensor.
+
+    Declared as mutating nothing, like ``gather_misses`` and for the same reasons: the state and the pool
+    are only ever read and written by these ops, the pool read through the returned slots (so after the
+    copies), and ``after`` (the layer's input) orders the call after the previous layer's reads. A declared
+    mutation would make torch.compile copy the pool."""
+    num_layers, num_experts, num_slots, policy = dims
+    slots = torch.empty(num_experts, dtype=torch.int64, device=ids.device)
+    experts, victims, count = found
+    kernel("cache_access").access(ids, layer, begin, state, [experts, victims, count, slots], num_layers,
+                                  num_experts, num_slots, policy)
+    width = min(experts.shape[0], ids.numel())  # the gather's grid: at most tokens x top-k misses
+    kernel("miss_gather").gather_misses(store, pool.view(torch.int32), experts[:width], victims[:width], count)
+    return slots
+
+
+@cache_step.register_fake
+def _(ids, layer, begin, state, found, store, pool, after, dims):
+    return ids.new_empty(dims[1])
 
 
 class MissGather:
@@ -111,3 +113,16 @@ class MissGather:
     def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None = None) -> torch.Tensor:
         return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,
                              misses.layer_slots, after)
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``step`` runs (CUDA): the cache call and the gather as one op of two launches."""
+        return self._pool.data.is_cuda
+
+    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None,
+             begin: bool) -> torch.Tensor:
+        """``cache_step``: make the experts routed in ``ids`` resident in ``cache`` and copy the misses; the
+        layer's slots after the copies."""
+        dims = [cache.num_layers, cache.num_experts, cache.num_slots, cache.policy.kernel_id]
+        return cache_step(ids, layer, begin, cache.kernel_state(), cache.found, self._sources[layer],
+                          self._pool.data, after, dims)

@@ -1,17 +1,20 @@
 """Host store: every routed expert in host memory, one contiguous block per (layer, expert).
 
 Each MoE layer owns one buffer [E, block] (pinned when CUDA is available, so copies are asynchronous
-and run at full link speed); a row is one expert, so one copy moves one expert. The experts module's
+and run at full link speed: pinned in place once written, ``pinning.py``); a row is one expert, so one copy
+moves one expert. The experts module's
 fused parameters are replaced by strided views of that buffer: the model still sees its weights
 (``state_dict``, ``save_pretrained``), but no second copy of them exists.
 """
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from torch import nn
 
+from . import pinning
 from .adapters import ExpertLayout, MoELayer
 
 log = logging.getLogger(__name__)
@@ -34,20 +37,33 @@ def _contiguous_experts(module: nn.Module, state_dict: dict, prefix: str, local_
 
 
 class HostStore:
-    """Owns the host buffers; read-only once filled (eviction never copies back)."""
+    """Owns the host buffers; read-only once filled (eviction never copies back).
+
+    Pinning (``pin``): each buffer is allocated pageable and pinned in place by ``submit_pin`` /
+    ``wait_pinned`` (``pinning.py``); ``pin`` stays True while every buffer asked so far is (or is being)
+    pinned, and turns False, with one warning, at the first failure: later buffers stay pageable."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
+        self.pin_seconds = 0.0  # time spent registering buffers (on the pinning thread, much of it overlapped)
         self._buffers: list[torch.Tensor] = []  # layer -> [E, block]
+        self._owners: list = []  # layer -> the array owning its pageable memory, until submitted for pinning
+        self._pinner: pinning.Pinner | None = None
+        self._lock = threading.Lock()  # submit_pin is called from the checkpoint reader's threads
 
     def add_layer(self, layer: MoELayer, copy: bool = True) -> None:
         """Move ``layer``'s experts into a new host buffer and point its parameters at it (changes the module).
-        ``copy=False`` leaves the buffer unwritten (the parameters may be on the meta device): the caller
-        fills it through the module's parameters, e.g. by the model's own initialisation."""
+        ``copy=False`` leaves the buffer unwritten and unpinned (the parameters may be on the meta device): the
+        caller fills it through the module's parameters, e.g. by the model's own initialisation, and pins it
+        with ``submit_pin``."""
         assert layer.index == len(self._buffers), "layers are added in order"
         layout, module = layer.layout, layer.module
         with torch.inference_mode(False):  # normal tensors, whatever mode offload is called in
             buffer = self._allocate(layout.num_experts, layout.block_numel, layout.dtype)
+            self._buffers.append(buffer)
+            if copy:  # pinned first: a copy from the device then runs at link speed, not staged by the driver
+                self.submit_pin(layer.index)
+                self.wait_pinned()
             for name, view in layout_views(buffer, layout).items():
                 if copy:
                     view.copy_(getattr(module, name).detach())
@@ -56,22 +72,56 @@ class HostStore:
         if not getattr(module, "_specmd_state_dict_hook", False):
             module.register_state_dict_post_hook(_contiguous_experts)
             module._specmd_state_dict_hook = True
-        self._buffers.append(buffer)
 
     def _allocate(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A [rows, numel] host buffer, pinned while pinning works; after the first failure (a locked-memory
-        limit, too little RAM) pageable, with one warning: a late crash would lose the whole load."""
+        """A [rows, numel] host buffer, unwritten: while pinning works, an untouched mapping that ``submit_pin``
+        pins in place; else plain memory."""
         if self.pin:
-            try:
-                return torch.empty(rows, numel, dtype=dtype, pin_memory=True)
-            except RuntimeError as err:
-                self.pin = False
-                log.warning("specmd: pinning %.2f GiB of host memory failed (%s); the experts go to pageable memory "
-                            "from here on: host->device copies are staged by the driver and run several times "
-                            "slower, and engine='graph' cannot run (it reads pinned memory from the GPU). Raise the "
-                            "locked-memory limit (ulimit -l) or free host memory to pin them",
-                            rows * numel * dtype.itemsize / 2**30, str(err).splitlines()[0])
+            memory, owner = pinning.pageable(rows * numel * dtype.itemsize)
+            self._owners.append(owner)
+            return memory.view(dtype).view(rows, numel)
+        self._owners.append(None)
         return torch.empty(rows, numel, dtype=dtype)
+
+    def submit_pin(self, layer: int) -> None:
+        """Start pinning ``layer``'s buffer in place (returns at once; thread-safe; a second call for the same
+        layer, or a call while ``pin`` is False, does nothing). Nothing may write the buffer until
+        ``wait_pinned`` returns, unless it was written before this call."""
+        with self._lock:
+            owner = self._owners[layer]
+            if not self.pin or owner is None:
+                return
+            self._owners[layer] = None
+            if self._pinner is None:
+                try:
+                    self._pinner = pinning.Pinner()
+                except Exception as err:  # no usable CUDA runtime: every cause means the same fallback
+                    self._pin_failed(owner.nbytes, f"{type(err).__name__}: {err}")
+                    return
+            self._pinner.submit(owner)
+
+    def wait_pinned(self) -> None:
+        """Wait until every buffer submitted by ``submit_pin`` is pinned; where one failed, ``pin`` is now
+        False (with one warning). Safe to call twice."""
+        with self._lock:
+            pinner, self._pinner = self._pinner, None
+        if pinner is None:
+            return
+        failure = pinner.wait()
+        self.pin_seconds += pinner.busy_seconds
+        if failure is not None:
+            self._pin_failed(*failure)
+
+    def _pin_failed(self, nbytes: int, cause: str) -> None:
+        """The first failure turns pinning off for good: a late crash would lose the whole load."""
+        if not self.pin:
+            return
+        self.pin = False
+        log.warning("specmd: pinning %.2f GiB of host memory failed (%s); the experts go to pageable memory "
+                    "from here on: host->device copies are staged by the driver and run several times "
+                    "slower, and engine='graph' cannot run (it reads pinned memory from the GPU). Raise the "
+                    "locked-memory limit (ulimit -l) or free host memory to pin them",
+                    nbytes / 2**30, cause.splitlines()[0])
 
     def fill_random(self, layer: MoELayer, std: float, device: torch.device, chunk_bytes: int = 256 * 2**20) -> None:
         """Fill ``layer``'s experts as transformers initialises them, N(0, std) weights and zero biases,

@@ -96,16 +96,14 @@ class GraphEngine:
             # Traced by torch.compile (transformers' compiled decode): one compiled call is one whole forward
             # pass, so the first MoE layer starts the pass on the device; no Python state changes, so nothing
             # is specialised on a per-token value and the step is traced once.
-            if layer == 0:
-                self.cache.begin_pass()
-                if self.replay is not None:
-                    self.replay.advance()
+            if layer == 0 and self.replay is not None:
+                self.replay.advance()
             if self.replay is not None:
                 if num_tokens != 1:
                     raise ValueError("a compiled decode step replays one-token passes only: generate one sequence "
                                      "at a time under replay, or pass disable_compile=True to generate")
                 top_k_index = self.replay.step_ids(layer)
-            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
+            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights, begin=layer == 0)
         return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, on_device)
 
     @torch.compiler.disable  # under torch.compile: a graph break, and this runs as written
@@ -164,16 +162,15 @@ class GraphEngine:
         return self._graphs.captures if self._graphs is not None else 0
 
     def _device_step(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-        """One call on the device alone: fixed shapes, no host sync, capturable. [T, H] out."""
+                     top_k_weights: torch.Tensor, begin: bool = False) -> torch.Tensor:
+        """One call on the device alone: fixed shapes, no host sync, capturable; starts a pass when ``begin``.
+        [T, H] out."""
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
-        needed = torch.zeros(self.cache.num_experts, dtype=torch.bool, device=flat_ids.device)
         # after=hidden_states: the copies wait for the previous layer's output, so for its reads of the pool
-        misses = self.cache.access(layer, needed.index_fill_(0, flat_ids, True), width=flat_ids.shape[0],
-                                   after=hidden_states)
+        layer_slots = self.cache.step(layer, flat_ids, after=hidden_states, begin=begin)
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
-        row_slots = misses.layer_slots[flat_ids]  # [T*k]
+        row_slots = layer_slots[flat_ids]  # [T*k]
         # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the
         # pool, which the gather updates in place.
         views = layout_views(self.pool.data, self.pool.layout)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,7 +224,7 @@ class FakeCudart:
 def _mapped(address):
     """Whether ``address`` lies in a mapping of this process (Linux); None elsewhere."""
     try:
-        maps = open("/proc/self/maps").read().splitlines()
+        maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
     return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in maps))

@@ -117,7 +117,19 @@ def families(compiled: bool) -> dict:
     return out
 
 
-def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool) -> None:
+def profile_steps(model, ids, out: Path, name: str) -> None:
+    """The CUDA API and kernel trace of an 8-step decode (a 9-token generate), for chrome://tracing, and its
+    kernels by GPU time: what a step spends, and that no synchronize or device->host copy sits inside it."""
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9, do_sample=False)
+        sync()
+    prof.export_chrome_trace(str(out / f"trace-{slug}.json"))
+    (out / f"kernels-{slug}.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool,
+            profiled: bool = False) -> None:
     decode_mode(model, compiled)
     timed = measure(model, ids, NEW_TOKENS, 3, before_last=model.specmd.reset_stats)
     stats = model.specmd.stats()
@@ -130,6 +142,8 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
            "link_floor_ms": decode_bytes / NEW_TOKENS / (rate * 1e9) * 1e3,
            "captured_layer_graphs": getattr(model.specmd.engine, "captured_graphs", None),
            **host_calls_per_step(model, ids), "stats": stats.to_dict()}
+    if profiled and DEVICE.type == "cuda":
+        profile_steps(model, ids, out, f"{name} prompt {ids.shape[1]}")
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
     (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
@@ -193,6 +207,10 @@ def main() -> None:
     parser.add_argument("--families", choices=["none", "eager", "compiled", "both"], default="both")
     parser.add_argument("--threaded", action="store_true", help="also the threaded engine at each budget")
     parser.add_argument("--trace", default=None, help="also the graph engine on this trace's routing (replayed)")
+    parser.add_argument("--modes", nargs="+", choices=["per-layer", "compiled"], default=["per-layer", "compiled"],
+                        help="the graph engine's decode: per-layer CUDA graphs (uncompiled), the compiled step")
+    parser.add_argument("--profile", action="store_true",
+                        help="write a profiler trace and kernel table of each compiled graph row (DIR/trace-*.json)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a smoke run of the script on a tiny model of the trace's topology (no figures)")
     args = parser.parse_args()
@@ -231,18 +249,19 @@ def main() -> None:
                     specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)
                     run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
                     model.specmd.close()
-                for compiled in (False, True):
+                for compiled in [mode == "compiled" for mode in args.modes]:
                     fresh_compile(model)
                     specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
                     mode = "compiled" if compiled else "per-layer graphs"
-                    run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled)
+                    run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled,
+                            profiled=args.profile and compiled)
                     model.specmd.close()
         if args.trace:
             from specmd.study.trace import load_trace
 
             trace = load_trace(args.trace)
             for budget in args.budgets:
-                for compiled in (False, True):
+                for compiled in [mode == "compiled" for mode in args.modes]:
                     row = replayed_row(model, trace, budget, compiled, rate)
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)

@@ -24,6 +24,7 @@ for budget, eviction, prefetch, lookahead, stretch, engine in [
         (6 * expert, "least-stale", "top-p", 1, 0, "threaded"),
         (4 * expert, "lru", "topk", 1, 20_000, "threaded"),
         (8 * expert, "lru", "none", 1, 0, "graph"),  # a decode step of batch 2 x top-4 fits: the device path
+        (6 * expert, "lfu", "none", 1, 0, "graph"),  # batch 1 on the device, batch 2 chunked
         (3 * expert, "least-stale", "none", 1, 0, "graph")]:  # chunked calls
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead, engine=engine)
     if engine == "threaded":

@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-# DevicePolicy.kernel_id of each device policy (specmd/runtime/device_policies.py)
-LRU, FIFO, LFU, LAYER_DISTANCE, LEAST_STALE = range(5)
-INT64_MAX = 2**63 - 1
+# DevicePolicy.kernel_id of each device policy (specmd/runtime/device_policies.py); constexpr, which is how a
+# Triton kernel may read a module's globals
+LRU, FIFO, LFU, LAYER_DISTANCE, LEAST_STALE = (tl.constexpr(i) for i in range(5))
+INT64_MAX = tl.constexpr(2**63 - 1)
 TILE = 1024  # slots per step of the victim search
 
 

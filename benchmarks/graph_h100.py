@@ -14,7 +14,7 @@ stream, device and event synchronizations, device->host copies, graph launches a
 full-GPU rows show what generate itself does per step). Kernel launches are in the JSON only: for the
 engines they do not cancel out (the two prefills run different numbers of chunks).
 
-    python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512] [--threaded] [--trace T]
+    python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512] [--threaded [B ...]] [--trace T]
     python benchmarks/graph_h100.py --device cpu ...   # a smoke run of the logic on a tiny model (no figures)
     # prints a table last; DIR/graph.json holds everything, written after every row
 """
@@ -205,8 +205,10 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["100%", "50%", "20%", "10%", "5%"])
     parser.add_argument("--prompts", nargs="+", type=int, default=[16, 512])
     parser.add_argument("--families", choices=["none", "eager", "compiled", "both"], default="both")
-    parser.add_argument("--threaded", action="store_true", help="also the threaded engine at each budget")
+    parser.add_argument("--threaded", nargs="*", default=None,
+                        help="also the threaded engine at these budgets (none named: at each budget)")
     parser.add_argument("--trace", default=None, help="also the graph engine on this trace's routing (replayed)")
+    parser.add_argument("--trace-budgets", nargs="+", default=None, help="the budgets of the replayed rows (default: all)")
     parser.add_argument("--modes", nargs="+", choices=["per-layer", "compiled"], default=["per-layer", "compiled"],
                         help="the graph engine's decode: per-layer CUDA graphs (uncompiled), the compiled step")
     parser.add_argument("--profile", action="store_true",
@@ -245,7 +247,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             model.generation_config.cache_implementation = None
             for budget in args.budgets:
-                if args.threaded:
+                if args.threaded is not None and (not args.threaded or budget in args.threaded):
                     specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)
                     run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
                     model.specmd.close()
@@ -260,7 +262,7 @@ def main() -> None:
             from specmd.study.trace import load_trace
 
             trace = load_trace(args.trace)
-            for budget in args.budgets:
+            for budget in args.trace_budgets or args.budgets:
                 for compiled in [mode == "compiled" for mode in args.modes]:
                     row = replayed_row(model, trace, budget, compiled, rate)
                     rows.append(row)

@@ -332,5 +332,5 @@ def test_offload_and_from_config_pin_each_layer_before_writing_it(monkeypatch):
     assert built.specmd.store.pin and len(cudart.calls) == 2 * built.specmd.store.num_layers
     monkeypatch.undo()
     unpinned = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32, seed=1)
-    assert not unpinned.specmd.store.pin
+    assert unpinned.specmd.store.pin == torch.cuda.is_available()  # the real CUDA runtime decides again
     assert torch.equal(generate(built), generate(unpinned))

@@ -231,10 +231,12 @@ def main() -> None:
     rate = copy_gbps(expert_bytes, device) if device.type == "cuda" else float("nan")
     rows: list[dict] = []
     with torch.inference_mode():
-        for prompt in args.prompts:
-            ids = torch.randint(10, min(50000, model.config.vocab_size), (1, prompt),
-                                generator=torch.Generator().manual_seed(0)).to(device)
-            full = {}
+        prompts = {prompt: torch.randint(10, min(50000, model.config.vocab_size), (1, prompt),
+                                         generator=torch.Generator().manual_seed(0)).to(device)
+                   for prompt in args.prompts}
+        fulls = {}  # every prompt's full-GPU rows first: once offloaded (and closed), the model runs only offloaded
+        for prompt, ids in prompts.items():
+            full = fulls[prompt] = {}
             for compiled in (False, True):
                 fresh_compile(model)
                 decode_mode(model, compiled)
@@ -245,7 +247,9 @@ def main() -> None:
                        "tpot_ms": timed.tpot_ms, "same": True, **host_calls_per_step(model, ids)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            model.generation_config.cache_implementation = None
+        model.generation_config.cache_implementation = None
+        for prompt, ids in prompts.items():
+            full = fulls[prompt]
             for budget in args.budgets:
                 if args.threaded is not None and (not args.threaded or budget in args.threaded):
                     specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)

@@ -3,9 +3,12 @@
 Per MoE layer of a decode step (a call whose kernel is transformers' batched products and whose T*k routed
 pairs fit the pool), everything stays on the device and on the stream the model runs on:
   1. the routed ids become a mask of needed experts [E];
-  2. ``DeviceCache.access`` counts hits and misses, picks the misses' slots (free slots, then the policy's
-     victims among the slots this layer does not use) and updates the table, the owners and the policy;
-  3. the miss gather (``runtime/gather.py``) copies the missed experts from the pinned store into their slots;
+  2. the cache call counts hits and misses, picks the misses' slots (free slots, then the policy's victims
+     among the slots this layer does not use) and updates the table, the owners and the policy;
+  3. the miss gather copies the missed experts from the pinned store into their slots.
+  On CUDA, 2 and 3 are one custom op of two launches (``DeviceCache.step``, ``gather.cache_step``: the
+  Triton kernels ``kernels/cache_access.py`` and ``kernels/miss_gather.py``); elsewhere torch operations
+  (``DeviceCache.access``, then the gather);
   4. the rows are computed from the slots with gather + bmm, as transformers' ``batched_mm`` does.
 Stream order alone makes this safe: the gather that overwrites a slot is queued after every computation
 that read it. No event, no lock, no thread; nothing is read back per token (``stats`` reads the counters

@@ -149,7 +149,8 @@ def step_specmd(args) -> dict:
     store = model.specmd.store
     ids = torch.tensor(PROMPT, device=model.device)
     tokens = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0].tolist()
-    return {"wall_s": wall, "report_s": report.seconds, "stages_s": report.stages, "read_threads": report.read_threads,
+    return {"wall_s": wall, "report_s": report.seconds, "stages_s": dict(report.stages),
+            "read_threads": report.read_threads,
             "register_busy_s": store.pin_seconds, "bytes_read": report.bytes_read,
             "host_peak_bytes": report.host_peak_bytes, "host_before_bytes": report.host_before_bytes,
             "store_bytes": store.total_bytes, "pinned": store.pin,

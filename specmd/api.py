@@ -16,7 +16,7 @@ from .config import DEFAULT_CPU_BUDGET, Budget, BudgetSpec, OffloadConfig, parse
 from .devices import device_memory, host_memory_available, move_except_experts, resolve_device
 from .handle import OffloadHandle
 from .load_report import LoadReport, StageClock, host_peak_bytes, host_resident_bytes
-from .loader import READ_THREADS, checkpoint_dtype, read_checkpoint
+from .loader import checkpoint_dtype, read_checkpoint
 from .runtime.adapters import ExpertLayout, MoELayer, find_moe_layers
 from .runtime.cache import SlotCache
 from .runtime.compute import KernelPlan
@@ -42,7 +42,7 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
             progress: bool = False) -> nn.Module:
     """Offload a loaded Hugging Face MoE model's routed experts to host memory behind a device slot cache.
 
-    Every routed expert moves into pinned host memory (plain memory without CUDA); attention, norms,
+    Every routed expert moves into pinned host memory (plain memory for a CPU device); attention, norms,
     routers, embeddings and shared experts go to ``device``. At most ``expert_budget`` bytes of experts
     are ever on the device. Returns the same model; its ``generate`` works unchanged and its outputs
     equal the unpatched model's. ``model.specmd`` is the handle (stats, reset_stats, close).
@@ -111,7 +111,7 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
     elif isinstance(handle, OffloadHandle) and handle.store.num_layers == len(layers):
         store = handle.store  # closed earlier: the experts are already in (pinned) host memory
     else:
-        store = HostStore(pin=torch.cuda.is_available())
+        store = HostStore(target)  # pinned for a CUDA target only: a CPU model copies nothing to a GPU
         for layer in _store_bar(layers, progress):
             store.add_layer(layer)
     move_except_experts(model, [layer.module for layer in layers], target)
@@ -255,10 +255,10 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
         config._attn_implementation = attn_implementation
     config._name_or_path = str(path)
     dtype = parse_dtype(dtype) or _config_dtype(config) or checkpoint_dtype(path)
-    store = HostStore(pin=torch.cuda.is_available())
+    store = HostStore(target)  # pinned for a CUDA target only
     model, layers = _skeleton(config, dtype, target, store, clock)
     try:
-        bytes_read = read_checkpoint(model, layers, store, path, progress)
+        read = read_checkpoint(model, layers, store, path, progress)
         clock.lap("read")
     finally:  # also after a failed read: no pinning thread outlives the load
         store.wait_pinned()
@@ -267,7 +267,8 @@ def from_pretrained(path: str | Path, expert_budget: BudgetSpec | None = None, e
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     model = _offload(model.eval(), settings, store=store, progress=progress)
     clock.lap("engine")
-    report = LoadReport(clock.seconds, bytes_read, host_peak_bytes(), host_before, clock.stages, READ_THREADS)
+    report = LoadReport(seconds=clock.seconds, bytes_read=read.bytes_read, host_peak_bytes=host_peak_bytes(),
+                        host_before_bytes=host_before, stages=tuple(clock.stages.items()), read_threads=read.threads)
     model.specmd.load_report = report
     log.info("specmd: %s", report.summary())
     return model
@@ -328,7 +329,7 @@ def from_config(config, expert_budget: BudgetSpec | None = None, eviction: str |
     settings = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
     target = resolve_device(settings.device)
     torch.manual_seed(seed)
-    store = HostStore(pin=torch.cuda.is_available())
+    store = HostStore(target)  # pinned for a CUDA target only
     model, layers = _skeleton(config, dtype, target, store)
     for layer in layers:  # pinned before the fill: copies from the device then run at link speed
         store.submit_pin(layer.index)

@@ -62,28 +62,24 @@ class StageClock:
 @dataclass(frozen=True)
 class LoadReport:
     """What one ``from_pretrained`` cost. ``seconds``: its whole wall time; ``stages``: that time by stage, in
-    order (skeleton: the model on the meta device; allocate: the host store; place: the other weights on the
-    device; read: the checkpoint files; pin: waiting for the store's pinning after the reads, the rest of it
-    being hidden behind them; engine: generation config and offloading). ``bytes_read``: tensor bytes read;
-    ``read_threads``: the readers. Host memory: ``host_before_bytes`` resident when the load began,
-    ``host_peak_bytes`` the process's peak when it ended (``host_peak_bytes()``: on Linux since exec, so a
-    process that held more before the load reports that)."""
+    order, as (name, seconds) pairs (skeleton: the model on the meta device; allocate: the host store; place:
+    the other weights on the device; read: the checkpoint files; pin: waiting for the store's pinning after the
+    reads, the rest of it being hidden behind them; engine: generation config and offloading). ``bytes_read``:
+    tensor bytes read; ``read_threads``: the reader threads the load used. Host memory: ``host_before_bytes``
+    resident when the load began, ``host_peak_bytes`` the process's peak when it ended (``host_peak_bytes()``:
+    on Linux since exec, so a process that held more before the load reports that)."""
 
     seconds: float
     bytes_read: int
     host_peak_bytes: int
     host_before_bytes: int
-    stages: dict[str, float]
+    stages: tuple[tuple[str, float], ...]  # (name, seconds) pairs: a tuple keeps the frozen report hashable
     read_threads: int
-
-    @property
-    def read_seconds(self) -> float:
-        return self.stages.get("read", 0.0)
 
     def summary(self) -> str:
         """One line: size, time, rate, the stages and the host peak."""
         rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-        stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.stages.items())
+        stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.stages)
         return (f"loaded {self.bytes_read / 2**30:.2f} GiB in {self.seconds:.1f} s ({rate:.2f} GB/s; {stages} s; "
                 f"{self.read_threads} readers); host peak {self.host_peak_bytes / 2**30:.2f} GiB "
                 f"(from {self.host_before_bytes / 2**30:.2f} GiB)")

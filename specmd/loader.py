@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ _PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.wei
 # Readers: the reads release the GIL; several requests in flight keep an NVMe drive busy cold, and the page
 # cache is copied on several cores warm. 8 is a first guess, not a measured optimum: benchmarks/load_h100.py
 # prints a plain parallel read of the same count beside the load.
-READ_THREADS = min(8, os.cpu_count() or 1)
+# The CPUs this process may run on (taskset, a container's cpuset), not the machine's. read_checkpoint reads
+# this at each call, so a test or benchmark that changes it is obeyed.
+READ_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 CHUNK_BYTES = 64 * 2**20  # one task of a reader: small enough to balance 8 readers over a 14 GB checkpoint
 STAGING_BYTES = 64 * 2**20  # at most this much host memory per reader for tensors that cannot be read in place
 
@@ -57,15 +60,28 @@ class _Entry:
     end: int
 
 
+def _damaged(shard: Path, what: str) -> ValueError:
+    return ValueError(f"{shard}: the header is damaged ({what}); copy the checkpoint again")
+
+
 def _entries(shard: Path) -> list[_Entry]:
-    """The tensors of a safetensors file, from its header (8 bytes of length, then JSON), in file order."""
+    """The tensors of a safetensors file, from its header (8 bytes of length, then JSON), in file order.
+    A header that cannot be parsed is refused with the file's name."""
     with open(shard, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
         length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(length))
-    header.pop("__metadata__", None)
+        if size < 8 or length > size - 8:  # before reading: a damaged length would allocate up to 16 EiB
+            raise _damaged(shard, f"it gives a header of {length} bytes in a file of {size}")
+        raw = file.read(length)
     base = 8 + length
-    entries = [_Entry(key, info["dtype"], tuple(info["shape"]), base + info["data_offsets"][0],
-                      base + info["data_offsets"][1]) for key, info in header.items()]
+    try:
+        header = json.loads(raw.decode("utf-8"))  # the format says UTF-8; json.loads(bytes) would guess
+        header.pop("__metadata__", None)
+        entries = [_Entry(key, str(info["dtype"]), tuple(int(n) for n in info["shape"]),
+                          base + int(info["data_offsets"][0]), base + int(info["data_offsets"][1]))
+                   for key, info in header.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # JSON, UTF-8, missing fields
+        raise _damaged(shard, f"{type(err).__name__}: {err}") from err
     for entry in entries:
         dtype = FLOAT_DTYPES.get(entry.dtype)
         if dtype is not None and entry.end - entry.start != torch.Size(entry.shape).numel() * dtype.itemsize:
@@ -185,6 +201,10 @@ class _Places:
         for layer, views in zip(self.layers, self.views):
             for name, view in views.items():
                 written = self.expert_elements.get((layer.index, name), 0)
+                if written > view.numel():  # both the fused tensor and per-expert ones (_plan refuses exact twins)
+                    raise ValueError(f"{path}: MoE layer {layer.index}'s {name} is {written} of {view.numel()} "
+                                     "elements in the checkpoint: it holds these experts twice, fused and per "
+                                     "expert; the checkpoint is damaged; copy it again")
                 if written != view.numel():
                     raise ValueError(f"{path}: MoE layer {layer.index}'s {name} is {written} of {view.numel()} "
                                      "elements in the checkpoint: experts are missing; copy the whole checkpoint")
@@ -212,9 +232,13 @@ def _check_size(shard: Path, entries: list[_Entry]) -> None:
 
 
 def _plan(places: _Places, path: Path) -> tuple[list[tuple[Path, list[_Item]]], list[str]]:
-    """Every tensor to read, by file, checked (dtype, shape, file size, nothing missing); and the names of
-    those that go nowhere. Reads headers only."""
-    plan, unused, claimed = [], [], set()
+    """Every tensor to read, by file, checked (dtype, shape, file size, nothing twice, nothing missing); and the
+    names of those that go nowhere. Reads headers only."""
+    plan, unused, tied = [], [], set()
+    # What each tensor fills -> (its name, its file), the first to claim it: a weight by its model name, an
+    # expert part by its bytes in the store. A twin would be two readers writing the same bytes, and its element
+    # count would hide a missing part from check_complete.
+    claimed: dict[object, tuple[str, str]] = {}
     for shard in shard_files(path):
         entries = _entries(shard)
         _check_size(shard, entries)
@@ -230,11 +254,18 @@ def _plan(places: _Places, path: Path) -> tuple[list[tuple[Path, list[_Item]]], 
             if entry.shape != tuple(target.shape):
                 raise ValueError(f"{shard.name}: {entry.key} has shape {list(entry.shape)} where the config "
                                  f"gives {list(target.shape)}: the checkpoint does not match its config.json")
+            claim = places.model_name(entry.key) if part is None else (target.data_ptr(), target.numel())
+            if claim in claimed:
+                first, where = claimed[claim]
+                name = entry.key if first == entry.key else f"{entry.key} (as {first})"
+                raise ValueError(f"{name} appears twice ({where}, {shard.name}): the checkpoint is damaged; "
+                                 "copy it again")
+            claimed[claim] = (entry.key, shard.name)
             if part is None:
                 # Tied weights under both names: read once (the first), so no two readers write one tensor.
-                if target.data_ptr() in claimed:
+                if target.data_ptr() in tied:
                     continue
-                claimed.add(target.data_ptr())
+                tied.add(target.data_ptr())
             else:
                 places.count(part, target.numel())
             items.append(_Item(entry, target, None if part is None else part[0]))
@@ -261,13 +292,21 @@ def _chunks(plan: list[tuple[Path, list[_Item]]]) -> list[tuple[Path, list[_Item
     return sorted(chunks, key=lambda chunk: layer[id(chunk[1])])
 
 
+class CheckpointRead(NamedTuple):
+    """What ``read_checkpoint`` did: tensor bytes read, and the reader threads that read them."""
+
+    bytes_read: int
+    threads: int
+
+
 def read_checkpoint(model: nn.Module, layers: list[MoELayer], store: HostStore, path: Path,
-                    progress: bool = True, threads: int = READ_THREADS) -> int:
+                    progress: bool = True, threads: int | None = None) -> CheckpointRead:
     """Copy every tensor of the checkpoint at ``path`` into ``model`` (its MoE layers' experts: the host
-    store's rows; the rest: the parameters, already on their device) on ``threads`` reader threads, after
-    checking that nothing is missing, misshapen or of an unsupported dtype; submit each store buffer for
-    pinning once its experts are in (the caller waits: ``store.wait_pinned``). Changes the model and the
-    store; returns the bytes read. A reader's error is raised here, as raised in the reader."""
+    store's rows; the rest: the parameters, already on their device) on ``threads`` reader threads (default
+    ``READ_THREADS``), after checking that nothing is missing, twice, misshapen or of an unsupported dtype;
+    submit each store buffer for pinning once its experts are in (the caller waits: ``store.wait_pinned``).
+    Changes the model and the store; returns the bytes read and the readers used. A reader's error is raised
+    here, as raised in the reader."""
     places = _Places(model, layers, store, CHECKPOINT_NAMES.get(model.config.model_type, CheckpointNames()))
     plan, unused = _plan(places, path)
     if unused:
@@ -299,8 +338,10 @@ def read_checkpoint(model: nn.Module, layers: list[MoELayer], store: HostStore, 
                 if complete:
                     store.submit_pin(item.layer)
 
-    with bar, ThreadPoolExecutor(max(1, threads), thread_name_prefix="specmd-read") as pool:
-        futures = [pool.submit(read, shard, items) for shard, items in _chunks(plan)]
+    chunks = _chunks(plan)
+    threads = max(1, min(threads or READ_THREADS, len(chunks)))  # the pool starts no more threads than tasks
+    with bar, ThreadPoolExecutor(threads, thread_name_prefix="specmd-read") as pool:
+        futures = [pool.submit(read, shard, items) for shard, items in chunks]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()), None)
@@ -310,7 +351,7 @@ def read_checkpoint(model: nn.Module, layers: list[MoELayer], store: HostStore, 
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    return total
+    return CheckpointRead(total, threads)
 
 
 def _advise(file, items: list[_Item]) -> None:
@@ -318,4 +359,7 @@ def _advise(file, items: list[_Item]) -> None:
     cached pages). Linux only; a hint, never required."""
     if hasattr(os, "posix_fadvise"):
         start, end = items[0].entry.start, items[-1].entry.end
-        os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
+        try:
+            os.posix_fadvise(file.fileno(), start, end - start, os.POSIX_FADV_WILLNEED)
+        except OSError as err:  # some file systems refuse it; the reads work without
+            log.debug("specmd: posix_fadvise refused (%s)", err)

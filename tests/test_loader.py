@@ -1,19 +1,26 @@
 """Checkpoints read straight into the host store (``specmd/loader.py``): every family in the layouts it is
 published in, sharded, gives the tokens of transformers' own load of the same files; the experts are never
 twice in host memory; bad checkpoints are refused by name."""
+import ctypes
+import gc
+import hashlib
 import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import specmd
+from specmd import loader
+from specmd.runtime import pinning
 from specmd.runtime.adapters import SUPPORTED_FAMILIES
+from specmd.runtime.store import HostStore
 from specmd.tiny import tiny_model
 
 IDS = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -108,6 +115,58 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
     _refused(truncated, "truncated")
 
 
+def test_a_damaged_header_is_refused_with_the_files_name(tmp_path):
+    """The loader's own header parsing (check_checkpoint's safetensors check comes first in from_pretrained,
+    but the loader does not rely on it): bytes that are not the header's JSON, and a header length beyond the
+    file (which would otherwise be allocated), are refused naming the file, not as a bare UnicodeDecodeError
+    or MemoryError."""
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[8:12] = b"\xff\xfe{["  # not UTF-8, not JSON
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors: the header is damaged \(UnicodeDecodeError.*"
+                                         "copy the checkpoint again"):
+        loader.checkpoint_dtype(tmp_path)
+    shard.write_bytes((2**62).to_bytes(8, "little") + bytes(data[8:]))
+    with pytest.raises(ValueError, match=r"model.safetensors: the header is damaged \(it gives a header of "
+                                         r"4611686018427387904 bytes in a file of \d+\)"):
+        loader.checkpoint_dtype(tmp_path)
+
+
+def test_an_expert_twice_is_refused_even_where_the_totals_match(tmp_path):
+    """One expert's tensor in two files and another's in none: the element totals match, so only the claimed
+    parts show it; read, two readers would write the same bytes and the missing expert would stay garbage."""
+    source = tiny_model("olmoe")
+    source.save_pretrained(tmp_path / "good")
+    state = load_file(tmp_path / "good" / "model.safetensors")
+    twice, missing = "model.layers.0.mlp.experts.1.down_proj.weight", "model.layers.0.mlp.experts.2.down_proj.weight"
+    assert twice in state and missing in state  # the published per-expert names
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    source.config.save_pretrained(folder)
+    first = {k: v for k, v in state.items() if k != missing}
+    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": {twice: state[twice]}}
+    for name, tensors in files.items():
+        save_file(tensors, folder / name)
+    weight_map = {k: name for name, tensors in files.items() for k in tensors}  # the index names the last
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _refused(folder, rf"{twice} appears twice \(model-00001-of-00002.safetensors, model-00002-of-00002.safetensors\): "
+             "the checkpoint is damaged; copy it again")
+
+
+def test_many_small_pieces_on_four_readers_give_transformers_tokens(tmp_path, monkeypatch):
+    """Pieces of 4 KiB: each of the four readers takes many, the layers' buffers fill out of order and the
+    report gives the readers used."""
+    tiny_model("olmoe").save_pretrained(tmp_path, max_shard_size="100KB")
+    want = transformers_tokens(tmp_path)
+    monkeypatch.setattr(loader, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(loader, "READ_THREADS", 4)
+    model = specmd.from_pretrained(tmp_path, "50%", device="cpu", dtype=torch.float32, progress=False)
+    assert model.specmd.load_report.read_threads == 4
+    assert torch.equal(generate(model), want)
+
+
 def test_the_experts_are_never_twice_in_host_memory(tmp_path):
     """A checkpoint of 768 MiB of experts, loaded in a fresh process: its peak resident memory grows by the
     store and a little more, never by a second copy (transformers' load, then a copy into the store, would
@@ -152,39 +211,113 @@ def test_a_host_too_small_is_refused_before_anything_is_allocated(tmp_path, monk
     assert "host memory" in capsys.readouterr().err
 
 
-def test_pinning_that_fails_falls_back_to_pageable_memory_with_one_warning(tmp_path, monkeypatch, caplog):
-    from specmd.runtime import pinning
+def fake_pinning(monkeypatch, cudart, device=torch.device("cuda", 0)):
+    """Pin the store as for a CUDA ``device`` through ``cudart`` while the model runs on the CPU (no GPU
+    needed): the store is built for ``device``, the CUDA runtime is the fake."""
+    monkeypatch.setattr(pinning, "_cuda_runtime", cudart.runtime)
+    monkeypatch.setattr(specmd.api, "HostStore", lambda target: HostStore(device))
 
+
+def pin_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "pinning" in r.getMessage()]
+
+
+def test_pinning_that_fails_falls_back_to_pageable_memory_with_one_warning(tmp_path, monkeypatch, caplog):
     tiny_model("olmoe").save_pretrained(tmp_path)
     want = transformers_tokens(tmp_path)
     cudart = FakeCudart(fail_after=1)  # the first layer is pinned, the second fails (as a locked-memory limit would)
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so the store asks for pinned memory
+    fake_pinning(monkeypatch, cudart)
     with caplog.at_level("WARNING"):
         model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
-    warnings = [r for r in caplog.records if "pinning" in r.getMessage()]
-    assert len(warnings) == 1 and "ulimit -l" in warnings[0].getMessage()
-    assert "out of memory" in warnings[0].getMessage()
+    warnings = pin_warnings(caplog)
+    assert len(warnings) == 1 and "ulimit -l" in warnings[0] and "out of memory" in warnings[0]
     assert not model.specmd.store.pin
-    assert [call[0] for call in cudart.calls] == ["register", "register"]  # nothing asked after the failure
+    registered = [call for call in cudart.calls if call[0] == "register"]
+    assert len(registered) == 2 and len(cudart.calls) == 2  # nothing asked after the failure
+    monkeypatch.undo()
+    assert torch.equal(generate(model), want)
+    model.specmd.close()
+    del model
+    gc.collect()
+    unregistered = [call[1] for call in cudart.calls if call[0] == "unregister"]
+    assert unregistered == [registered[0][1]]  # the pinned buffer once, the failed one never
+
+
+def test_an_error_on_the_pinning_thread_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
+    """An exception from cudaHostRegister (not an error code) must not be lost on the pinning thread: the store
+    says it is not pinned, the load goes on, the tokens are right."""
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    want = transformers_tokens(tmp_path)
+    cudart = FakeCudart(error=RuntimeError("the driver went away"))
+    fake_pinning(monkeypatch, cudart)
+    with caplog.at_level("WARNING"):
+        model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    warnings = pin_warnings(caplog)
+    assert len(warnings) == 1 and "RuntimeError: the driver went away" in warnings[0]
+    assert not model.specmd.store.pin
     monkeypatch.undo()
     assert torch.equal(generate(model), want)
 
 
 def test_a_store_without_a_cuda_runtime_stays_pageable_with_one_warning(tmp_path, monkeypatch, caplog):
-    from specmd.runtime import pinning
-
-    def no_runtime():
-        raise RuntimeError("CUDA driver initialization failed")
+    class NoRuntime(FakeCudart):
+        def runtime(self, device):
+            raise RuntimeError("CUDA driver initialization failed")
 
     tiny_model("olmoe").save_pretrained(tmp_path)
-    monkeypatch.setattr(pinning, "_cuda_runtime", no_runtime)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_pinning(monkeypatch, NoRuntime())
     with caplog.at_level("WARNING"):
         model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
-    warnings = [r.getMessage() for r in caplog.records if "pinning" in r.getMessage()]
+    warnings = pin_warnings(caplog)
     assert len(warnings) == 1 and "CUDA driver initialization failed" in warnings[0]
+    assert "CUDA could not start" in warnings[0] and "ulimit" not in warnings[0]  # the fix for this cause
     assert not model.specmd.store.pin
+
+
+def test_pinning_registers_on_the_target_device_from_its_own_thread(tmp_path, monkeypatch):
+    """The readers submit the buffers, but CUDA starts on the loading thread and the pinning thread selects
+    the store's device itself (a reader thread's current device is always 0)."""
+    tiny_model("olmoe").save_pretrained(tmp_path, max_shard_size="100KB")
+    cudart = FakeCudart()
+    fake_pinning(monkeypatch, cudart, torch.device("cuda", 1))
+    model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
+    assert model.specmd.store.pin
+    assert cudart.started == [(torch.device("cuda", 1), threading.main_thread().name)]
+    assert [device for device, _ in cudart.selected] == [torch.device("cuda", 1)]
+    assert cudart.selected[0][1].startswith("specmd-pin")
+    assert {thread for _, thread in cudart.registered_on} == {cudart.selected[0][1]}
+
+
+def test_a_cpu_model_pins_nothing_even_with_cuda_available(tmp_path, monkeypatch):
+    """Pinned memory serves copies to a GPU: a model on the CPU registers nothing, whatever CUDA is present."""
+    from specmd.tiny import tiny_config
+
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    cudart = FakeCudart()
+    monkeypatch.setattr(pinning, "_cuda_runtime", cudart.runtime)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    models = [specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False),
+              specmd.offload(tiny_model("olmoe"), "50%", device="cpu"),
+              specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32)]
+    assert not any(model.specmd.store.pin for model in models)
+    assert not cudart.started and not cudart.calls
+
+
+def test_a_failed_unregister_clears_the_error_and_a_forked_child_leaves_it_alone(caplog):
+    import os
+
+    class FailingUnregister(FakeCudart):
+        def cudaHostUnregister(self, address):
+            self.calls.append(("unregister", address))
+            return 4
+
+    cudart = FailingUnregister()
+    with caplog.at_level("WARNING"):
+        pinning._unregister(cudart, 4096, None, os.getpid())
+    assert cudart.calls == [("unregister", 4096), ("get_last_error",)]
+    assert "cudaHostUnregister" in caplog.text
+    pinning._unregister(cudart, 8192, None, os.getpid() + 1)  # the parent's registration: not this process's
+    assert len(cudart.calls) == 2
 
 
 def test_the_load_never_makes_the_expert_views_contiguous(tmp_path, monkeypatch):
@@ -202,16 +335,33 @@ def test_the_load_never_makes_the_expert_views_contiguous(tmp_path, monkeypatch)
 
 class FakeCudart:
     """torch.cuda.cudart() as far as the store's pinning uses it: records each call, and whether the memory was
-    still mapped when it was unregistered. Succeeds ``fail_after`` times, then answers out of memory."""
+    still mapped when it was unregistered, and hashes the bytes at registration. Succeeds ``fail_after`` times,
+    then answers out of memory; raises ``error`` from cudaHostRegister where given."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, error: Exception | None = None) -> None:
         self.calls = []
         self.fail_after = fail_after
+        self.error = error
+        self.started = []  # (device, thread) of each start of the runtime
+        self.selected = []  # (device, thread) of each selection of the device
+        self.registered_on = []  # (address, thread) of each registration
+        self.hashes = {}  # address -> sha256 of its bytes when it was registered
+
+    def runtime(self, device):
+        """pinning._cuda_runtime's stand-in."""
+        self.started.append((device, threading.current_thread().name))
+        return self, lambda: self.selected.append((device, threading.current_thread().name))
 
     def cudaHostRegister(self, address, size, flags):
         self.calls.append(("register", address, size))
+        self.registered_on.append((address, threading.current_thread().name))
+        if self.error is not None:
+            raise self.error
         registered = sum(call[0] == "register" for call in self.calls)
-        return 2 if self.fail_after is not None and registered > self.fail_after else 0
+        if self.fail_after is not None and registered > self.fail_after:
+            return 2
+        self.hashes[address] = hashlib.sha256(ctypes.string_at(address, size)).hexdigest()
+        return 0
 
     def cudaHostUnregister(self, address):
         self.calls.append(("unregister", address, _mapped(address)))
@@ -219,6 +369,10 @@ class FakeCudart:
 
     def cudaGetErrorString(self, code):
         return "out of memory"
+
+    def cudaGetLastError(self):
+        self.calls.append(("get_last_error",))
+        return 0
 
 
 def _mapped(address):
@@ -233,28 +387,26 @@ def _mapped(address):
 def test_the_store_is_registered_layer_by_layer_and_unregistered_before_it_is_freed(tmp_path, monkeypatch):
     """The bookkeeping of pinning in place, with the CUDA runtime faked: each layer's buffer registered once,
     whole, at its own address; unregistered when the model is gone, while its memory is still mapped."""
-    import gc
-
-    from specmd.runtime import pinning
-
     tiny_model("olmoe").save_pretrained(tmp_path, max_shard_size="100KB")
     want = transformers_tokens(tmp_path)
     cudart = FakeCudart()
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_pinning(monkeypatch, cudart)
     model = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False)
     store = model.specmd.store
     buffers = [(store.layer(i).data_ptr(), store.layer(i).numel() * store.layer(i).element_size())
                for i in range(store.num_layers)]
     assert store.pin and sorted(call[1:] for call in cudart.calls) == sorted(buffers)
     assert all(address % 4096 == 0 for address, _ in buffers)  # page-aligned mappings
+    # registered only once complete: the bytes at registration are the final ones
+    assert cudart.hashes == {address: hashlib.sha256(ctypes.string_at(address, size)).hexdigest()
+                             for address, size in buffers}
     monkeypatch.undo()
     assert torch.equal(generate(model), want)
     model.specmd.close()
     del model, store
     gc.collect()
     unregistered = [call for call in cudart.calls if call[0] == "unregister"]
-    assert sorted(call[1] for call in unregistered) == sorted(address for address, _ in buffers)
+    assert sorted(call[1] for call in unregistered) == sorted(address for address, _ in buffers)  # each once
     if _mapped(buffers[0][0]) is not None:
         assert all(call[2] for call in unregistered)
 
@@ -295,8 +447,9 @@ def test_the_report_times_the_stages_and_the_host_memory(tmp_path):
 
     tiny_model("olmoe").save_pretrained(tmp_path)
     report = specmd.from_pretrained(tmp_path, "50%", device="cpu", progress=False).specmd.load_report
-    assert list(report.stages) == ["skeleton", "allocate", "place", "read", "pin", "engine"]
-    assert report.seconds == pytest.approx(sum(report.stages.values()))
+    assert [name for name, _ in report.stages] == ["skeleton", "allocate", "place", "read", "pin", "engine"]
+    assert report.seconds == pytest.approx(sum(seconds for _, seconds in report.stages))
+    assert hash(report) == hash(report)  # frozen and hashable: the stages are a tuple
     assert 0 < report.host_before_bytes <= report.host_peak_bytes <= host_peak_bytes()
     assert host_peak_bytes() >= host_resident_bytes() > 0
     assert "\n" not in report.summary() and "read " in report.summary()
@@ -317,14 +470,12 @@ def test_the_host_peak_is_the_processs_own():
 def test_offload_and_from_config_pin_each_layer_before_writing_it(monkeypatch):
     """offload copies each layer's experts into a registered buffer, from_config draws them into one (a copy
     from the device into pinned memory runs at link speed); outputs as without pinning."""
-    from specmd.runtime import pinning
     from specmd.tiny import tiny_config
 
     source = tiny_model("olmoe")
     want = generate(source)
     cudart = FakeCudart()
-    monkeypatch.setattr(pinning, "_cuda_runtime", lambda: (cudart, None))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_pinning(monkeypatch, cudart)
     model = specmd.offload(source, "50%", device="cpu")
     assert model.specmd.store.pin and len(cudart.calls) == model.specmd.store.num_layers
     assert torch.equal(generate(model), want)
@@ -332,5 +483,5 @@ def test_offload_and_from_config_pin_each_layer_before_writing_it(monkeypatch):
     assert built.specmd.store.pin and len(cudart.calls) == 2 * built.specmd.store.num_layers
     monkeypatch.undo()
     unpinned = specmd.from_config(tiny_config("olmoe"), "50%", device="cpu", dtype=torch.float32, seed=1)
-    assert unpinned.specmd.store.pin == torch.cuda.is_available()  # the real CUDA runtime decides again
+    assert not unpinned.specmd.store.pin  # a CPU model: plain memory
     assert torch.equal(generate(built), generate(unpinned))

@@ -70,6 +70,21 @@ def load_trace_from(recorder):
         return load_trace(path)
 
 
+def test_a_gzip_trace_reads_as_its_plain_json(tmp_path, device):
+    # Large traces ship as .json.gz (benchmarks/traces); the reader knows them by their bytes, not name.
+    model = specmd.offload(tiny_model("olmoe"), "100%", device=device)
+    recorder = record(model, device)
+    model.specmd.close()
+    recorder.save(tmp_path / "t.json")
+    recorder.save(tmp_path / "t.json.gz")
+    assert (tmp_path / "t.json.gz").read_bytes()[:2] == b"\x1f\x8b"
+    plain, packed = load_trace(tmp_path / "t.json"), load_trace(tmp_path / "t.json.gz")
+    assert (packed.passes, packed.predicted, packed.prompts) == (plain.passes, plain.predicted, plain.prompts)
+    (tmp_path / "cut.json.gz").write_bytes((tmp_path / "t.json.gz").read_bytes()[:40])
+    with pytest.raises(ValueError, match="not a routing trace"):
+        load_trace(tmp_path / "cut.json.gz")
+
+
 def test_unknown_trace_version(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"format": "specmd-routing-trace", "version": 9}))

@@ -1,10 +1,10 @@
 """Host store: every routed expert in host memory, one contiguous block per (layer, expert).
 
-Each MoE layer owns one buffer [E, block] (pinned when CUDA is available, so copies are asynchronous
-and run at full link speed: pinned in place once written, ``pinning.py``); a row is one expert, so one copy
-moves one expert. The experts module's
-fused parameters are replaced by strided views of that buffer: the model still sees its weights
-(``state_dict``, ``save_pretrained``), but no second copy of them exists.
+Each MoE layer owns one buffer [E, block] (pinned when the experts go to a CUDA device, so copies are
+asynchronous and run at full link speed: pinned in place once written, ``pinning.py``); a row is one expert,
+so one copy moves one expert. The experts module's fused parameters are replaced by strided views of that
+buffer: the model still sees its weights (``state_dict``, ``save_pretrained``), but no second copy of them
+exists.
 """
 from __future__ import annotations
 
@@ -39,12 +39,14 @@ def _contiguous_experts(module: nn.Module, state_dict: dict, prefix: str, local_
 class HostStore:
     """Owns the host buffers; read-only once filled (eviction never copies back).
 
-    Pinning (``pin``): each buffer is allocated pageable and pinned in place by ``submit_pin`` /
-    ``wait_pinned`` (``pinning.py``); ``pin`` stays True while every buffer asked so far is (or is being)
-    pinned, and turns False, with one warning, at the first failure: later buffers stay pageable."""
+    Pinning: where ``device`` (the device the experts are copied to) is a CUDA device, each buffer is allocated
+    pageable and pinned in place for it by ``submit_pin`` / ``wait_pinned`` (``pinning.py``); ``pin`` is True
+    while every buffer asked so far is (or is being) pinned, and turns False, with one warning, at the first
+    failure: later buffers stay pageable. For a CPU device (or None) the buffers are plain memory."""
 
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        self.pin = device is not None and device.type == "cuda"  # a CPU model copies nothing to a GPU
         self.pin_seconds = 0.0  # time spent registering buffers (on the pinning thread, much of it overlapped)
         self._buffers: list[torch.Tensor] = []  # layer -> [E, block]
         self._owners: list = []  # layer -> the array owning its pageable memory, until submitted for pinning
@@ -75,13 +77,28 @@ class HostStore:
 
     def _allocate(self, rows: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A [rows, numel] host buffer, unwritten: while pinning works, an untouched mapping that ``submit_pin``
-        pins in place; else plain memory."""
+        pins in place; else plain memory. Called on the loading thread: the pinning thread starts here, before
+        any reader can submit (``pinning.Pinner``)."""
+        if self.pin:
+            with self._lock:
+                self._start_pinner()
         if self.pin:
             memory, owner = pinning.pageable(rows * numel * dtype.itemsize)
             self._owners.append(owner)
             return memory.view(dtype).view(rows, numel)
         self._owners.append(None)
         return torch.empty(rows, numel, dtype=dtype)
+
+    def _start_pinner(self) -> None:
+        """A pinner for ``device`` unless one runs (the lock held); where CUDA cannot start, pinning is off."""
+        if self._pinner is not None or not self.pin:
+            return
+        try:
+            self._pinner = pinning.Pinner(self.device)
+        except Exception as err:  # no usable CUDA runtime: every cause means the same fallback
+            self._pin_failed(0, f"{type(err).__name__}: {err}",
+                             f"CUDA could not start on {self.device}: check the driver (nvidia-smi) and that "
+                             "torch.cuda.init() works in this environment")
 
     def submit_pin(self, layer: int) -> None:
         """Start pinning ``layer``'s buffer in place (returns at once; thread-safe; a second call for the same
@@ -92,13 +109,9 @@ class HostStore:
             if not self.pin or owner is None:
                 return
             self._owners[layer] = None
-            if self._pinner is None:
-                try:
-                    self._pinner = pinning.Pinner()
-                except Exception as err:  # no usable CUDA runtime: every cause means the same fallback
-                    self._pin_failed(owner.nbytes, f"{type(err).__name__}: {err}")
-                    return
-            self._pinner.submit(owner)
+            self._start_pinner()  # only after a wait_pinned that ended the one _allocate started
+            if self._pinner is not None:
+                self._pinner.submit(owner)
 
     def wait_pinned(self) -> None:
         """Wait until every buffer submitted by ``submit_pin`` is pinned; where one failed, ``pin`` is now
@@ -112,16 +125,16 @@ class HostStore:
         if failure is not None:
             self._pin_failed(*failure)
 
-    def _pin_failed(self, nbytes: int, cause: str) -> None:
+    def _pin_failed(self, nbytes: int, cause: str, fix: str) -> None:
         """The first failure turns pinning off for good: a late crash would lose the whole load."""
         if not self.pin:
             return
         self.pin = False
-        log.warning("specmd: pinning %.2f GiB of host memory failed (%s); the experts go to pageable memory "
-                    "from here on: host->device copies are staged by the driver and run several times "
-                    "slower, and engine='graph' cannot run (it reads pinned memory from the GPU). Raise the "
-                    "locked-memory limit (ulimit -l) or free host memory to pin them",
-                    nbytes / 2**30, cause.splitlines()[0])
+        size = f"{nbytes / 2**30:.2f} GiB of host memory" if nbytes else "host memory"
+        log.warning("specmd: pinning %s failed (%s); the experts go to pageable memory from here on: "
+                    "host->device copies are staged by the driver and run several times slower, and "
+                    "engine='graph' cannot run (it reads pinned memory from the GPU). %s",
+                    size, cause.splitlines()[0], fix)
 
     def fill_random(self, layer: MoELayer, std: float, device: torch.device, chunk_bytes: int = 256 * 2**20) -> None:
         """Fill ``layer``'s experts as transformers initialises them, N(0, std) weights and zero biases,

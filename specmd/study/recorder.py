@@ -16,6 +16,7 @@ over the pass's tokens (``Predictor.scores``).
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -66,5 +67,10 @@ class TraceRecorder:
                 "candidates": self.candidates, "prompts": self.prompts, "passes": self.passes}
 
     def save(self, path: str | Path) -> None:
-        """Write the trace as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), separators=(",", ":")))
+        """Write the trace as JSON; gzip-compressed when ``path`` ends in ``.gz`` (``load_trace`` reads both)."""
+        text = json.dumps(self.to_dict(), separators=(",", ":"))
+        if str(path).endswith(".gz"):
+            # mtime=0: the same trace gives the same bytes, so a re-recorded trace diffs as unchanged
+            Path(path).write_bytes(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+        else:
+            Path(path).write_text(text)

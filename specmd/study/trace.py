@@ -1,15 +1,19 @@
 """Routing traces: which experts each MoE layer routed to, per forward pass.
 
-Two formats are read: specmd's own (``recorder.py`` documents it; it also carries the predictor's
+Two formats are read, either of them as plain JSON or gzip-compressed (``.json.gz``, known by its magic
+bytes, not its name): specmd's own (``recorder.py`` documents it; it also carries the predictor's
 candidates), and the onnx-genai export (``shared/traces/granite-3.0-1b-a400m.json``): per prompt, ``prefill``
 [T][L][k] and ``decode`` [N][L][k]. A prefill is one forward pass (per layer, the ids of all its tokens);
 each decode token is one pass. Prompts are replayed in file order through one cache.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,13 @@ class RoutingTrace:
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
-    """Read a routing trace file; a ValueError names the keys a supported format needs."""
+    """Read a routing trace file, plain or gzip-compressed; a ValueError names the keys a supported format
+    needs."""
+    raw = Path(path).read_bytes()
     try:
-        data = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        # large traces ship compressed (a 48-layer trace with predictions is tens of MB of JSON)
+        data = json.loads(gzip.decompress(raw) if raw[:2] == GZIP_MAGIC else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, gzip.BadGzipFile, EOFError) as err:
         raise ValueError(f"{path}: not a routing trace (not JSON: {err}); pass a file written by 'specmd trace' "
                          "or an onnx-genai routing export") from err
     if isinstance(data, dict) and data.get("format") == "specmd-routing-trace":

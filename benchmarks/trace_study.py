@@ -7,6 +7,12 @@ prefetch, which policy wins where, and hit-rate plots. An ids-only trace (no rec
     python benchmarks/trace_study.py --out benchmarks/results/2026-11-23-cpu
     python benchmarks/trace_study.py --model CKPT --name olmoe16x64-stdlib --trace-dir benchmarks/traces \
         --out benchmarks/results/DATE-olmoe16x64 --hardware h100-pcie-gen5-measured
+    python benchmarks/trace_study.py --model CKPT --name qwen3-30b-a3b-stdlib --trace-dir benchmarks/traces \
+        --record-only --prompts 4 --prompt-tokens 128,256,384,512 --new-tokens 128 --gzip --out DIR
+
+``--prompt-tokens`` takes one length or a comma list that the prompts cycle through. A model file without
+a measured ``timing`` section can still be timed with ``--layer-times-from MODEL``: its own expert size
+(bf16, from its shapes) with MODEL's measured layer times, an estimate to be labelled as such.
 """
 from __future__ import annotations
 
@@ -32,17 +38,20 @@ PREFETCHES = (("none", 1), ("topk", 1), ("topk", 2), ("perfect", 1))  # (prefetc
 def record(args) -> Path:
     """Record the checkpoint's routing on held-out text; returns the trace file."""
     path = Path(args.model) if args.model else shipped_model_path()
-    trace_path = Path(args.trace_dir or args.out) / f"trace-{args.name}.json"
+    trace_path = Path(args.trace_dir or args.out) / f"trace-{args.name}.json{'.gz' if args.gzip else ''}"
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _, held_out = split_corpus(lzma.open(DATA, "rt", encoding="utf-8").read())
     ids = tokenizer(held_out).input_ids
     stride = len(ids) // args.prompts
-    model = specmd.from_pretrained(path, "100%", "lru", args.device, dtype=torch.float32, progress=False)
+    lengths = [int(n) for n in str(args.prompt_tokens).split(",")]
+    model = specmd.from_pretrained(path, "100%", "lru", args.device, dtype=torch.float32, progress=False,
+                                   attn_implementation=args.attn_implementation)
     recorder = model.specmd.record_routing(lookahead=3, model=path.name)
     with torch.inference_mode():
         for i in range(args.prompts):
-            prompt = torch.tensor([ids[i * stride:i * stride + args.prompt_tokens]]).to(model.device)
+            length = lengths[i % len(lengths)]
+            prompt = torch.tensor([ids[i * stride:i * stride + length]]).to(model.device)
             model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     recorder.save(trace_path)
     print(f"{trace_path}: {trace_path.stat().st_size / 1e6:.1f} MB")
@@ -53,16 +62,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=96)
+    parser.add_argument("--prompt-tokens", default="96", help="prompt length, or a comma list cycled over prompts")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model", default=None, help="checkpoint (default: the shipped one)")
     parser.add_argument("--name", default="olmoe-pystdlib", help="names the trace and result files")
     parser.add_argument("--trace-dir", default=None, help="where the trace goes (default: --out)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gzip", action="store_true", help="write the trace as .json.gz")
+    parser.add_argument("--attn-implementation", default=None, help="e.g. eager (GPT-OSS's sinks need it)")
     parser.add_argument("--record-only", action="store_true", help="record the trace, simulate nothing")
     parser.add_argument("--trace", default=None, help="simulate this recorded trace instead of recording one")
     parser.add_argument("--hardware", default=None, help="link profile: adds estimated TPOT to the table")
     parser.add_argument("--model-timing", default="olmoe-1b-7b-0924")
+    parser.add_argument("--layer-times-from", default=None,
+                        help="a model file whose measured layer times stand in for --model-timing's")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +90,10 @@ def main() -> None:
     if args.hardware:
         from specmd.study.costmodel import LinkProfile, ModelTiming
 
-        timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
+        model_timing = (borrowed_timing(args.model_timing, args.layer_times_from) if args.layer_times_from
+                        else ModelTiming.load(args.model_timing))
+        timing = (LinkProfile.load(args.hardware), model_timing)
+        print(f"timing: {model_timing}")
     total = trace.num_layers * trace.num_experts
     prefetches = [p for p in PREFETCHES if p[0] != "topk" or trace.predicted is not None]
     rows = []
@@ -99,6 +115,23 @@ def main() -> None:
     tables.append(winners(rows, prefetches))
     (out / f"sim-{args.name}.md").write_text("\n".join(tables))
     print("\n".join(tables))
+
+
+def borrowed_timing(name: str, donor: str):
+    """``name``'s expert size in bf16 (an expert's slot bytes, from its shapes on the meta device) with
+    ``donor``'s measured per-layer times: for a model no GPU run has timed yet."""
+    from transformers import AutoModelForCausalLM
+
+    from specmd.runtime.adapters import find_moe_layers
+    from specmd.study.costmodel import ModelSpec, ModelTiming
+
+    config = ModelSpec.load(name).transformers_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    layout = find_moe_layers(model)[0].layout
+    times = ModelTiming.load(donor)
+    return ModelTiming(f"{name} (layer times of {times.name})", layout.expert_bytes, times.decode_layer_ms,
+                       times.prefill_ms_per_token)
 
 
 def winners(rows: list[dict], prefetches) -> str:

@@ -15,6 +15,7 @@ full-GPU rows show what generate itself does per step). Kernel launches are in t
 engines they do not cancel out (the two prefills run different numbers of chunks).
 
     python benchmarks/graph_h100.py --out DIR [--budgets 100% 50% 5%] [--prompts 16 512] [--threaded [B ...]] [--trace T]
+        [--graph-prefetch none topk:1 topk:2] [--modes per-layer compiled] [--profile]
     python benchmarks/graph_h100.py --device cpu ...   # a smoke run of the logic on a tiny model (no figures)
     # prints a table last; DIR/graph.json holds everything, written after every row
 """
@@ -199,6 +200,11 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict
             "stats": stats.to_dict()}
 
 
+def _prefetch(text: str) -> tuple[str, int]:
+    policy, _, depth = text.partition(":")
+    return policy, int(depth or 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -211,6 +217,8 @@ def main() -> None:
     parser.add_argument("--trace-budgets", nargs="+", default=None, help="the budgets of the replayed rows (default: all)")
     parser.add_argument("--modes", nargs="+", choices=["per-layer", "compiled"], default=["per-layer", "compiled"],
                         help="the graph engine's decode: per-layer CUDA graphs (uncompiled), the compiled step")
+    parser.add_argument("--graph-prefetch", nargs="+", type=_prefetch, default=[("none", 1)],
+                        help="the graph engine's prefetch rows, POLICY[:LOOKAHEAD] each (e.g. none topk:1 topk:2)")
     parser.add_argument("--profile", action="store_true",
                         help="write a profiler trace and kernel table of each compiled graph row (DIR/trace-*.json)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -255,10 +263,14 @@ def main() -> None:
                     specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)
                     run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
                     model.specmd.close()
-                for compiled in [mode == "compiled" for mode in args.modes]:
+                for compiled, (policy, depth) in [(mode == "compiled", p) for mode in args.modes
+                                                  for p in args.graph_prefetch]:
                     fresh_compile(model)
-                    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
+                    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", prefetch=policy,
+                                   lookahead=depth, progress=False)
                     mode = "compiled" if compiled else "per-layer graphs"
+                    if policy != "none":
+                        mode += f", {policy} d{depth}"
                     run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled,
                             profiled=args.profile and compiled)
                     model.specmd.close()

@@ -25,19 +25,24 @@ for budget, eviction, prefetch, lookahead, stretch, engine in [
         (2 * expert, "lru", "topk", 2, 0, "threaded"),
         (6 * expert, "least-stale", "top-p", 1, 0, "threaded"),
         (4 * expert, "lru", "topk", 1, 20_000, "threaded"),
+        (16 * expert, "lru", "topk", 1, 0, "graph"),  # the device path and its prefetch calls (in order)
+        (16 * expert, "least-stale", "topk", 1, 0, "graph compiled"),  # prefetch on the side stream, captured
         (8 * expert, "lru", "none", 1, 0, "graph"),  # a decode step of batch 2 x top-4 fits: the device path
         (6 * expert, "lfu", "none", 1, 0, "graph"),  # batch 1 on the device, batch 2 chunked
         (3 * expert, "least-stale", "none", 1, 0, "graph")]:  # chunked calls
+    engine, _, compiled = engine.partition(" ")
     if engine not in engines:
         continue
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead, engine=engine)
     if engine == "threaded":
         model.specmd.emulate_link(stretch)
     for x, want in wants:
-        # uncompiled: the same custom op and Triton gather as the compiled step, under the sanitizer's eye
-        got = model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False, disable_compile=True)
-        print(engine, budget // expert, "slots", eviction, prefetch, "batch", x.shape[0], "identical:",
+        # uncompiled: the same custom op and Triton kernels as the compiled step; compiled (generate's static
+        # cache and CUDA graphs, the offload's default): the fork and join of the prefetch stream
+        got = model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False, disable_compile=not compiled)
+        print(engine, compiled, budget // expert, "slots", eviction, prefetch, "batch", x.shape[0], "identical:",
               torch.equal(got, want), model.specmd.stats().summary())
         ok &= torch.equal(got, want)
     model.specmd.close()
+    torch._dynamo.reset()
 sys.exit(0 if ok else 1)

@@ -29,10 +29,11 @@ TILE = 1024  # slots per step of the victim search
 
 
 @triton.jit
-def _sort_keys(s_idx, layer, owner, scratch, last, lfu_count, touched, pass_number,
-               E: tl.constexpr, S: tl.constexpr, L: tl.constexpr, POLICY: tl.constexpr):
+def _sort_keys(s_idx, layer, owner, scratch, protect, protect_layer, last, lfu_count, touched, pass_number,
+               E: tl.constexpr, S: tl.constexpr, L: tl.constexpr, POLICY: tl.constexpr, PREFETCH: tl.constexpr):
     """(primary, secondary) of the slots ``s_idx``: -1 and the slot for free slots, INT64_MAX for slots this
-    call uses, else the policy's keys (DevicePolicy.sort_keys)."""
+    call uses (and, for a prefetch call, those of the demand call it follows), else the policy's keys
+    (DevicePolicy.sort_keys)."""
     in_s = s_idx < S
     own = tl.load(owner + s_idx, mask=in_s, other=-1)
     free = own < 0
@@ -40,6 +41,9 @@ def _sort_keys(s_idx, layer, owner, scratch, last, lfu_count, touched, pass_numb
     own_layer = key // E
     used = (~free) & (own_layer == layer)
     used = used & (tl.load(scratch + key % E, mask=in_s & used, other=0) != 0)
+    if PREFETCH:
+        computing = (~free) & (own_layer == protect_layer)
+        used = used | (computing & (tl.load(protect + key % E, mask=in_s & computing, other=0) != 0))
     secondary = tl.load(last + s_idx, mask=in_s, other=0)
     if POLICY == LFU:
         primary = tl.load(lfu_count + key, mask=in_s, other=0)
@@ -56,9 +60,9 @@ def _sort_keys(s_idx, layer, owner, scratch, last, lfu_count, touched, pass_numb
 
 
 @triton.jit
-def _access(ids, n_ids, layer, begin, table, owner, ever_loaded, evicted, clock, counters, passes,
-            last, lfu_count, touched, pass_number, scratch, experts_out, victims_out, count_out, slots_out,
-            E: tl.constexpr, S: tl.constexpr, L: tl.constexpr, POLICY: tl.constexpr,
+def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, evicted, clock, counters, passes,
+            last, lfu_count, touched, pass_number, scratch, protect, experts_out, victims_out, count_out, slots_out,
+            E: tl.constexpr, S: tl.constexpr, L: tl.constexpr, POLICY: tl.constexpr, PREFETCH: tl.constexpr,
             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, TILE_S: tl.constexpr):
     keys_total = L * E + 1  # flat keys, with the spare one
     if begin != 0:  # DeviceCache.begin_pass
@@ -85,15 +89,15 @@ def _access(ids, n_ids, layer, begin, table, owner, ever_loaded, evicted, clock,
     key = layer * E + e
     loaded = tl.load(ever_loaded + key, mask=in_e, other=0) != 0
     collided = tl.load(evicted + key, mask=in_e, other=0) != 0
-    here = counters + layer  # counters [6, L + 1]: counter i of this layer at i * (L + 1) + layer
-    tl.store(here, tl.load(here) + tl.sum(need.to(tl.int64)))
-    tl.store(here + (L + 1), tl.load(here + (L + 1)) + tl.sum(hit.to(tl.int64)))
-    tl.store(here + 2 * (L + 1), tl.load(here + 2 * (L + 1)) + tl.sum((miss & ~loaded).to(tl.int64)))
-    tl.store(here + 3 * (L + 1), tl.load(here + 3 * (L + 1)) + tl.sum((miss & loaded & ~collided).to(tl.int64)))
-    tl.store(here + 4 * (L + 1), tl.load(here + 4 * (L + 1)) + tl.sum((miss & loaded & collided).to(tl.int64)))
+    here = counters + layer  # counters [7, L + 1]: counter i of this layer at i * (L + 1) + layer (COUNTERS)
+    if not PREFETCH:  # a prefetch call accessed nothing; its copies are counted once the victims are known
+        tl.store(here, tl.load(here) + tl.sum(need.to(tl.int64)))
+        tl.store(here + (L + 1), tl.load(here + (L + 1)) + tl.sum(hit.to(tl.int64)))
+        tl.store(here + 2 * (L + 1), tl.load(here + 2 * (L + 1)) + tl.sum((miss & ~loaded).to(tl.int64)))
+        tl.store(here + 3 * (L + 1), tl.load(here + 3 * (L + 1)) + tl.sum((miss & loaded & ~collided).to(tl.int64)))
+        tl.store(here + 4 * (L + 1), tl.load(here + 4 * (L + 1)) + tl.sum((miss & loaded & collided).to(tl.int64)))
     count = tl.sum(miss.to(tl.int32))
     tl.store(experts_out + tl.cumsum(miss.to(tl.int32), 0) - 1, e.to(tl.int64), mask=miss)  # ascending
-    tl.store(count_out, count.to(tl.int64))
     tl.store(scratch + e, needed.to(tl.int8), mask=in_e)
     tl.debug_barrier()
 
@@ -101,13 +105,15 @@ def _access(ids, n_ids, layer, begin, table, owner, ever_loaded, evicted, clock,
     prev_p = tl.full([], -2, tl.int64)
     prev_s = tl.full([], 0, tl.int64)
     prev_i = tl.full([], 0, tl.int64)
+    found = tl.full([], 0, tl.int32)  # victims that are not in use: short of count only for a prefetch call
     for j in range(0, count):
         best_p = tl.full([], INT64_MAX, tl.int64)
         best_s = tl.full([], INT64_MAX, tl.int64)
         best_i = tl.full([], INT64_MAX, tl.int64)
         for start in range(0, S, TILE_S):
             s_idx = start + tl.arange(0, TILE_S)
-            p, s = _sort_keys(s_idx, layer, owner, scratch, last, lfu_count, touched, pass_number, E, S, L, POLICY)
+            p, s = _sort_keys(s_idx, layer, owner, scratch, protect, protect_layer, last, lfu_count, touched,
+                              pass_number, E, S, L, POLICY, PREFETCH)
             i = s_idx.to(tl.int64)
             above = (s_idx < S) & ((p > prev_p) | ((p == prev_p) & ((s > prev_s) | ((s == prev_s) & (i > prev_i)))))
             tile_p = tl.min(tl.where(above, p, INT64_MAX), axis=0)
@@ -120,7 +126,14 @@ def _access(ids, n_ids, layer, begin, table, owner, ever_loaded, evicted, clock,
             best_s = tl.where(better, tile_s, best_s)
             best_i = tl.where(better, tile_i, best_i)
         tl.store(victims_out + j, best_i)
+        found += (best_p < INT64_MAX).to(tl.int32)
         prev_p, prev_s, prev_i = best_p, best_s, best_i
+    # A prefetch that finds no free slot is dropped (SlotCache._evict): the highest expert ids first.
+    count = found
+    miss = miss & (tl.cumsum(miss.to(tl.int32), 0) - 1 < count)
+    tl.store(count_out, count.to(tl.int64))
+    if PREFETCH:
+        tl.store(here + 6 * (L + 1), tl.load(here + 6 * (L + 1)) + count.to(tl.int64))
     tl.debug_barrier()
 
     # Evict the victims' keys, then publish the misses in their slots.
@@ -139,36 +152,44 @@ def _access(ids, n_ids, layer, begin, table, owner, ever_loaded, evicted, clock,
     tl.store(ever_loaded + layer * E + expert, tl.full([BLOCK_E], 1, tl.int1), mask=valid)
     tl.debug_barrier()
 
-    # The policy records the call's accesses in ascending expert order, one clock tick each.
+    # The policy records the call's accesses (a prefetch call: its insertions, and for least-stale its touches)
+    # in ascending expert order, one clock tick each.
+    if PREFETCH and POLICY != LEAST_STALE:
+        rec = miss
+    else:
+        rec = miss | hit  # not ``need``: a prefetch's dropped misses are not recorded
     tick0 = tl.load(clock)
-    ticks = tick0 + tl.cumsum(needed.to(tl.int64), 0)
-    tl.store(clock, tick0 + tl.sum(needed.to(tl.int64)))
+    ticks = tick0 + tl.cumsum(rec.to(tl.int64), 0)
+    tl.store(clock, tick0 + tl.sum(rec.to(tl.int64)))
     row = tl.load(table + layer * (E + 1) + e, mask=in_e, other=-1)
     tl.store(slots_out + e, row, mask=in_e)
-    slot = tl.where(need, row, S)
+    slot = tl.where(rec, row, S)
     if POLICY == FIFO:
         tl.store(last + slot, ticks, mask=miss)
     elif POLICY == LEAST_STALE:
         pass_now = tl.load(pass_number)
-        fresh = miss | (tl.load(touched + slot, mask=need, other=-1) != pass_now)
-        tl.store(last + slot, ticks, mask=need & fresh)
-        tl.store(touched + slot, tl.zeros_like(ticks) + pass_now, mask=need)
+        fresh = miss | (tl.load(touched + slot, mask=rec, other=-1) != pass_now)
+        tl.store(last + slot, ticks, mask=rec & fresh)
+        tl.store(touched + slot, tl.zeros_like(ticks) + pass_now, mask=rec)
     else:
-        tl.store(last + slot, ticks, mask=need)
+        tl.store(last + slot, ticks, mask=rec)
         if POLICY == LFU:
-            tl.store(lfu_count + key, tl.load(lfu_count + key, mask=need, other=0) + 1, mask=need)
+            tl.store(lfu_count + key, tl.load(lfu_count + key, mask=rec, other=0) + 1, mask=rec)
 
 
 def access(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Tensor], outputs: list[torch.Tensor],
-           num_layers: int, num_experts: int, num_slots: int, policy: int) -> None:
+           num_layers: int, num_experts: int, num_slots: int, policy: int,
+           protect: tuple[int, torch.Tensor] | None = None) -> None:
     """One ``DeviceCache.access`` of ``layer`` for the routed ``ids`` (any shape, int64) on the current stream,
     after ``DeviceCache.begin_pass`` when ``begin``. ``state``: table, owner, ever_loaded, evicted_this_pass,
     clock, counters, passes, policy.last, LFU count, least-stale touched pass and pass number (the last three
     any tensor where the policy has none), and an [E] int8 scratch; ``outputs``: the misses' experts [K] and
     slots [K] (their first ``count`` entries written), ``count`` [1], the layer's slots [E] after the call.
+    ``protect``: (layer, the scratch of its demand call) makes this a prefetch call (``DeviceCache.access``).
     One launch; never syncs."""
     flat = ids.reshape(-1)
-    _access[(1,)](flat, flat.shape[0], layer, int(begin), *state, *outputs,
-                  E=num_experts, S=num_slots, L=num_layers, POLICY=policy,
+    protect_layer, protect_mask = protect if protect is not None else (-1, state[-1])
+    _access[(1,)](flat, flat.shape[0], layer, int(begin), protect_layer, *state, protect_mask, *outputs,
+                  E=num_experts, S=num_slots, L=num_layers, POLICY=policy, PREFETCH=protect is not None,
                   BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_N=64,
                   TILE_S=min(TILE, triton.next_power_of_2(max(num_slots, num_layers * num_experts + 1))))

@@ -52,7 +52,7 @@ def offload(model: nn.Module, expert_budget: BudgetSpec | None = None, eviction:
     "auto". eviction: one of ``specmd.POLICIES`` (default "least-stale"). device: "cuda", "cpu" or None
     (CUDA when available). prefetch: "none" (default), "topk", "top-p", "threshold", or a
     ``PrefetchConfig``; lookahead: layers predicted ahead, 1..3. engine: "threaded" (default: main loop,
-    prefetch loop, watchdog thread) or "graph" (the cache decided on the device; no prefetch yet). preset: a
+    prefetch loop, watchdog thread) or "graph" (the cache decided on the device; prefetch on a side stream). preset: a
     name in configs/policies/ (or a YAML path) supplying any of these that are not passed.
     """
     config = offload_config(expert_budget, eviction, device, prefetch, lookahead, preset, seed, engine)
@@ -124,7 +124,7 @@ def _offload(model: nn.Module, config: OffloadConfig, store: HostStore | None = 
                     layout.num_experts * len(layers))
     kernels = KernelPlan.mirroring(implementation, target.type)
     if config.engine == "graph":
-        engine = _graph_engine(layers, store, config, budget_bytes, num_slots, kernels, target)
+        engine = _graph_engine(layers, store, config, budget_bytes, num_slots, kernels, target, predictor)
     else:
         engine = _threaded_engine(layers, store, config, budget_bytes, num_slots, predictor, kernels, target)
     _install(model, layers, engine)
@@ -163,13 +163,13 @@ def _threaded_engine(layers: list[MoELayer], store: HostStore, config: OffloadCo
 
 
 def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfig, budget_bytes: int,
-                  num_slots: int, kernels: KernelPlan, device: torch.device) -> GraphEngine:
+                  num_slots: int, kernels: KernelPlan, device: torch.device, predictor: Predictor) -> GraphEngine:
     """The graph engine over a new slot pool: store -> gather -> device cache -> engine."""
     layout: ExpertLayout = layers[0].layout
     pool = SlotPool(layout, num_slots, device)
     cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device,
                         MissGather(store, pool, device))
-    return GraphEngine(layers, cache, pool, kernels, budget_bytes)
+    return GraphEngine(layers, cache, pool, kernels, budget_bytes, predictor)
 
 
 def _install(model: nn.Module, layers: list[MoELayer], engine: Engine) -> None:

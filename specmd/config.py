@@ -157,12 +157,12 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+        if self.engine == "graph" and (self.prefetch.inline or self.prefetch.max_inflight is not None):
+            raise ValueError("prefetch inline / max_inflight bound the threaded engine's watchdog; engine='graph' "
+                             "has none (its prefetches are queued on the device): leave them unset with it")
         if self.engine == "graph" and self.eviction not in DEVICE_POLICIES:
             raise ValueError(f"engine='graph' decides evictions on the device, where {self.eviction!r} has no "
                              f"counterpart; choose one of: {', '.join(sorted(DEVICE_POLICIES))}")
-        if self.engine == "graph" and self.prefetch.enabled:
-            raise ValueError("engine='graph' does not prefetch yet; use prefetch='none' with it, or "
-                             "engine='threaded' to prefetch")
         if self.eviction not in POLICIES:
             raise ValueError(
                 f"unknown eviction policy {self.eviction!r}; choose one of: {', '.join(sorted(POLICIES))}"

@@ -96,10 +96,14 @@ def _kernel_runs(device: str) -> str | None:
 
 
 @pytest.mark.parametrize("eviction", sorted(DEVICE_POLICIES))
-@pytest.mark.parametrize("percent,tile", [(5, None), (20, 64), (100, None)])
-def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, olmoe_trace, device, monkeypatch):
+@pytest.mark.parametrize("percent,tile,prefetch", [(5, None, False), (20, 64, False), (100, None, False),
+                                                   (5, None, True), (20, None, True)])
+def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, prefetch, olmoe_trace, device,
+                                                monkeypatch):
     """kernels/cache_access.py against DeviceCache.access, call by call, on the OLMoE-topology trace: the same
-    misses in the same slots, and the same state after (tile=64 makes the victim search take several tiles)."""
+    misses in the same slots, and the same state after (tile=64 makes the victim search take several tiles).
+    With prefetch, each demand call is followed by a prefetch call of the trace's recorded top-k prediction
+    for the next layer, which must not evict the demand call's experts."""
     reason = _kernel_runs(device)
     if reason:
         pytest.skip(reason)
@@ -131,6 +135,15 @@ def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, olmoe_
             assert got.slots[:count].tolist() == want.slots[:count].tolist(), (index, layer)
             assert torch.equal(got.layer_slots, want.layer_slots), (index, layer)
             calls += 1
+            if prefetch and layer + 1 < L:
+                predicted = torch.tensor(trace.candidates(index, layer, 1, trace.top_k)[0], device=dev)
+                guess = torch.zeros(E, dtype=torch.bool, device=dev).index_fill_(0, predicted, True)
+                want_p = torch_cache.access(layer + 1, guess, width=predicted.numel(), protect=(layer, needed))
+                got_p = kernel_cache.access_ids(layer + 1, predicted, protect_layer=layer)
+                count = int(want_p.count)
+                assert int(got_p.count) == count and count <= int(guess.sum()), (index, layer)
+                assert got_p.slots[:count].tolist() == want_p.slots[:count].tolist(), (index, layer)
+                assert torch.equal(torch_cache.slots(layer)[needed], want.layer_slots[needed])  # kept
     assert calls > len(passes)
     S = capacity  # the spare entries past the end take masked writes and differ; the rest must not
     real = {"table": (slice(None), slice(0, E)), "owner": slice(0, S), "ever_loaded": slice(0, L * E),
@@ -138,5 +151,6 @@ def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, olmoe_
     for name in ("table", "owner", "ever_loaded", "evicted_this_pass", "clock", "counters", "passes"):
         a, b = getattr(torch_cache, name), getattr(kernel_cache, name)
         assert torch.equal(a[real.get(name, ...)], b[real.get(name, ...)]), name
+    assert (int(torch_cache.counters[COUNTERS.index("prefetches")].sum()) > 0) == prefetch
     for a, b in zip(torch_cache.policy.kernel_state(), kernel_cache.policy.kernel_state()):
         assert torch.equal(a[:S] if a.dim() else a, b[:S] if b.dim() else b)

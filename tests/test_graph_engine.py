@@ -42,8 +42,13 @@ def test_decode_steps_take_the_sync_free_path(family, eviction, monkeypatch, dev
 
 
 def test_what_the_graph_engine_does_not_do_is_refused(device):
-    with pytest.raises(ValueError, match="engine='threaded' to prefetch"):
-        specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph", prefetch="topk")
+    with pytest.raises(ValueError, match="leave them unset"):
+        specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph",
+                       prefetch={"policy": "topk", "inline": True})
+    prefetching = specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph", prefetch="topk")
+    with pytest.raises(ValueError, match="prefetch='none' to replay"):
+        prefetching.specmd.engine.set_replay(object())
+    prefetching.specmd.close()
     with pytest.raises(ValueError, match="least-stale"):
         specmd.offload(tiny_model("olmoe"), "50%", "random", device, engine="graph")
     with pytest.raises(ValueError, match="threaded, graph"):
@@ -76,6 +81,38 @@ def test_stats_and_reset(device):
     assert again.forward_passes == 8 and again.total.accesses == first.total.accesses
     model.specmd.close()
     assert model.specmd.stats().total.accesses == again.total.accesses
+
+
+@pytest.mark.parametrize("prefetch,lookahead", [("topk", 1), ("topk", 2), ("top-p", 1)])
+@pytest.mark.parametrize("eviction", ["lru", "least-stale"])
+def test_prefetch_keeps_the_tokens_and_counts_its_copies(prefetch, lookahead, eviction, device, compiled_generate):
+    """Prefetch calls after each device step: the tokens stay the unpatched model's, the accesses stay those
+    of the run without prefetch (the routers decide them), the copies are counted as prefetches, and a
+    compiled step (on CUDA: the prefetches on a side stream, one CUDA graph) makes the same cache decisions
+    as the uncompiled one."""
+    ref = tiny_model("olmoe", num_hidden_layers=4).to(device)
+    ref.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    want = generate(ref, ids, 10)
+    top_k, expert = ref.config.num_experts_per_tok, find_moe_layers(ref)[0].layout.expert_bytes
+    budget = 2 * top_k * (lookahead + 1) * expert  # batch 2: a decode step and its prefetches fit
+    runs = {}
+    for name, options, compiled in [("none", {}, False), ("uncompiled", {"prefetch": prefetch}, False),
+                                    ("compiled", {"prefetch": prefetch}, True)]:
+        torch._dynamo.reset()
+        specmd.offload(ref, budget, eviction, device, engine="graph", lookahead=lookahead, **options)
+        kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        kwargs.update(compiled_generate if compiled else {"disable_compile": True})
+        assert torch.equal(ref.generate(ids, **kwargs), want), name
+        runs[name] = ref.specmd.stats()
+        ref.specmd.close()
+        ref.generation_config.cache_implementation = None
+    assert runs["none"].total.prefetches == 0 < runs["uncompiled"].total.prefetches
+    assert runs["uncompiled"].total.accesses == runs["none"].total.accesses
+    assert [vars(s) for s in runs["compiled"].layers] == [vars(s) for s in runs["uncompiled"].layers]
+    assert runs["uncompiled"].layers[0].prefetches == 0  # layer 0 is only predicted across passes: not done
+    total = runs["uncompiled"].total
+    assert total.bytes_copied == (total.misses + total.prefetches) * expert == total.prefetch_bytes + total.misses * expert
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on CUDA")
@@ -177,8 +214,12 @@ def test_the_device_step_never_reads_the_device_back(eviction):
     layers = find_moe_layers(model)
     cache = DeviceCache(len(layers), layers[0].layout.num_experts, 3, eviction, meta)
     pool = SlotPool(layers[0].layout, 3, meta)
+    from specmd.runtime.prefetch import Predictor, PrefetchConfig
+
+    # with top-p prefetch (the predictor's longest path: softmax, mean, sort, cumulative mass)
+    predictor = Predictor(PrefetchConfig("top-p"), [layer.router for layer in layers], 2)
     engine = GraphEngine(layers, cache, pool, KernelPlan(Kernel.BATCHED, Kernel.BATCHED),
-                         3 * layers[0].layout.expert_bytes)
+                         3 * layers[0].layout.expert_bytes, predictor)
     hidden = torch.empty(1, 64, dtype=torch.bfloat16, device=meta)
     ids = torch.empty(1, 2, dtype=torch.int64, device=meta)
     weights = torch.empty(1, 2, dtype=torch.bfloat16, device=meta)
@@ -189,7 +230,8 @@ def test_the_device_step_never_reads_the_device_back(eviction):
     assert out.shape == (1, 64) and spy.found == []
 
 
-def test_the_decode_step_traces_in_one_piece(device, compiled_generate):
+@pytest.mark.parametrize("prefetch", ["none", "top-p"])
+def test_the_decode_step_traces_in_one_piece(prefetch, device, compiled_generate):
     """What generate's compiled decode needs, on the CPU (torch.compile's eager backend: dynamo's tracing
     without inductor): the graph engine's decode step traces with no graph break and no recompile per token
     (the pass is counted on the device, not in Python), and the tokens and counters stay right."""
@@ -198,11 +240,11 @@ def test_the_decode_step_traces_in_one_piece(device, compiled_generate):
         pytest.skip("the CPU check of the tracing (eager backend)")
     from torch._dynamo.utils import counters
 
-    ref = tiny_model("olmoe").to(device)
+    ref = tiny_model("olmoe", num_hidden_layers=3).to(device)
     ref.set_experts_implementation("batched_mm")  # what generate decodes with on a GPU: the device path
     ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
     want = generate(ref, ids, 10)
-    specmd.offload(ref, "50%", "lru", device, engine="graph")
+    specmd.offload(ref, "50%", "lru", device, engine="graph", prefetch=prefetch, lookahead=2)
     torch._dynamo.reset()
     counters.clear()
     for _ in range(2):
@@ -210,6 +252,7 @@ def test_the_decode_step_traces_in_one_piece(device, compiled_generate):
         assert torch.equal(got, want)
     assert not counters["graph_break"] and counters["frames"]["ok"] == 1  # one frame, traced once
     assert ref.specmd.stats().forward_passes == 20
+    assert (ref.specmd.stats().total.prefetches > 0) == (prefetch != "none")
     ref.specmd.close()
 
 

@@ -22,7 +22,7 @@ import torch
 from .device_policies import DEVICE_POLICIES, DevicePolicy
 from .metrics import LayerStats
 
-COUNTERS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions")
+COUNTERS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions", "prefetches")
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,12 @@ class Gather(Protocol):
         exists; return the layer's slots as a tensor that comes after the copies (the layer's compute indexes
         the pool with it)."""
 
-    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None,
-             begin: bool) -> torch.Tensor:
+    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None, begin: bool,
+             predicted: torch.Tensor | None, targets: Sequence[int], fork: bool) -> torch.Tensor:
         """``DeviceCache.step`` in one op."""
+
+    def join(self) -> None:
+        """Wait for copies still running on another stream."""
 
 
 class DeviceCache:
@@ -82,12 +85,18 @@ class DeviceCache:
         self.policy: DevicePolicy = DEVICE_POLICIES[policy](S, L * E, device)
         self._experts = torch.arange(E, **i64)
         self._slots = torch.arange(S + 1, **i64)
-        # kernels/cache_access.py: the needed mask it shares between its phases; the misses it found
+        # kernels/cache_access.py: the needed mask it shares between its phases (a prefetch call reads the
+        # demand call's as the experts it must not evict); the misses it found
         self._scratch = torch.zeros(E, dtype=torch.int8, device=device)
+        self._scratch_prefetch = torch.zeros(E, dtype=torch.int8, device=device)
         self.found = [torch.zeros(self.width, **i64), torch.zeros(self.width, **i64), torch.zeros(1, **i64)]
+        # a prefetch call's misses, the slots it leaves, and the predictions it reads (lookahead <= 3)
+        self.found_prefetch = [torch.zeros(self.width, **i64), torch.zeros(self.width, **i64), torch.zeros(1, **i64),
+                               torch.zeros(E, **i64), torch.full((3, E), -1, **i64)]
 
     def begin_pass(self) -> None:
         """A new forward pass starts: collisions are counted afresh (changes state)."""
+        self._settle()
         self.evicted_this_pass.zero_()
         self.passes += 1
         self.policy.begin_pass()
@@ -107,23 +116,37 @@ class DeviceCache:
         """Nothing to do: every copy and read runs on the one stream, in order."""
 
     def access(self, layer: int, needed: torch.Tensor, width: int | None = None,
-               after: torch.Tensor | None = None) -> Misses:
+               after: torch.Tensor | None = None, protect: tuple[int, torch.Tensor] | None = None) -> Misses:
         """Make the experts ``needed`` [E] bool of ``layer`` resident (changes state; no host sync); returns
         the copies it made through ``gather``, ``width`` of them at most (default min(E, S); a decode step passes
         its T*k so the gather's grid stays small). At most S experts may be needed (the main loop chunks wider
-        calls)."""
+        calls).
+
+        ``protect``: (the demand call's layer, its needed [E]) makes this a *prefetch* call, made right after
+        that demand call while its experts are being computed: their slots are never victims; the call
+        counts the copies it makes as prefetches (not accesses, hits or misses) and records them in the policy
+        as insertions (``SlotCache._prefetch``), and the resident predicted experts as touched (least-stale
+        only; ``SlotCache._predicted_resident``)."""
+        self._settle()
         E, S = self.num_experts, self.num_slots
         K = min(self.width, width or self.width)
         row = self.table[layer, :E]  # [E] slot of each expert of this layer, -1 when not resident
         resident = row >= 0
         hits, missed = needed & resident, needed & ~resident
         keys = layer * E + self._experts  # [E] flat keys
-        loaded, collided = self.ever_loaded[keys], self.evicted_this_pass[keys]
-        self._count(layer, needed, hits, missed & ~loaded, missed & loaded & ~collided, missed & loaded & collided)
+        if protect is None:
+            loaded, collided = self.ever_loaded[keys], self.evicted_this_pass[keys]
+            self._count(layer, needed, hits, missed & ~loaded, missed & loaded & ~collided,
+                        missed & loaded & collided)
 
         # Victims: free slots (ascending), then the policy's order among slots this call does not use.
         in_use = torch.zeros(S + 1, dtype=torch.bool, device=self.device)
         in_use.index_put_((torch.where(hits, row, S),), torch.ones_like(hits))
+        if protect is not None:
+            protect_layer, protect_needed = protect
+            computing = self.table[protect_layer, :E]
+            in_use.index_put_((torch.where(protect_needed & (computing >= 0), computing, S),),
+                              torch.ones_like(protect_needed))
         primary, secondary = self.policy.sort_keys(self.owner, layer, self.num_layers, E)
         free = self.owner < 0  # free slots first, in ascending order; slots in use never
         primary = torch.where(free, -1, torch.where(in_use, torch.iinfo(torch.int64).max, primary))[:S]
@@ -131,7 +154,11 @@ class DeviceCache:
         by_secondary = torch.sort(secondary, stable=True).indices  # lexicographic: two stable sorts
         victims = by_secondary[torch.sort(primary[by_secondary], stable=True).indices][:K]  # [K]
         experts = torch.sort((~missed).to(torch.int8), stable=True).indices[:K]  # [K] misses first, ascending
-        count = missed.sum()
+        # A prefetch that finds no slot free of use is dropped (SlotCache._evict): the highest expert ids first.
+        count = torch.minimum(missed.sum(), (primary < torch.iinfo(torch.int64).max).sum())
+        missed = missed & (torch.cumsum(missed.to(torch.int64), 0) <= count)
+        if protect is not None:
+            self.counters[COUNTERS.index("prefetches"), layer].add_(count)
         valid = torch.arange(K, device=self.device) < count
 
         # Evict the victims' keys, then publish the misses in their slots.
@@ -148,44 +175,62 @@ class DeviceCache:
         self.table[layer].index_put_((torch.where(valid, experts, E),), victims)
         self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
         self.ever_loaded.index_fill_(0, torch.where(valid, layer * E + experts, spare_key), True)
-        self._record(layer, needed, missed, keys)
+        recorded = needed if protect is None else missed | (hits & self.policy.touches_predicted)
+        self._record(layer, recorded, missed, keys)
         misses = Misses(experts, victims, valid, count, self.slots(layer))
         if self._gather is not None:
             misses = replace(misses, layer_slots=self._gather(layer, misses, after))
         return misses
 
-    def step(self, layer: int, ids: torch.Tensor, after: torch.Tensor | None = None,
-             begin: bool = False) -> torch.Tensor:
+    def step(self, layer: int, ids: torch.Tensor, after: torch.Tensor | None = None, begin: bool = False,
+             predicted: torch.Tensor | None = None, targets: Sequence[int] = (), fork: bool = False) -> torch.Tensor:
         """A decode step's call: make the experts routed in ``ids`` resident (after ``begin_pass`` when
         ``begin``) and copy the misses through the gather; returns the layer's slots [E] after the copies, for
-        the compute to index the pool with. On CUDA the gather's fused op (two launches); else ``access``."""
+        the compute to index the pool with. Then prefetch: for each of ``targets`` (later layers), a prefetch
+        call (``access``'s ``protect``) of the experts in that row of ``predicted`` [D, C] (-1: none); ``fork``
+        runs them on a side stream (CUDA; see ``gather.cache_step``). On CUDA the gather's fused op; else
+        ``access`` calls."""
         if self._gather is not None and self._gather.fused:
-            return self._gather.step(self, layer, ids, after, begin)
+            return self._gather.step(self, layer, ids, after, begin, predicted, targets, fork)
         if begin:
             self.begin_pass()
-        needed = torch.zeros(self.num_experts, dtype=torch.bool, device=ids.device)
-        return self.access(layer, needed.index_fill_(0, ids.reshape(-1), True), width=ids.numel(),
-                           after=after).layer_slots
+        needed = self._mask(ids)
+        slots = self.access(layer, needed, width=ids.numel(), after=after).layer_slots
+        for row, target in zip(predicted if predicted is not None else (), targets):
+            self.access(target, self._mask(row), width=row.numel(), protect=(layer, needed))
+        return slots
 
-    def access_ids(self, layer: int, ids: torch.Tensor, begin: bool = False) -> Misses:
-        """``access`` of the experts routed in ``ids`` (int64, any shape), after ``begin_pass`` when ``begin``, by
-        one launch of the Triton kernel ``kernels/cache_access.py`` (CUDA; on the CPU under
-        TRITON_INTERPRET=1, for the tests); no host sync. Same outcome as ``access``, gather excepted:
-        ``layer_slots`` is a new tensor; the misses' tensors are the cache's own, overwritten by the next call."""
+    def _mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """[E] bool: the experts named in ``ids`` (-1 names none)."""
+        ids = ids.reshape(-1)
+        mask = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=ids.device)
+        return mask.index_fill_(0, torch.where(ids >= 0, ids, self.num_experts), True)[:self.num_experts]
+
+    def access_ids(self, layer: int, ids: torch.Tensor, begin: bool = False,
+                   protect_layer: int | None = None) -> Misses:
+        """``access`` of the experts routed in ``ids`` (int64, any shape; -1 names none), after ``begin_pass``
+        when ``begin``, by one launch of the Triton kernel ``kernels/cache_access.py`` (CUDA; on the CPU
+        under TRITON_INTERPRET=1, for the tests); no host sync. ``protect_layer``: a prefetch call after the
+        last demand call, of that layer (``access``'s ``protect``). Same outcome as ``access``, gather
+        excepted: ``layer_slots`` is a new tensor; the misses' tensors are the cache's own, overwritten by the
+        next call."""
         from .kernels import kernel
 
+        prefetch = protect_layer is not None
         K = min(self.width, ids.numel())
         slots = torch.empty(self.num_experts, dtype=torch.int64, device=self.device)
-        experts, victims, count = self.found
-        kernel("cache_access").access(ids, layer, begin, self.kernel_state(), [experts, victims, count, slots],
-                                      self.num_layers, self.num_experts, self.num_slots, self.policy.kernel_id)
+        experts, victims, count = (self.found_prefetch if prefetch else self.found)[:3]
+        kernel("cache_access").access(ids, layer, begin, self.kernel_state(prefetch), [experts, victims, count, slots],
+                                      self.num_layers, self.num_experts, self.num_slots, self.policy.kernel_id,
+                                      (protect_layer, self._scratch) if prefetch else None)
         valid = torch.arange(K, device=self.device) < count
         return Misses(experts[:K], victims[:K], valid, count.view(()), slots)
 
-    def kernel_state(self) -> list[torch.Tensor]:
-        """The state in the order ``kernels/cache_access.py`` takes it."""
+    def kernel_state(self, prefetch: bool = False) -> list[torch.Tensor]:
+        """The state in the order ``kernels/cache_access.py`` takes it; a prefetch call has its own scratch
+        (the demand call's says what it must not evict)."""
         return [self.table, self.owner, self.ever_loaded, self.evicted_this_pass, self.clock, self.counters,
-                self.passes, *self.policy.kernel_state(), self._scratch]
+                self.passes, *self.policy.kernel_state(), self._scratch_prefetch if prefetch else self._scratch]
 
     def slots(self, layer: int) -> torch.Tensor:
         """[E] the slot of each expert of ``layer`` (-1 where not resident); a view."""
@@ -193,28 +238,40 @@ class DeviceCache:
 
     def stats(self, expert_bytes: int) -> list[LayerStats]:
         """The counters per layer; reads the device (one sync, when asked, never per token)."""
+        self._settle()
         values = self.counters[:, :self.num_layers].tolist()
         layers = []
         for layer in range(self.num_layers):
             counts = {name: values[i][layer] for i, name in enumerate(COUNTERS)}
             misses = counts["misses_cold"] + counts["misses_capacity"] + counts["misses_collision"]
-            layers.append(LayerStats(**counts, bytes_copied=misses * expert_bytes))
+            copies = misses + counts["prefetches"]  # every copy, demand or prefetch (as SlotCache counts)
+            layers.append(LayerStats(**counts, bytes_copied=copies * expert_bytes,
+                                     prefetch_bytes=counts["prefetches"] * expert_bytes))
         return layers
 
     def reset_counters(self) -> None:
         """Zero the counters; the cached experts stay (changes state)."""
+        self._settle()
         self.counters.zero_()
         self.passes.zero_()
+
+    def _settle(self) -> None:
+        """Before torch operations read or change the state: wait for prefetch calls still running on the
+        gather's side stream (CUDA)."""
+        if self._gather is not None:
+            self._gather.join()
 
     def static_tensors(self) -> list[torch.Tensor]:
         """Every tensor a call reads or updates in place (the state, the policy's, the gather's): their
         addresses never change, which torch.compile must be told to capture a step that updates them."""
-        state = [value for value in vars(self).values() if isinstance(value, torch.Tensor)] + self.found
+        state = [value for value in vars(self).values() if isinstance(value, torch.Tensor)]
+        state += self.found + self.found_prefetch
         policy = [value for value in vars(self.policy).values() if isinstance(value, torch.Tensor)]
         return state + policy + list(getattr(self._gather, "tensors", ()))
 
     def resident(self) -> dict[tuple[int, int], int]:
         """(layer, expert) -> slot of every resident expert; reads the device."""
+        self._settle()
         owners = self.owner[:self.num_slots].tolist()
         return {divmod(key, self.num_experts): slot for slot, key in enumerate(owners) if key >= 0}
 

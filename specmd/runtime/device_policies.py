@@ -18,6 +18,7 @@ class DevicePolicy:
 
     name = ""
     kernel_id = 0  # the policy's number in kernels/cache_access.py
+    touches_predicted = False  # whether a prediction of a resident expert changes its state (SlotCache.touch)
 
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         self.last = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)  # clock of the last access
@@ -92,6 +93,7 @@ class DeviceLeastStale(DevicePolicy):
 
     name = "least-stale"
     kernel_id = 4
+    touches_predicted = True
 
     def __init__(self, num_slots: int, num_keys: int, device: torch.device) -> None:
         super().__init__(num_slots, num_keys, device)

@@ -9,6 +9,8 @@ as a CUDA graph (it skips graphs that read CPU tensors).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .copier import SlotPool
@@ -71,16 +73,26 @@ def _(store, pool, experts, slots, count, then, after):
 
 @torch.library.custom_op("specmd::cache_step", mutates_args=())
 def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Tensor], found: list[torch.Tensor],
-               store: torch.Tensor, pool: torch.Tensor, after: torch.Tensor | None, dims: list[int]) -> torch.Tensor:
-    """A whole cache call of ``layer`` on CUDA, two launches, no sync: ``kernels/cache_access.py`` decides hits,
-    misses and victims for the routed ``ids`` and updates the cache's ``state`` (``DeviceCache.kernel_state``;
-    ``found``: where it leaves the misses), then ``kernels/miss_gather.py`` copies the misses from ``store``
-    into ``pool``. Returns the layer's slots [E] after the copies, a new tensor.
+               store: torch.Tensor, pool: torch.Tensor, after: torch.Tensor | None, dims: list[int],
+               predicted: torch.Tensor | None, targets: list[int], prefetch_state: list[torch.Tensor],
+               prefetch_found: list[torch.Tensor], prefetch_stores: list[torch.Tensor], fork: bool) -> torch.Tensor:
+    """A whole cache call of ``layer`` on CUDA, no sync: ``kernels/cache_access.py`` decides hits, misses and
+    victims for the routed ``ids`` and updates the cache's ``state`` (``DeviceCache.kernel_state``; ``found``:
+    where it leaves the misses), then ``kernels/miss_gather.py`` copies the misses from ``store`` into
+    ``pool``. Returns the layer's slots [E] after the copies, a new tensor.
+
+    Then the prefetch calls, when ``predicted`` [D, C] names experts (-1: none) of the layers ``targets``
+    (later layers of the same pass): each a cache call that never evicts this layer's experts
+    (``DeviceCache.access``'s ``protect``) and its gather from ``prefetch_stores[j]``. With ``fork`` they run
+    on a side stream that starts after this layer's copies and that the next call waits for (``_SideStream``):
+    they overlap this layer's compute, and a CUDA graph captured around the calls keeps both (fork and join).
 
     Declared as mutating nothing, like ``gather_misses`` and for the same reasons: the state and the pool
     are only ever read and written by these ops, the pool read through the returned slots (so after the
     copies), and ``after`` (the layer's input) orders the call after the previous layer's reads. A declared
     mutation would make torch.compile copy the pool."""
+    side = _SideStream.of(pool.device)
+    side.join()  # the previous layer's prefetches changed the state this call reads
     num_layers, num_experts, num_slots, policy = dims
     slots = torch.empty(num_experts, dtype=torch.int64, device=ids.device)
     experts, victims, count = found
@@ -88,12 +100,67 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
                                   num_experts, num_slots, policy)
     width = min(experts.shape[0], ids.numel())  # the gather's grid: at most tokens x top-k misses
     kernel("miss_gather").gather_misses(store, pool.view(torch.int32), experts[:width], victims[:width], count)
+    if predicted is None or not targets:
+        return slots
+    # The side stream must read persistent memory only: a tensor freed here could be reused by the
+    # model's stream while the side stream still reads it. So the predictions are copied into the cache's.
+    *found_prefetch, prefetch_slots, held = prefetch_found
+    held = held[:predicted.shape[0], :predicted.shape[1]]
+    held.copy_(predicted)
+    with side.fork() if fork else contextlib.nullcontext():
+        p_experts, p_victims, p_count = found_prefetch
+        for j, target in enumerate(targets):
+            kernel("cache_access").access(held[j], target, False, prefetch_state,
+                                          [p_experts, p_victims, p_count, prefetch_slots], num_layers, num_experts,
+                                          num_slots, policy, protect=(layer, state[-1]))
+            width = min(p_experts.shape[0], held.shape[1])
+            kernel("miss_gather").gather_misses(prefetch_stores[j], pool.view(torch.int32), p_experts[:width],
+                                                p_victims[:width], p_count)
     return slots
 
 
 @cache_step.register_fake
-def _(ids, layer, begin, state, found, store, pool, after, dims):
+def _(ids, layer, begin, state, found, store, pool, after, dims, predicted, targets, prefetch_state, prefetch_found,
+      prefetch_stores, fork):
     return ids.new_empty(dims[1])
+
+
+class _SideStream:
+    """The stream a layer's prefetches run on, one per device, and the event the next cache call waits for.
+
+    Host-side bookkeeping only at the time the ops run: in a captured CUDA graph the fork (the side stream
+    waits for the model's stream) and the join (the model's stream waits for the event) are edges of the graph,
+    replayed without the host. Every fork is joined by the next cache call, which the graph engine makes in
+    the same forward pass (prefetches target later layers of the pass only), so a capture never ends with
+    the side stream's work unjoined."""
+
+    _of: dict[torch.device, _SideStream] = {}
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.pending = False
+
+    @classmethod
+    def of(cls, device: torch.device) -> _SideStream:
+        if device not in cls._of:
+            cls._of[device] = cls(device)
+        return cls._of[device]
+
+    @contextlib.contextmanager
+    def fork(self):
+        """Run the body on the side stream, after everything queued so far on the current stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+        self.event.record(self.stream)
+        self.pending = True
+
+    def join(self) -> None:
+        """The current stream waits for the last fork's work (nothing when none is pending)."""
+        if self.pending:
+            torch.cuda.current_stream(self.stream.device).wait_event(self.event)
+            self.pending = False
 
 
 class MissGather:
@@ -109,6 +176,8 @@ class MissGather:
         self._sources = [host_words(store.layer(i), device) if device.type == "cuda" else store.layer(i)
                          for i in range(store.num_layers)]
         self.tensors = self._sources if device.type == "cuda" else []
+        if device.type == "cuda":
+            _SideStream.of(device)  # made now, not inside a step that a CUDA graph may be capturing
 
     def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None = None) -> torch.Tensor:
         return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,
@@ -119,10 +188,16 @@ class MissGather:
         """Whether ``step`` runs (CUDA): the cache call and the gather as one op of two launches."""
         return self._pool.data.is_cuda
 
-    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None,
-             begin: bool) -> torch.Tensor:
-        """``cache_step``: make the experts routed in ``ids`` resident in ``cache`` and copy the misses; the
-        layer's slots after the copies."""
+    def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None, begin: bool,
+             predicted: torch.Tensor | None = None, targets: list[int] = (), fork: bool = False) -> torch.Tensor:
+        """``cache_step``: make the experts routed in ``ids`` resident in ``cache`` and copy the misses, then
+        prefetch ``predicted`` for ``targets``; the layer's slots after the copies."""
         dims = [cache.num_layers, cache.num_experts, cache.num_slots, cache.policy.kernel_id]
         return cache_step(ids, layer, begin, cache.kernel_state(), cache.found, self._sources[layer],
-                          self._pool.data, after, dims)
+                          self._pool.data, after, dims, predicted, list(targets), cache.kernel_state(prefetch=True),
+                          cache.found_prefetch, [self._sources[t] for t in targets], fork)
+
+    def join(self) -> None:
+        """The current stream waits for prefetches still running on the side stream (CUDA)."""
+        if self.fused:
+            _SideStream.of(self._pool.data.device).join()

@@ -107,22 +107,26 @@ class Predictor:
         next pass's first layers."""
         return self._targets[layer]
 
-    def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, layer: int, hidden_states: torch.Tensor, candidates: int,
+               stacked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """([D, C] ids, [D, C] probabilities) of the ``candidates`` best experts of each looked-ahead layer,
         best first, on the device. No sync."""
-        logits = self._logits(layer, hidden_states)  # [T, D, E]
+        logits = self._logits(layer, hidden_states, stacked)  # [T, D, E]
         top, top_ids = logits.float().softmax(-1).mean(0).topk(candidates, dim=-1)  # [D, C]
         return top_ids, top
 
-    def predict(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync."""
+    def predict(self, layer: int, hidden_states: torch.Tensor, stacked: bool = True) -> torch.Tensor | None:
+        """[D, C] predicted ids (-1 where the policy keeps fewer than C) on the device, or None. No sync.
+        ``stacked=False``: one product per looked-ahead router instead of one over their weights concatenated
+        (cached, and checked against the routers on every call): what a traced step needs, since torch.compile
+        would guard on that check and recompile."""
         if not self.targets(layer):
             return None
         if self.config.policy == "topk" and hidden_states.shape[0] == 1:
             # One token (decode): softmax is monotonic, so the best logits are the best probabilities;
             # two launches instead of five, on the model's thread, every layer of every step.
-            return self._logits(layer, hidden_states)[0].topk(self.candidates, dim=-1).indices
-        ids, top = self.scores(layer, hidden_states, self.candidates)  # [D, C]
+            return self._logits(layer, hidden_states, stacked)[0].topk(self.candidates, dim=-1).indices
+        ids, top = self.scores(layer, hidden_states, self.candidates, stacked)  # [D, C]
         if self.config.policy == "top-p":
             # keep the smallest prefix whose mass reaches p: an id stays if the mass before it is < p
             ids = torch.where((top.cumsum(-1) - top) < self.config.p, ids, -1)
@@ -130,8 +134,12 @@ class Predictor:
             ids = torch.where(top > self.config.tau, ids, -1)
         return ids
 
-    def _logits(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, D, E] router logits of every looked-ahead layer, in one product."""
+    def _logits(self, layer: int, hidden_states: torch.Tensor, stacked: bool = True) -> torch.Tensor:
+        """[T, D, E] router logits of every looked-ahead layer, in one product (``stacked``) or one each."""
+        if not stacked:
+            routers = [self.routers[t] for t in self.targets(layer)]
+            return torch.stack([F.linear(hidden_states.to(r.weight.dtype), r.weight, getattr(r, "bias", None))
+                                for r in routers], dim=1)
         weight, bias = self._stacked_router(layer, hidden_states.device)
         logits = F.linear(hidden_states.to(weight.dtype), weight, bias)  # [T, D*E]
         return logits.view(hidden_states.shape[0], -1, weight.shape[0] // len(self.targets(layer)))

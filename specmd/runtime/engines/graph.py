@@ -20,7 +20,15 @@ On CUDA, generate compiles the decode step (the static cache ``api._capture_deco
 in transformers' mode "reduce-overhead"): ``run_layer`` sees it is traced and takes the device step with
 no Python state change, so the whole step, attention included, is one CUDA graph. Uncompiled decode steps
 (a dynamic cache, ``disable_compile``) capture each layer's device step as its own CUDA graph on its second
-call of a shape and replay it (``graphs.py``). Not yet: prefetch (issue 11).
+call of a shape and replay it (``graphs.py``).
+
+Prefetch (``prefetch=`` other than none): after a device step's own cache call, the predictor (the next
+layers' routers on the layer's input, ``prefetch.Predictor``) names experts of the later layers of the same
+pass, and a prefetch call per looked-ahead layer makes them resident without evicting the layer's own
+(``DeviceCache.access``'s ``protect``). In a compiled step they run on a side stream that forks after the
+layer's copies and joins before the next layer's cache call, overlapping the layer's compute; elsewhere
+on the model's stream, in order. Predictions for the next pass (the last layers') are not made: a captured
+step must join all it forks.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from ..compute import Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
 from ..metrics import Stats
+from ..prefetch import Predictor
 from ..store import layout_views
 from .binding import ClosedHandleError
 from .graphs import LayerGraphs
@@ -68,8 +77,9 @@ class GraphEngine:
     name = "graph"
 
     def __init__(self, layers: list[MoELayer], cache: DeviceCache, pool: SlotPool, kernels: KernelPlan,
-                 budget_bytes: int) -> None:
+                 budget_bytes: int, predictor: Predictor | None = None) -> None:
         self.layers = layers
+        self.predictor = predictor if predictor is not None and predictor.config.enabled else None
         self.cache = cache
         self.pool = pool
         self.kernels = kernels
@@ -106,7 +116,8 @@ class GraphEngine:
                     raise ValueError("a compiled decode step replays one-token passes only: generate one sequence "
                                      "at a time under replay, or pass disable_compile=True to generate")
                 top_k_index = self.replay.step_ids(layer)
-            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights, begin=layer == 0)
+            return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights, begin=layer == 0,
+                                     fork=hidden_states.is_cuda)
         return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, on_device)
 
     @torch.compiler.disable  # under torch.compile: a graph break, and this runs as written
@@ -132,6 +143,10 @@ class GraphEngine:
 
     def set_replay(self, replay: DeviceRoutingSource | None) -> None:
         """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
+        if replay is not None and self.predictor is not None:
+            raise ValueError("engine='graph' does not replay a trace's predictions yet, and the live routers' "
+                             "predictions mean nothing under replayed routing; offload with prefetch='none' to "
+                             "replay, or use engine='threaded', which replays both")
         self._warn_unreplayed()
         if replay is not None and self.pool.data.is_cuda:
             _mark_static(replay.tensors)
@@ -165,13 +180,15 @@ class GraphEngine:
         return self._graphs.captures if self._graphs is not None else 0
 
     def _device_step(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor, begin: bool = False) -> torch.Tensor:
-        """One call on the device alone: fixed shapes, no host sync, capturable; starts a pass when ``begin``.
-        [T, H] out."""
+                     top_k_weights: torch.Tensor, begin: bool = False, fork: bool = False) -> torch.Tensor:
+        """One call on the device alone: fixed shapes, no host sync, capturable; starts a pass when ``begin``;
+        prefetches on a side stream when ``fork``. [T, H] out."""
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
+        predicted, targets = self._predictions(layer, hidden_states)
         # after=hidden_states: the copies wait for the previous layer's output, so for its reads of the pool
-        layer_slots = self.cache.step(layer, flat_ids, after=hidden_states, begin=begin)
+        layer_slots = self.cache.step(layer, flat_ids, after=hidden_states, begin=begin, predicted=predicted,
+                                      targets=targets, fork=fork)
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = layer_slots[flat_ids]  # [T*k]
         # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the
@@ -179,6 +196,17 @@ class GraphEngine:
         views = layout_views(self.pool.data, self.pool.layout)
         y = expert_rows(module, self.pool.layout, views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
         return sum_over_k(y * weights.unsqueeze(-1), num_tokens, top_k, hidden_states.dtype)
+
+    def _predictions(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """([D, C] predicted ids, -1 for none, of the looked-ahead layers later in this pass; those layers) or
+        (None, [])."""
+        if self.predictor is None:
+            return None, []
+        targets = [t for t in self.predictor.targets(layer) if t > layer]  # nearest first: the later ones lead
+        if not targets:
+            return None, []
+        # one product per router: the stacked routers' cache is Python state a compiled step would guard on
+        return self.predictor.predict(layer, hidden_states, stacked=False)[:len(targets)], targets
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
                  weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:

@@ -106,10 +106,12 @@ def families(compiled: bool) -> dict:
         want = ref.generate(ids, **kwargs)
         expert = find_moe_layers(ref)[0].layout.expert_bytes
         same = []
-        # compiled: one budget (each offload compiles afresh)
-        for budget in (2 * ref.config.num_experts_per_tok * expert, "50%")[:1 if compiled else 2]:
+        # compiled: one budget (each offload compiles afresh); then that budget again with top-k prefetch
+        top_k = ref.config.num_experts_per_tok
+        budgets = [(2 * top_k * expert, "none"), ("50%", "none")][:1 if compiled else 2]
+        for budget, prefetch in budgets + [(4 * top_k * expert, "topk")]:
             fresh_compile(ref)
-            specmd.offload(ref, budget, "lru", DEVICE.type, engine="graph", progress=False)
+            specmd.offload(ref, budget, "lru", DEVICE.type, engine="graph", prefetch=prefetch, progress=False)
             decode_mode(ref, compiled)
             same.append(bool(torch.equal(ref.generate(ids, **kwargs), want)))
             ref.specmd.close()
@@ -294,7 +296,7 @@ def main() -> None:
               "torch": torch.__version__}
     (out / "graph.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"pinned copy of one expert: {rate:.1f} GB/s; bf16 families through the graph engine, tokens equal "
-          f"(2k experts, 50%; compiled: 2k only): {fresh_compile_families}")
+          f"(2k experts, 50%, 4k experts with top-k prefetch; compiled: 2k, 4k with prefetch): {fresh_compile_families}")
     print(f"{'configuration':<50}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'x full':>7}{'floor ms':>9}{'hit %':>7}"
           f"{'syncs':>6}{'DtoH':>5}{'graphs':>7}  same")
     for r in rows:

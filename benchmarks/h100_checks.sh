@@ -4,7 +4,8 @@
 # compiled graph engine, the link-emulation calibration, and the bench runner's smoke matrix (tokens checked
 # against the full-GPU model; exit 2 if they differ). Logs under $OUT (or /tmp/h100-checks). The parts fit one
 # 10-minute device call each (the whole took about 12 minutes on the H200):
-#   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: all three
+#   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: these three
+#   bash benchmarks/h100_checks.sh graph16 | graph512 | replay | load  # the issues' GPU figures, one call each
 set -u
 out=${OUT:-/tmp/h100-checks}
 mkdir -p "$out"
@@ -24,6 +25,25 @@ if [[ " $parts " == *" tests "* ]]; then
         tests/test_graph_engine.py tests/test_device_cache.py tests/test_loader.py tests/test_cli.py \
         > "$out/cuda-tests.log" 2>&1
     echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
+fi
+# Issue 11's table (OLMoE shapes; one part per prompt length, each about 10 minutes) and issue 13's load
+for prompt in 16 512; do
+    if [[ " $parts " == *" graph$prompt "* ]]; then
+        timeout 580 python3 benchmarks/graph_h100.py --out "$out/graph$prompt" --prompts $prompt --families none \
+            --budgets 100% 50% 20% 10% 5% --modes compiled --graph-prefetch none topk:1 topk:2 --threaded 5% \
+            > "$out/graph$prompt.log" 2>&1
+        echo "graph $prompt: exit $?"; tail -n 20 "$out/graph$prompt.log"
+    fi
+done
+if [[ " $parts " == *" replay "* ]]; then  # learned routing replayed, and every family in bf16
+    timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --budgets 100% --modes compiled \
+        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --families both \
+        > "$out/replay.log" 2>&1
+    echo "replay: exit $?"; tail -n 12 "$out/replay.log"
+fi
+if [[ " $parts " == *" load "* ]]; then
+    timeout 580 python3 benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out "$out/load" > "$out/load.log" 2>&1
+    echo "load: exit $?"; tail -n 12 "$out/load.log"
 fi
 if [[ " $parts " == *" bench "* ]]; then
     python3 benchmarks/calibrate_link.py 2>&1 | tee "$out/calibrate.log"

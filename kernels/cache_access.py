@@ -106,7 +106,7 @@ def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, 
     prev_s = tl.full([], 0, tl.int64)
     prev_i = tl.full([], 0, tl.int64)
     found = tl.full([], 0, tl.int32)  # victims that are not in use: short of count only for a prefetch call
-    for j in range(0, count):
+    for j in range(0, tl.minimum(count, S)):  # no call has more victims than slots
         best_p = tl.full([], INT64_MAX, tl.int64)
         best_s = tl.full([], INT64_MAX, tl.int64)
         best_i = tl.full([], INT64_MAX, tl.int64)
@@ -128,7 +128,8 @@ def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, 
         tl.store(victims_out + j, best_i)
         found += (best_p < INT64_MAX).to(tl.int32)
         prev_p, prev_s, prev_i = best_p, best_s, best_i
-    # A prefetch that finds no free slot is dropped (SlotCache._evict): the highest expert ids first.
+    # A prefetch that finds no free slot is dropped (SlotCache._evict drops them too, but in the predictor's
+    # rank order, worst first; here the highest expert ids go first).
     count = found
     miss = miss & (tl.cumsum(miss.to(tl.int32), 0) - 1 < count)
     tl.store(count_out, count.to(tl.int64))

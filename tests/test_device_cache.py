@@ -154,3 +154,41 @@ def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, prefet
     assert (int(torch_cache.counters[COUNTERS.index("prefetches")].sum()) > 0) == prefetch
     for a, b in zip(torch_cache.policy.kernel_state(), kernel_cache.policy.kernel_state()):
         assert torch.equal(a[:S] if a.dim() else a, b[:S] if b.dim() else b)
+
+
+@pytest.mark.parametrize("eviction", ["lru", "least-stale"])
+def test_a_prefetch_wider_than_the_free_slots_is_cut_to_them(eviction, device):
+    """Three slots, two of them held by the demand call: of six predicted experts one is copied, the rest are
+    dropped, the demand call's experts stay; the kernel (where it runs) writes no more than its buffers hold
+    and decides the same."""
+    import random
+
+    rng = random.Random(1)
+    L, E, dev = 3, 8, torch.device(device)
+    caches = [DeviceCache(L, E, 3, eviction, dev)]
+    if _kernel_runs(device) is None:
+        caches.append(DeviceCache(L, E, 3, eviction, dev))
+    for step in range(10):
+        for layer in range(L):
+            ids = torch.tensor(rng.sample(range(E), 2), device=dev)
+            predicted = torch.tensor(rng.sample(range(E), 6), device=dev) if layer + 1 < L else None
+            needed = torch.zeros(E, dtype=torch.bool, device=dev).index_fill_(0, ids, True)
+            if layer == 0:
+                caches[0].begin_pass()
+            slots = caches[0].access(layer, needed, width=2).layer_slots.clone()  # a view of the table
+            found = []
+            if predicted is not None:
+                guess = torch.zeros(E, dtype=torch.bool, device=dev).index_fill_(0, predicted, True)
+                copies = caches[0].access(layer + 1, guess, width=6, protect=(layer, needed))
+                found.append(copies.slots[:int(copies.count)].tolist())
+                assert int(copies.count) <= 1 + int((caches[0].slots(layer + 1)[guess] >= 0).sum())
+                assert torch.equal(caches[0].slots(layer)[needed], slots[needed])  # the demand call's experts stay
+            if len(caches) == 2:
+                got = caches[1].access_ids(layer, ids, begin=layer == 0)
+                assert torch.equal(got.layer_slots, slots)
+                if predicted is not None:
+                    copies = caches[1].access_ids(layer + 1, predicted, protect_layer=layer)
+                    assert copies.slots[:int(copies.count)].tolist() == found[0]
+    assert int(caches[0].counters[COUNTERS.index("prefetches")].sum()) > 0
+    if len(caches) == 2:
+        assert torch.equal(caches[0].counters[:, :L], caches[1].counters[:, :L])

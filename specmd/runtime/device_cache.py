@@ -90,8 +90,9 @@ class DeviceCache:
         self._scratch = torch.zeros(E, dtype=torch.int8, device=device)
         self._scratch_prefetch = torch.zeros(E, dtype=torch.int8, device=device)
         self.found = [torch.zeros(self.width, **i64), torch.zeros(self.width, **i64), torch.zeros(1, **i64)]
-        # a prefetch call's misses, the slots it leaves, and the predictions it reads (lookahead <= 3)
-        self.found_prefetch = [torch.zeros(self.width, **i64), torch.zeros(self.width, **i64), torch.zeros(1, **i64),
+        # a prefetch call's misses (up to one per candidate, E at most: the kernel writes them all before it
+        # drops those no slot is left for), the slots it leaves, and the predictions it reads (lookahead <= 3)
+        self.found_prefetch = [torch.zeros(E, **i64), torch.zeros(E, **i64), torch.zeros(1, **i64),
                                torch.zeros(E, **i64), torch.full((3, E), -1, **i64)]
 
     def begin_pass(self) -> None:
@@ -154,7 +155,8 @@ class DeviceCache:
         by_secondary = torch.sort(secondary, stable=True).indices  # lexicographic: two stable sorts
         victims = by_secondary[torch.sort(primary[by_secondary], stable=True).indices][:K]  # [K]
         experts = torch.sort((~missed).to(torch.int8), stable=True).indices[:K]  # [K] misses first, ascending
-        # A prefetch that finds no slot free of use is dropped (SlotCache._evict): the highest expert ids first.
+        # A prefetch that finds no slot free of use is dropped (SlotCache._evict drops them too, but worst-ranked
+        # first; here the highest expert ids go first, as the kernel does).
         count = torch.minimum(missed.sum(), (primary < torch.iinfo(torch.int64).max).sum())
         missed = missed & (torch.cumsum(missed.to(torch.int64), 0) <= count)
         if protect is not None:

@@ -139,6 +139,8 @@ class _SideStream:
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.event = torch.cuda.Event() if device.type == "cuda" else None
+        if self.event is not None:
+            self.event.record(self.stream)  # the CUDA event is created on its first record: now, not in a capture
         self.pending = False
 
     @classmethod
@@ -151,10 +153,12 @@ class _SideStream:
     def fork(self):
         """Run the body on the side stream, after everything queued so far on the current stream."""
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        with torch.cuda.stream(self.stream):
-            yield
-        self.event.record(self.stream)
-        self.pending = True
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:  # even after a failed launch: whatever was queued must be joined
+            self.event.record(self.stream)
+            self.pending = True
 
     def join(self) -> None:
         """The current stream waits for the last fork's work (nothing when none is pending)."""

@@ -192,3 +192,45 @@ def test_a_prefetch_wider_than_the_free_slots_is_cut_to_them(eviction, device):
     assert int(caches[0].counters[COUNTERS.index("prefetches")].sum()) > 0
     if len(caches) == 2:
         assert torch.equal(caches[0].counters[:, :L], caches[1].counters[:, :L])
+
+
+@pytest.mark.parametrize("eviction", sorted(DEVICE_POLICIES))
+def test_the_cache_step_op_equals_the_torch_step(eviction, device):
+    """``specmd::cache_step`` (the access kernel, the gather, and the prefetch calls: on CUDA forked onto the
+    side stream) against ``DeviceCache.step``'s torch calls, with lookahead 2 and dropped candidates (-1):
+    the same state after every layer, and every slot holding the expert its owner says."""
+    reason = _kernel_runs(device)
+    if reason:
+        pytest.skip(reason)
+    from specmd.runtime.gather import _SideStream, cache_step
+
+    L, E, S, W, dev = 4, 8, 6, 4, torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    stores = [(torch.arange(E * W, dtype=torch.int32).view(E, W) + 1000 * (layer + 1)).to(dev) for layer in range(L)]
+    want, got = DeviceCache(L, E, S, eviction, dev), DeviceCache(L, E, S, eviction, dev)
+    pool = torch.zeros(S, W, dtype=torch.int32, device=dev)
+    for step in range(30 if device == "cuda" else 8):
+        for layer in range(L):
+            ids = torch.randint(0, E, (2,), generator=g).to(dev)
+            targets = [t for t in (layer + 1, layer + 2) if t < L]
+            predicted = None
+            if targets:
+                predicted = torch.stack([torch.randperm(E, generator=g)[:4] for _ in targets]).to(dev)
+                predicted[:, 3] = -1
+            want.step(layer, ids, begin=layer == 0, predicted=predicted, targets=targets)
+            dims = [L, E, S, got.policy.kernel_id]
+            slots = cache_step(ids, layer, layer == 0, got.kernel_state(), got.found, stores[layer], pool, None, dims,
+                               predicted, targets, got.kernel_state(prefetch=True), got.found_prefetch,
+                               [stores[t] for t in targets], dev.type == "cuda")
+            if dev.type == "cuda":  # the checks read the state on this stream: join the prefetch calls first
+                _SideStream.of(dev).join()
+            assert torch.equal(slots[ids], want.table[layer, ids]), (step, layer)
+            for name, a, b in [("table", want.table[:, :E], got.table[:, :E]), ("owner", want.owner[:S], got.owner[:S]),
+                               ("counters", want.counters[:, :L], got.counters[:, :L]), ("clock", want.clock, got.clock),
+                               ("loaded", want.ever_loaded[:-1], got.ever_loaded[:-1]),
+                               ("last", want.policy.last[:S], got.policy.last[:S])]:
+                assert torch.equal(a, b), (name, step, layer)
+            for slot, key in enumerate(got.owner[:S].tolist()):
+                if key >= 0:
+                    assert torch.equal(pool[slot], stores[key // E][key % E]), (slot, key)
+    assert int(got.counters[COUNTERS.index("prefetches")].sum()) > 0

@@ -177,24 +177,29 @@ def replay_seconds(model, trace) -> float:
     return time.perf_counter() - start
 
 
-def replayed_row(model, trace, budget: str, compiled: bool, rate: float) -> dict:
+def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetch: tuple[str, int]) -> dict:
     """The graph engine on the trace's learned routing (random weights, so tokens are not checked). TPOT:
     (time of the whole replay - time of its prefills alone, each from a cold cache) / decode steps; TTFT: the
-    prefills' mean. Warmed up (and compiled) by a first whole replay."""
+    prefills' mean. Warmed up (and compiled) by a first whole replay. With prefetch, the trace's recorded
+    candidates are prefetched (its learned predictor, not the random routers)."""
+    policy, depth = prefetch
+    options = dict(engine="graph", prefetch=policy, lookahead=depth, progress=False)
     fresh_compile(model)
-    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)
+    specmd.offload(model, budget, "lru", DEVICE.type, **options)
     decode_mode(model, compiled)
     replay_seconds(model, trace)  # warm-up: compiles, records the graphs
     model.specmd.reset_stats()
     whole = replay_seconds(model, trace)
     stats = model.specmd.stats()
     model.specmd.close()
-    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", progress=False)  # cold again, as the whole run
+    specmd.offload(model, budget, "lru", DEVICE.type, **options)  # cold again, as the whole run
     decode_mode(model, compiled)
     prefills = replay_seconds(model, prefills_only(trace))
     model.specmd.close()
     decode_steps = sum(decode for _, decode in trace.prompts)
     mode = "compiled" if compiled else "per-layer graphs"
+    if policy != "none":
+        mode += f", {policy} d{depth} from the trace"
     return {"name": f"graph lru @ {budget} ({mode}, replayed trace)", "prompt": trace.prompts[0][0],
             "compiled": compiled, "ttft_ms": prefills / len(trace.prompts) * 1e3,
             "tpot_ms": (whole - prefills) / decode_steps * 1e3, "same": None, "hit_rate": stats.hit_rate,
@@ -281,8 +286,8 @@ def main() -> None:
 
             trace = load_trace(args.trace)
             for budget in args.trace_budgets or args.budgets:
-                for compiled in [mode == "compiled" for mode in args.modes]:
-                    row = replayed_row(model, trace, budget, compiled, rate)
+                for compiled, prefetch in [(mode == "compiled", p) for mode in args.modes for p in args.graph_prefetch]:
+                    row = replayed_row(model, trace, budget, compiled, rate, prefetch)
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
     del model

@@ -38,6 +38,7 @@ done
 if [[ " $parts " == *" replay "* ]]; then  # learned routing replayed, and every family in bf16
     timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --budgets 100% --modes compiled \
         --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --families both \
+        --graph-prefetch none topk:1 topk:2 \
         > "$out/replay.log" 2>&1
     echo "replay: exit $?"; tail -n 12 "$out/replay.log"
 fi

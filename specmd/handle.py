@@ -104,6 +104,8 @@ class OffloadHandle:
             if prefetch.lookahead > trace.lookahead:
                 raise ValueError(f"lookahead={prefetch.lookahead}: {trace.source} recorded predictions "
                                  f"{trace.lookahead} layers ahead at most; offload with lookahead <= {trace.lookahead}")
+            if isinstance(replay, DeviceRoutingReplay):  # compiled steps take the candidates on the device
+                replay.replay_candidates(prefetch.lookahead, prefetch.k or self._top_k)
         elif prefetch.enabled:
             log.warning("specmd: %s holds routed ids only: under replay, prefetch asks this model's own routers",
                         trace.source)

@@ -260,3 +260,37 @@ def test_a_one_token_prompt_is_never_replayed_as_a_decode_step(device, compiled_
         model.specmd.replay_routing(None)
     assert any("1 compiled decode steps met a pass" in r.getMessage() for r in caplog.records)
     model.specmd.close()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_graph_engine_replays_the_traces_speculation(compiled, device, compiled_generate):
+    """Under a trace with predictions, the graph engine prefetches the trace's candidates (decode steps),
+    compiled or not, with the same counts both ways; the accesses stay the trace's, and a perfect recorded
+    predictor (the trace's own next-layer ids as candidates) turns the next layer's misses into hits."""
+    trace = synthetic_trace(num_layers=3, prompts=((5, 6), (3, 4)))
+    # candidates at lookahead 1: the ids the next layer really routes (a perfect predictor), decode passes only
+    predicted = [[[list(layers[layer + 1]) if layer + 1 < 3 else [0, 1]] for layer in range(3)] for layers in
+                 trace.passes]
+    trace = RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, trace.passes, "perfect", trace.prompts,
+                         predicted)
+    model = tiny_model("olmoe", num_hidden_layers=3).to(device)
+    model.set_experts_implementation("batched_mm")
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    runs = {}
+    for prefetch in ("none", "topk"):
+        kwargs = compiled_generate if compiled else dict(cache_implementation="static", disable_compile=True)
+        specmd.offload(model, 4 * expert, "lru", device, engine="graph", prefetch=prefetch)  # 2 layers' top-2
+        model.specmd.replay_routing(trace)
+        torch._dynamo.reset()
+        for length, decode in trace.prompts:
+            ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+            model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False, **kwargs)
+        runs[prefetch] = model.specmd.stats()
+        model.specmd.close()
+    none, topk = runs["none"], runs["topk"]
+    assert topk.total.accesses == none.total.accesses
+    assert topk.total.prefetches > 0 and topk.layers[0].prefetches == 0
+    # layers 1 and 2 are prefetched perfectly in every decode step: they miss only in the prefills
+    decode_accesses = sum(len(set(trace.passes[p][2])) for p in range(len(trace.passes))
+                          if p not in trace.prefill_passes)
+    assert topk.layers[2].hits >= decode_accesses > none.layers[2].hits

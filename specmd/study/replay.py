@@ -72,7 +72,28 @@ class DeviceRoutingReplay(RoutingReplay):
                 table[p] = torch.tensor(layers)
                 one_token[p] = True
         self.table, self.one_token = table.to(device), one_token.to(device)
+        self.candidates: torch.Tensor | None = None  # [P, L, D, C], when speculation is replayed too
         self.tensors = [self.counter, self.wrong, self.table, self.one_token]  # fixed addresses, for compiled steps
+
+    def replay_candidates(self, depth: int, k: int) -> None:
+        """Keep the trace's first ``k`` candidates for the next ``depth`` layers of every one-token pass on the
+        device, for compiled steps (``step_candidates``); uncompiled layers take ``predicted``."""
+        table = torch.full((len(self.trace.passes), self.trace.num_layers, depth, k), -1, dtype=torch.int64)
+        for p in range(len(self.trace.passes)):
+            if self.one_token_pass(p):
+                for layer in range(self.trace.num_layers):
+                    table[p, layer] = torch.tensor(self.trace.candidates(p, layer, depth, k))
+        self.candidates = table.to(self.table.device)
+        self.tensors.append(self.candidates)
+
+    def one_token_pass(self, p: int) -> bool:
+        """Whether pass ``p`` is a decode step (one token, not a prompt's prefill)."""
+        return bool(self.one_token[p])
+
+    def step_candidates(self, layer: int) -> torch.Tensor:
+        """[D, C] the trace's candidates at ``layer`` of the current pass, on the device (no sync)."""
+        index = self.counter.clamp(0, self.candidates.shape[0] - 1).view(1)
+        return self.candidates[:, layer].index_select(0, index)[0]
 
     @property
     def passes_done(self) -> int:

@@ -28,7 +28,8 @@ pass, and a prefetch call per looked-ahead layer makes them resident without evi
 (``DeviceCache.access``'s ``protect``). In a compiled step they run on a side stream that forks after the
 layer's copies and joins before the next layer's cache call, overlapping the layer's compute; elsewhere
 on the model's stream, in order. Predictions for the next pass (the last layers') are not made: a captured
-step must join all it forks.
+step must join all it forks. Under a replayed trace that recorded its predictor, the candidates are the
+trace's (decode steps; ``study.replay.DeviceRoutingReplay.step_candidates``).
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ class DeviceRoutingSource(Protocol):
     def advance(self) -> None: ...
 
     def step_ids(self, layer: int) -> torch.Tensor: ...
+
+    def step_candidates(self, layer: int) -> torch.Tensor: ...
+
+    candidates: torch.Tensor | None  # the trace's predictions on the device, when speculation is replayed
 
 
 class GraphEngine:
@@ -143,10 +148,6 @@ class GraphEngine:
 
     def set_replay(self, replay: DeviceRoutingSource | None) -> None:
         """Take every layer's routed ids from ``replay`` from the next forward pass on (None: the routers)."""
-        if replay is not None and self.predictor is not None:
-            raise ValueError("engine='graph' does not replay a trace's predictions yet, and the live routers' "
-                             "predictions mean nothing under replayed routing; offload with prefetch='none' to "
-                             "replay, or use engine='threaded', which replays both")
         self._warn_unreplayed()
         if replay is not None and self.pool.data.is_cuda:
             _mark_static(replay.tensors)
@@ -205,6 +206,10 @@ class GraphEngine:
         targets = [t for t in self.predictor.targets(layer) if t > layer]  # nearest first: the later ones lead
         if not targets:
             return None, []
+        if self.replay is not None and self.replay.candidates is not None:
+            # the trace's predictor, not this model's; read on the device, so a captured step keeps it (decode
+            # steps only: a prompt's prefill has no candidates there)
+            return self.replay.step_candidates(layer)[:len(targets)], targets
         # one product per router: the stacked routers' cache is Python state a compiled step would guard on
         return self.predictor.predict(layer, hidden_states, stacked=False)[:len(targets)], targets
 

@@ -110,8 +110,7 @@ class DeviceCache:
         """``SlotCache.acquire`` for the main loop's chunks: make the distinct ``experts`` resident and return
         their slots in the same order; reads the slots back (one sync)."""
         ids = torch.tensor(list(experts), device=self.device)
-        needed = torch.zeros(self.num_experts, dtype=torch.bool, device=self.device).index_fill_(0, ids, True)
-        return self.access(layer, needed).layer_slots[ids].tolist()
+        return self.access(layer, self._mask(ids)).layer_slots[ids].tolist()
 
     def release(self, slots: Sequence[int]) -> None:
         """Nothing to do: every copy and read runs on the one stream, in order."""

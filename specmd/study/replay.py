@@ -64,31 +64,28 @@ class DeviceRoutingReplay(RoutingReplay):
         i64 = dict(dtype=torch.int64, device=device)
         self.counter = torch.full((), -1, **i64)  # the current pass, as the host's _pass between uncompiled passes
         self.wrong = torch.zeros((), **i64)  # compiled steps that met a pass they cannot replay
+        prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is not a decode step
+        # one token and not a prefill: the decode steps, the passes a compiled step can replay
+        self._decode_passes = [p for p, layers in enumerate(trace.passes) if len(layers[0]) == top_k
+                               and p not in prefills]
         table = torch.zeros(len(trace.passes), num_layers, top_k, dtype=torch.int64)  # [P, L, k]
         one_token = torch.zeros(len(trace.passes), dtype=torch.bool)
-        prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is not a decode step
-        for p, layers in enumerate(trace.passes):
-            if len(layers[0]) == top_k and p not in prefills:  # one token: a decode step
-                table[p] = torch.tensor(layers)
-                one_token[p] = True
+        for p in self._decode_passes:
+            table[p] = torch.tensor(trace.passes[p])
+            one_token[p] = True
         self.table, self.one_token = table.to(device), one_token.to(device)
         self.candidates: torch.Tensor | None = None  # [P, L, D, C], when speculation is replayed too
         self.tensors = [self.counter, self.wrong, self.table, self.one_token]  # fixed addresses, for compiled steps
 
     def replay_candidates(self, depth: int, k: int) -> None:
-        """Keep the trace's first ``k`` candidates for the next ``depth`` layers of every one-token pass on the
-        device, for compiled steps (``step_candidates``); uncompiled layers take ``predicted``."""
+        """Keep the trace's first ``k`` candidates for the next ``depth`` layers of every decode pass on the
+        device (``step_candidates``, for compiled and uncompiled steps alike); prefills get none (-1)."""
         table = torch.full((len(self.trace.passes), self.trace.num_layers, depth, k), -1, dtype=torch.int64)
-        for p in range(len(self.trace.passes)):
-            if self.one_token_pass(p):
-                for layer in range(self.trace.num_layers):
-                    table[p, layer] = torch.tensor(self.trace.candidates(p, layer, depth, k))
+        for p in self._decode_passes:
+            for layer in range(self.trace.num_layers):
+                table[p, layer] = torch.tensor(self.trace.candidates(p, layer, depth, k))
         self.candidates = table.to(self.table.device)
         self.tensors.append(self.candidates)
-
-    def one_token_pass(self, p: int) -> bool:
-        """Whether pass ``p`` is a decode step (one token, not a prompt's prefill)."""
-        return bool(self.one_token[p])
 
     def step_candidates(self, layer: int) -> torch.Tensor:
         """[D, C] the trace's candidates at ``layer`` of the current pass, on the device (no sync)."""

@@ -265,4 +265,4 @@ def _mark_static(tensors: list[torch.Tensor]) -> None:
 
 
 def _no_prefetch(requests) -> None:
-    assert not requests, "the graph engine does not prefetch yet"
+    assert not requests, "the graph engine prefetches from its device steps, never through the main loop's chunks"

@@ -22,8 +22,11 @@ engines they do not cancel out (the two prefills run different numbers of chunks
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -89,6 +92,7 @@ def decode_mode(model, compiled: bool) -> None:
 def fresh_compile(model) -> None:
     """Forget every compiled graph: a new offload must not count against dynamo's recompile limit."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_cache", None)
 
@@ -128,7 +132,39 @@ def profile_steps(model, ids, out: Path, name: str) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9, do_sample=False)
         sync()
     prof.export_chrome_trace(str(out / f"trace-{slug}.json"))
+    with open(out / f"trace-{slug}.json", "rb") as raw, gzip.open(out / f"trace-{slug}.json.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)  # the raw trace is tens of MB
+    (out / f"trace-{slug}.json").unlink()
     (out / f"kernels-{slug}.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+def compile_counters() -> dict:
+    """What torch.compile did since the last ``fresh_compile``: graphs traced, graph breaks, and the reasons
+    it ran a graph without CUDA graphs (a step that is not one graph launch shows up here)."""
+    counters = torch._dynamo.utils.counters
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "graph_break_reasons": sorted(counters["graph_break"])[:5]}
+
+
+def guarded(rows: list, name: str, run) -> None:
+    """One row; a failure is recorded as the row's error and the next row runs (one broken configuration
+    must not cost the device time of the others)."""
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - reported in the table and the JSON, never hidden
+        traceback.print_exc()
+        rows.append({"name": name, "error": f"{type(error).__name__}: {error}"[:500]})
+        print(json.dumps(rows[-1]), flush=True)
+        handle = getattr(_MODEL, "specmd", None)
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+
+
+_MODEL = None  # the model under test, for ``guarded`` to close its handle after a failure
 
 
 def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool,
@@ -144,7 +180,7 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
            "gb_per_token": decode_bytes / NEW_TOKENS / 1e9,
            "link_floor_ms": decode_bytes / NEW_TOKENS / (rate * 1e9) * 1e3,
            "captured_layer_graphs": getattr(model.specmd.engine, "captured_graphs", None),
-           **host_calls_per_step(model, ids), "stats": stats.to_dict()}
+           **host_calls_per_step(model, ids), **compile_counters(), "stats": stats.to_dict()}
     if profiled and DEVICE.type == "cuda":
         profile_steps(model, ids, out, f"{name} prompt {ids.shape[1]}")
     rows.append(row)
@@ -184,6 +220,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     candidates are prefetched (its learned predictor, not the random routers)."""
     policy, depth = prefetch
     options = dict(engine="graph", prefetch=policy, lookahead=depth, progress=False)
+    label = _label(policy, depth)
     fresh_compile(model)
     specmd.offload(model, budget, "lru", DEVICE.type, **options)
     decode_mode(model, compiled)
@@ -198,8 +235,8 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     model.specmd.close()
     decode_steps = sum(decode for _, decode in trace.prompts)
     mode = "compiled" if compiled else "per-layer graphs"
-    if policy != "none":
-        mode += f", {policy} d{depth} from the trace"
+    if label:
+        mode += f", {label} from the trace"
     return {"name": f"graph lru @ {budget} ({mode}, replayed trace)", "prompt": trace.prompts[0][0],
             "compiled": compiled, "ttft_ms": prefills / len(trace.prompts) * 1e3,
             "tpot_ms": (whole - prefills) / decode_steps * 1e3, "same": None, "hit_rate": stats.hit_rate,
@@ -207,9 +244,20 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
             "stats": stats.to_dict()}
 
 
-def _prefetch(text: str) -> tuple[str, int]:
-    policy, _, depth = text.partition(":")
-    return policy, int(depth or 1)
+def _prefetch(text: str) -> tuple[str | dict, int]:
+    """POLICY[:LOOKAHEAD[:PROGRAMS]] -> (offload's prefetch, lookahead); PROGRAMS: the prefetch gathers'
+    programs (PrefetchConfig.gather_programs; 0: the full grid)."""
+    policy, _, rest = text.partition(":")
+    depth, _, programs = rest.partition(":")
+    spec = {"policy": policy, "gather_programs": int(programs)} if programs else policy
+    return spec, int(depth or 1)
+
+
+def _label(spec: str | dict, depth: int) -> str:
+    """'' without prefetch, else e.g. 'topk d1' or 'topk d1 p33'."""
+    if isinstance(spec, dict):
+        return f"{spec['policy']} d{depth} p{spec['gather_programs']}"
+    return "" if spec == "none" else f"{spec} d{depth}"
 
 
 def main() -> None:
@@ -226,6 +274,12 @@ def main() -> None:
                         help="the graph engine's decode: per-layer CUDA graphs (uncompiled), the compiled step")
     parser.add_argument("--graph-prefetch", nargs="+", type=_prefetch, default=[("none", 1)],
                         help="the graph engine's prefetch rows, POLICY[:LOOKAHEAD] each (e.g. none topk:1 topk:2)")
+    parser.add_argument("--threaded-prefetch", nargs="+", type=_prefetch, default=[("none", 1)],
+                        help="the threaded engine's prefetch rows, POLICY[:LOOKAHEAD] each")
+    parser.add_argument("--profile-budgets", nargs="+", default=None,
+                        help="write a profiler trace and kernel table of the compiled graph rows at these budgets")
+    parser.add_argument("--trace-only", action="store_true",
+                        help="only the replayed-trace rows (no full-GPU rows, no rows under the random routers)")
     parser.add_argument("--profile", action="store_true",
                         help="write a profiler trace and kernel table of each compiled graph row (DIR/trace-*.json)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -250,7 +304,7 @@ def main() -> None:
                                          generator=torch.Generator().manual_seed(0)).to(device)
                    for prompt in args.prompts}
         fulls = {}  # every prompt's full-GPU rows first: once offloaded (and closed), the model runs only offloaded
-        for prompt, ids in prompts.items():
+        for prompt, ids in ({} if args.trace_only else prompts).items():
             full = fulls[prompt] = {}
             for compiled in (False, True):
                 fresh_compile(model)
@@ -263,34 +317,52 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         model.generation_config.cache_implementation = None
-        for prompt, ids in prompts.items():
+        global _MODEL
+        _MODEL = model
+        for prompt, ids in ({} if args.trace_only else prompts).items():
             full = fulls[prompt]
             for budget in args.budgets:
                 if args.threaded is not None and (not args.threaded or budget in args.threaded):
-                    specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", progress=False)
-                    run_row(model, ids, f"threaded lru @ {budget}", full, rate, out, rows, compiled=False)
-                    model.specmd.close()
+                    for policy, depth in args.threaded_prefetch:
+                        label = _label(policy, depth)
+                        name = f"threaded lru @ {budget}" + (f" ({label})" if label else "")
+
+                        def threaded_row(budget=budget, policy=policy, depth=depth, name=name, ids=ids, full=full):
+                            fresh_compile(model)
+                            specmd.offload(model, budget, "lru", DEVICE.type, engine="threaded", prefetch=policy,
+                                           lookahead=depth, progress=False)
+                            run_row(model, ids, name, full, rate, out, rows, compiled=False)
+                            model.specmd.close()
+                        guarded(rows, name, threaded_row)
                 for compiled, (policy, depth) in [(mode == "compiled", p) for mode in args.modes
                                                   for p in args.graph_prefetch]:
-                    fresh_compile(model)
-                    specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", prefetch=policy,
-                                   lookahead=depth, progress=False)
                     mode = "compiled" if compiled else "per-layer graphs"
-                    if policy != "none":
-                        mode += f", {policy} d{depth}"
-                    run_row(model, ids, f"graph lru @ {budget} ({mode})", full, rate, out, rows, compiled,
-                            profiled=args.profile and compiled)
-                    model.specmd.close()
+                    if _label(policy, depth):
+                        mode += f", {_label(policy, depth)}"
+                    name = f"graph lru @ {budget} ({mode})"
+
+                    def graph_row(budget=budget, policy=policy, depth=depth, name=name, compiled=compiled, ids=ids,
+                                  full=full):
+                        fresh_compile(model)
+                        specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", prefetch=policy,
+                                       lookahead=depth, progress=False)
+                        profiled = compiled and (args.profile or budget in (args.profile_budgets or ()))
+                        run_row(model, ids, name, full, rate, out, rows, compiled, profiled=profiled)
+                        model.specmd.close()
+                    guarded(rows, name, graph_row)
         if args.trace:
             from specmd.study.trace import load_trace
 
             trace = load_trace(args.trace)
             for budget in args.trace_budgets or args.budgets:
                 for compiled, prefetch in [(mode == "compiled", p) for mode in args.modes for p in args.graph_prefetch]:
-                    row = replayed_row(model, trace, budget, compiled, rate, prefetch)
-                    rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
-    del model
+                    def trace_row(budget=budget, compiled=compiled, prefetch=prefetch):
+                        row = replayed_row(model, trace, budget, compiled, rate, prefetch)
+                        rows.append(row)
+                        print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
+                        (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
+                    guarded(rows, f"graph lru @ {budget} (replayed trace, {prefetch})", trace_row)
+    model = _MODEL = None  # the families' models need the memory
     fresh_compile_families = {}
     if args.families in ("eager", "both"):
         fresh_compile_families["eager"] = families(compiled=False)
@@ -305,6 +377,9 @@ def main() -> None:
     print(f"{'configuration':<50}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'x full':>7}{'floor ms':>9}{'hit %':>7}"
           f"{'syncs':>6}{'DtoH':>5}{'graphs':>7}  same")
     for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<50} FAILED: {r['error'][:120]}")
+            continue
         floor = f"{r['link_floor_ms']:.2f}" if "link_floor_ms" in r else "-"
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
         ratio = f"{r['vs_full']:.2f}" if "vs_full" in r else "-"

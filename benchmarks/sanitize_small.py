@@ -6,6 +6,7 @@ Exits non-zero if the tokens differ from the unpatched model's."""
 import sys
 
 import torch
+import torch._inductor.config
 
 import specmd
 from specmd.runtime.adapters import find_moe_layers
@@ -13,6 +14,8 @@ from specmd.tiny import tiny_model
 
 if not torch.cuda.is_available():
     raise SystemExit("sanitize_small.py needs a CUDA GPU")
+# where a CUDA-graph pool allocation came from, should cudagraph trees find one alive that is not an output
+torch._inductor.config.triton.cudagraph_trees_history_recording = True
 model = tiny_model("olmoe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3).cuda()
 ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
 # batch 2 (the predictor's mean over tokens) and batch 1 (its one-token top-k shortcut)

@@ -168,7 +168,7 @@ def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfi
     layout: ExpertLayout = layers[0].layout
     pool = SlotPool(layout, num_slots, device)
     cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device,
-                        MissGather(store, pool, device))
+                        MissGather(store, pool, device, config.prefetch.gather_programs))
     return GraphEngine(layers, cache, pool, kernels, budget_bytes, predictor)
 
 

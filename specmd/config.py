@@ -122,7 +122,7 @@ class Budget:
                 "experts": f"{int(self.value)} experts", "auto": "auto"}[self.kind]
 
 
-_PREFETCH_KEYS = {"policy", "lookahead", "k", "p", "cap", "tau", "inline", "max_inflight"}
+_PREFETCH_KEYS = {"policy", "lookahead", "k", "p", "cap", "tau", "inline", "max_inflight", "gather_programs"}
 
 
 def _prefetch_config(spec, where: str) -> PrefetchConfig:
@@ -160,6 +160,9 @@ class OffloadConfig:
         if self.engine == "graph" and (self.prefetch.inline or self.prefetch.max_inflight is not None):
             raise ValueError("prefetch inline / max_inflight bound the threaded engine's watchdog; engine='graph' "
                              "has none (its prefetches are queued on the device): leave them unset with it")
+        if self.engine == "threaded" and self.prefetch.gather_programs is not None:
+            raise ValueError("prefetch gather_programs sizes the graph engine's prefetch gather kernel; the threaded "
+                             "engine copies with the copy engine: leave it unset, or pass engine='graph'")
         if self.engine == "graph" and self.eviction not in DEVICE_POLICIES:
             raise ValueError(f"engine='graph' decides evictions on the device, where {self.eviction!r} has no "
                              f"counterpart; choose one of: {', '.join(sorted(DEVICE_POLICIES))}")

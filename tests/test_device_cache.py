@@ -221,7 +221,7 @@ def test_the_cache_step_op_equals_the_torch_step(eviction, device):
             dims = [L, E, S, got.policy.kernel_id]
             slots = cache_step(ids, layer, layer == 0, got.kernel_state(), got.found, stores[layer], pool, None, dims,
                                predicted, targets, got.kernel_state(prefetch=True), got.found_prefetch,
-                               [stores[t] for t in targets], dev.type == "cuda")
+                               [stores[t] for t in targets], dev.type == "cuda", 2)  # prefetches: 2 programs
             if dev.type == "cuda":  # the checks read the state on this stream: join the prefetch calls first
                 _SideStream.of(dev).join()
             assert torch.equal(slots[ids], want.table[layer, ids]), (step, layer)
@@ -234,3 +234,26 @@ def test_the_cache_step_op_equals_the_torch_step(eviction, device):
                 if key >= 0:
                     assert torch.equal(pool[slot], stores[key // E][key % E]), (slot, key)
     assert int(got.counters[COUNTERS.index("prefetches")].sum()) > 0
+
+
+@pytest.mark.parametrize("programs", [0, 1, 3])
+def test_the_bounded_gather_copies_what_the_full_grid_copies(programs, device):
+    """The miss gather on ``programs`` programs, each looping over pieces of the experts' blocks (what a
+    prefetch runs on, beside the layer's compute), writes exactly the full grid's copies: the first ``count``
+    experts into their slots, pieces past a block's end and entries past ``count`` untouched."""
+    reason = _kernel_runs(device)
+    if reason:
+        pytest.skip(reason)
+    from specmd.runtime.kernels import kernel
+
+    gather = kernel("miss_gather")
+    words = 2 * gather.WORDS_PER_PROGRAM + 5  # three pieces, the last one short
+    dev = torch.device(device)
+    store = torch.arange(6 * words, dtype=torch.int32, device=dev).view(6, words)
+    pool = torch.full((4, words), -1, dtype=torch.int32, device=dev)
+    experts = torch.tensor([5, 0, 3, 2], device=dev)
+    slots = torch.tensor([2, 0, 3, 1], device=dev)
+    gather.gather_misses(store, pool, experts, slots, torch.tensor([3], device=dev), programs)
+    want = torch.full_like(pool, -1)
+    want[[2, 0, 3]] = store[[5, 0, 3]]
+    assert torch.equal(pool, want)

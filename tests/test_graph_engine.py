@@ -45,6 +45,11 @@ def test_what_the_graph_engine_does_not_do_is_refused(device):
     with pytest.raises(ValueError, match="leave them unset"):
         specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph",
                        prefetch={"policy": "topk", "inline": True})
+    with pytest.raises(ValueError, match="pass engine='graph'"):  # the graph engine's knob, on the other engine
+        specmd.offload(tiny_model("olmoe"), "50%", device=device, prefetch={"policy": "topk", "gather_programs": 8})
+    with pytest.raises(ValueError, match="gather_programs=-1"):
+        specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph",
+                       prefetch={"policy": "topk", "gather_programs": -1})
     with pytest.raises(ValueError, match="least-stale"):
         specmd.offload(tiny_model("olmoe"), "50%", "random", device, engine="graph")
     with pytest.raises(ValueError, match="threaded, graph"):

@@ -75,7 +75,8 @@ def _(store, pool, experts, slots, count, then, after):
 def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Tensor], found: list[torch.Tensor],
                store: torch.Tensor, pool: torch.Tensor, after: torch.Tensor | None, dims: list[int],
                predicted: torch.Tensor | None, targets: list[int], prefetch_state: list[torch.Tensor],
-               prefetch_found: list[torch.Tensor], prefetch_stores: list[torch.Tensor], fork: bool) -> torch.Tensor:
+               prefetch_found: list[torch.Tensor], prefetch_stores: list[torch.Tensor], fork: bool,
+               prefetch_programs: int) -> torch.Tensor:
     """A whole cache call of ``layer`` on CUDA, no sync: ``kernels/cache_access.py`` decides hits, misses and
     victims for the routed ``ids`` and updates the cache's ``state`` (``DeviceCache.kernel_state``; ``found``:
     where it leaves the misses), then ``kernels/miss_gather.py`` copies the misses from ``store`` into
@@ -86,6 +87,7 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
     (``DeviceCache.access``'s ``protect``) and its gather from ``prefetch_stores[j]``. With ``fork`` they run
     on a side stream that starts after this layer's copies and that the next call waits for (``_SideStream``):
     they overlap this layer's compute, and a CUDA graph captured around the calls keeps both (fork and join).
+    Their gathers run on ``prefetch_programs`` programs (0: the full grid), leaving SMs to that compute.
 
     Declared as mutating nothing, like ``gather_misses`` and for the same reasons: the state and the pool
     are only ever read and written by these ops, the pool read through the returned slots (so after the
@@ -115,13 +117,13 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
                                           num_slots, policy, protect=(layer, state[-1]))
             width = min(p_experts.shape[0], held.shape[1])
             kernel("miss_gather").gather_misses(prefetch_stores[j], pool.view(torch.int32), p_experts[:width],
-                                                p_victims[:width], p_count)
+                                                p_victims[:width], p_count, prefetch_programs)
     return slots
 
 
 @cache_step.register_fake
 def _(ids, layer, begin, state, found, store, pool, after, dims, predicted, targets, prefetch_state, prefetch_found,
-      prefetch_stores, fork):
+      prefetch_stores, fork, prefetch_programs):
     return ids.new_empty(dims[1])
 
 
@@ -171,7 +173,8 @@ class MissGather:
     """``gather(layer, misses, after)``: copy ``misses`` of ``layer`` into the pool, ordered after ``after``, on
     the current stream; returns ``misses.layer_slots`` after the copies (``gather_misses``)."""
 
-    def __init__(self, store: HostStore, pool: SlotPool, device: torch.device) -> None:
+    def __init__(self, store: HostStore, pool: SlotPool, device: torch.device,
+                 prefetch_programs: int | None = None) -> None:
         if device.type == "cuda" and not store.pin:
             raise RuntimeError("engine='graph' reads the host store from the GPU, so it must be pinned (CUDA was "
                                "unavailable at load, or pinning failed: see its warning); use engine='threaded'")
@@ -182,6 +185,10 @@ class MissGather:
         self.tensors = self._sources if device.type == "cuda" else []
         if device.type == "cuda":
             _SideStream.of(device)  # made now, not inside a step that a CUDA graph may be capturing
+        if prefetch_programs is None:  # a quarter of the SMs copy; the layer's compute keeps the rest
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            prefetch_programs = max(1, sms // 4)
+        self.prefetch_programs = prefetch_programs
 
     def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None = None) -> torch.Tensor:
         return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,
@@ -199,7 +206,7 @@ class MissGather:
         dims = [cache.num_layers, cache.num_experts, cache.num_slots, cache.policy.kernel_id]
         return cache_step(ids, layer, begin, cache.kernel_state(), cache.found, self._sources[layer],
                           self._pool.data, after, dims, predicted, list(targets), cache.kernel_state(prefetch=True),
-                          cache.found_prefetch, [self._sources[t] for t in targets], fork)
+                          cache.found_prefetch, [self._sources[t] for t in targets], fork, self.prefetch_programs)
 
     def join(self) -> None:
         """The current stream waits for prefetches still running on the side stream (CUDA)."""

@@ -49,7 +49,9 @@ class PrefetchConfig:
     the watchdog thread: deterministic, for experiments and for checking the simulator.
     ``max_inflight``: prefetch copies queued on the device at once (None = the model's top-k); the
     watchdog waits for one to finish before issuing more, so a demand copy never queues behind a
-    long run of speculative ones and predictions for layers that already ran are dropped unsent."""
+    long run of speculative ones and predictions for layers that already ran are dropped unsent.
+    ``gather_programs`` (graph engine, CUDA): the programs a prefetch gather runs on, so the layer's compute
+    beside it keeps the other SMs (None = a quarter of the device's SMs; 0 = the demand gather's full grid)."""
 
     policy: str = "none"
     lookahead: int = 1
@@ -59,6 +61,7 @@ class PrefetchConfig:
     tau: float = 0.05
     inline: bool = False
     max_inflight: int | None = None
+    gather_programs: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in PREFETCH_POLICIES:
@@ -70,6 +73,9 @@ class PrefetchConfig:
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"prefetch max_inflight={self.max_inflight}: must be at least 1 (or None for the "
                              "model's top-k)")
+        if self.gather_programs is not None and self.gather_programs < 0:
+            raise ValueError(f"prefetch gather_programs={self.gather_programs}: must be at least 0 (0: the full "
+                             "grid; None: a quarter of the device's SMs)")
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"prefetch p={self.p}: must be in (0, 1]")
         if not 0.0 < self.tau < 1.0:

@@ -3,6 +3,7 @@ watchdog thread, in-flight bounds, link emulation's sleeps; the graph engine's d
 gather), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py`.
 Exits non-zero if the tokens differ from the unpatched model's."""
+import os
 import sys
 
 import torch
@@ -14,8 +15,15 @@ from specmd.tiny import tiny_model
 
 if not torch.cuda.is_available():
     raise SystemExit("sanitize_small.py needs a CUDA GPU")
-# where a CUDA-graph pool allocation came from, should cudagraph trees find one alive that is not an output
-torch._inductor.config.triton.cudagraph_trees_history_recording = True
+# Under compute-sanitizer (memcheck and racecheck alike, on the H200 2026-11-30) cudagraph trees' own check
+# of its memory pool finds Inductor's buffers of the compiled prefetch step alive and stops the run; the same
+# script without the tool passes. The check is a debugging assert of cudagraph trees, not a correctness
+# condition of the step, so it is off here, where the sanitizer is the check (`SPECMD_POOL_CHECK=1` keeps it,
+# with the allocations' origins recorded).
+if os.environ.get("SPECMD_POOL_CHECK") == "1":
+    torch._inductor.config.triton.cudagraph_trees_history_recording = True
+else:
+    torch._inductor.config.triton.slow_path_cudagraph_asserts = False
 model = tiny_model("olmoe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3).cuda()
 ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
 # batch 2 (the predictor's mean over tokens) and batch 1 (its one-token top-k shortcut)

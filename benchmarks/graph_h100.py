@@ -25,7 +25,6 @@ import argparse
 import gzip
 import json
 import shutil
-import time
 import traceback
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import specmd
 from specmd.bench.models import build_model
-from specmd.bench.timing import copy_gbps, measure
+from specmd.bench.timing import copy_gbps, measure, replay_seconds
 from specmd.runtime.adapters import find_moe_layers
 from specmd.study.costmodel import ModelSpec
 from specmd.tiny import TINY_CONFIGS, tiny_model
@@ -188,34 +187,9 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
     (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
 
 
-def prefills_only(trace):
-    """The trace's prefill passes alone, as prompts with no decode step (generate(max_new_tokens=1))."""
-    from specmd.study.trace import RoutingTrace
-
-    prefills = [trace.passes[i] for i in trace.prefill_passes]
-    return RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, prefills,
-                        trace.source + " (prefills)", tuple((tokens, 0) for tokens, _ in trace.prompts))
-
-
-def replay_seconds(model, trace) -> float:
-    """Seconds to generate the trace's prompts under its routing (each prompt: decode + 1 new tokens)."""
-    model.specmd.replay_routing(trace)
-    gen = torch.Generator().manual_seed(0)
-    sync()
-    start = time.perf_counter()
-    for tokens, decode in trace.prompts:
-        ids = torch.randint(3, min(50000, model.config.vocab_size), (1, tokens), generator=gen).to(DEVICE)
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode + 1,
-                       min_new_tokens=decode + 1, do_sample=False)
-    sync()
-    assert model.specmd.engine.replay.passes_done == len(trace.passes)
-    model.specmd.replay_routing(None)
-    return time.perf_counter() - start
-
-
 def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetch: tuple[str, int]) -> dict:
     """The graph engine on the trace's learned routing (random weights, so tokens are not checked). TPOT:
-    (time of the whole replay - time of its prefills alone, each from a cold cache) / decode steps; TTFT: the
+    (time of the whole replay, after a warm-up replay, - time of its prefills alone, from a cold cache) / decode steps; TTFT: the
     prefills' mean. Warmed up (and compiled) by a first whole replay. With prefetch, the trace's recorded
     candidates are prefetched (its learned predictor, not the random routers)."""
     policy, depth = prefetch
@@ -224,14 +198,17 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     fresh_compile(model)
     specmd.offload(model, budget, "lru", DEVICE.type, **options)
     decode_mode(model, compiled)
-    replay_seconds(model, trace)  # warm-up: compiles, records the graphs
+    model.specmd.replay_routing(trace)
+    replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE)  # warm-up: compiles, records the graphs
+    model.specmd.replay_routing(trace)
     model.specmd.reset_stats()
-    whole = replay_seconds(model, trace)
+    whole = replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE)
     stats = model.specmd.stats()
     model.specmd.close()
     specmd.offload(model, budget, "lru", DEVICE.type, **options)  # cold again, as the whole run
     decode_mode(model, compiled)
-    prefills = replay_seconds(model, prefills_only(trace))
+    model.specmd.replay_routing(trace.prefills())
+    prefills = replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE, prefill_only=True)
     model.specmd.close()
     decode_steps = sum(decode for _, decode in trace.prompts)
     mode = "compiled" if compiled else "per-layer graphs"

@@ -14,6 +14,11 @@ def test_default_matrix_is_valid():
     assert config.models == ("olmoe-1b-7b-0924",) and config.budgets == ("5%", "10%", "20%")
     assert config.num_runs == 1 * 3 * 2 * 2 * 1 * 2
     assert BenchConfig.load("configs/bench/prefetch.yaml").num_runs == 2 * 2 * 8
+    # the specmd rows replay learned routing; every large model its own topology's trace
+    assert config.trace_path("olmoe-1b-7b-0924") == "benchmarks/traces/trace-olmoe16x64-stdlib.json"
+    large = BenchConfig.load("configs/bench/large-models.yaml")
+    assert all(large.trace_path(model) for model in large.models)
+    assert BenchConfig.load("configs/bench/smoke.yaml").trace_path("olmoe-1b-7b-0924") is None
 
 
 @pytest.mark.parametrize("text, match", [
@@ -115,3 +120,69 @@ def test_runner_builds_into_the_host_store_when_told(tmp_path):
     assert results["placement"] == {spec.stem: "host"}
     assert results["reference"] == {spec.stem: "the first specmd configuration"}
     assert len(results["skipped"]) == 3 and all("does not fit the device whole" in s for s in results["skipped"])
+
+
+def _recorded_trace(spec_path, path):
+    """A trace of the bench's tiny model's own routing (its predictor's candidates 2 layers ahead), two
+    prompts, saved where a bench config can name it."""
+    from specmd.bench.models import build_model
+    from specmd.study.costmodel import ModelSpec
+
+    model, _ = build_model(ModelSpec.load(spec_path), torch.device("cpu"))
+    import specmd
+
+    specmd.offload(model, "100%", "lru", "cpu")
+    recorder = model.specmd.record_routing(lookahead=2)
+    for length, decode in ((6, 4), (4, 3)):
+        ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length))
+        model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
+    model.specmd.close()
+    recorder.save(path)
+    return path
+
+
+def test_runner_replays_a_trace_where_the_config_says_so(tmp_path):
+    """routing: {model: replay PATH}: every specmd row runs on the trace's routing (its prompts, the counts of
+    the whole replay) and says so; its tokens are still checked under the model's own routers against the
+    full-GPU reference; a preset the trace cannot serve (top-p, whose candidates the trace ranks without
+    scores) is skipped with the reason; the full-GPU rows say they ran on the model's routers."""
+    from specmd.bench.report import bench_markdown
+    from specmd.bench.runner import run
+
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    trace = _recorded_trace(spec, tmp_path / "tiny-trace.json.gz")
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
+                    "presets: [lru-noprefetch, least-stale-topk, lru-top-p]\nbaselines: [full-gpu-grouped-mm]\n"
+                    f"routing: {{{spec}: replay {trace}}}\n")
+    results = run(BenchConfig.load(path), torch.device("cpu"), progress=False, log=lambda _: None)
+    rows = results["rows"]
+    assert [(r["name"], r["routing"]) for r in rows] == [
+        ("full-gpu-grouped-mm", "random"), ("lru-noprefetch", "replay tiny-trace.json.gz"),
+        ("least-stale-topk", "replay tiny-trace.json.gz")]
+    assert all(r["identical_tokens"] for r in rows)
+    replayed = rows[1]
+    assert (replayed["prompt"], replayed["batch"], replayed["new_tokens"]) == (5, 1, 4)  # the trace's means
+    passes = 2 + 4 + 3  # both prompts' prefills and decode steps: the whole replay's counts
+    assert replayed["stats"]["forward_passes"] == passes
+    assert rows[2]["stats"]["total"]["prefetches"] > 0  # the trace's candidates
+    assert len(results["skipped"]) == 1 and "lru-top-p" in results["skipped"][0] and "top-p" in results["skipped"][0]
+    assert results["routing"] == {spec.stem: "replay tiny-trace.json.gz"}
+    table = bench_markdown(results)
+    assert "replay tiny-trace.json.gz" in table and "| random |" in table
+
+
+@pytest.mark.parametrize("routing,match", [
+    ("fast", "'random' or a mapping"),
+    ("{elsewhere: random}", "not one of the models"),
+    ("{MODEL: replay}", "write 'random' or 'replay PATH'"),
+    ("{MODEL: replay /nowhere/trace.json}", "cannot read the trace"),
+])
+def test_bad_routing_names_the_fix(tmp_path, routing, match):
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nrouting: {routing.replace('MODEL', str(spec))}\n")
+    with pytest.raises(ValueError, match=match):
+        BenchConfig.load(path)

@@ -13,6 +13,8 @@ from ..config import Budget, preset_path
 from ..study.costmodel import LinkProfile, ModelSpec
 
 BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
+RANDOM_ROUTING = "random"  # the model's own routers (random weights: degenerate routing, labelled so)
+REPLAY = "replay"  # "replay PATH": the routers' choices replaced by a learned trace's (``replay_routing``)
 NATIVE_LINK = "native"  # the machine's own link, measured before each run
 PLACES = ("device", "host")  # where a model is built: whole on the GPU, or experts in the host store
 
@@ -38,6 +40,9 @@ class BenchConfig:
     baselines: tuple[str, ...] = BASELINES
     # None: on the device when the whole model fits there, else into the host store (models.build_model)
     place: str | None = None
+    # "random", or per model (its entry in ``models``): "random" or "replay PATH" (a learned trace of the
+    # model's topology); models left out of the mapping run on their own routers
+    routing: str | dict = RANDOM_ROUTING
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchConfig":
@@ -60,6 +65,9 @@ class BenchConfig:
                 if value not in PLACES:
                     raise ValueError(f"{path}: 'place' must be one of {', '.join(PLACES)} (or left out), "
                                      f"not {value!r}")
+                values[f.name] = value
+                continue
+            if f.name == "routing":
                 values[f.name] = value
                 continue
             if f.name in ("new_tokens", "repeats"):
@@ -91,6 +99,39 @@ class BenchConfig:
         for key in ("prompts", "batch"):
             if bad := [v for v in getattr(self, key) if not isinstance(v, int) or isinstance(v, bool) or v < 1]:
                 raise ValueError(f"{where}: {key!r}: {bad[0]!r} is not a positive integer")
+        self._check_routing(where)
+
+    def _check_routing(self, where: str) -> None:
+        routing = self.routing
+        if routing == RANDOM_ROUTING:
+            return
+        if not isinstance(routing, dict):
+            raise ValueError(f"{where}: 'routing' must be '{RANDOM_ROUTING}' or a mapping of models to "
+                             f"'{RANDOM_ROUTING}' or '{REPLAY} PATH', not {routing!r}")
+        from ..study.trace import load_trace
+
+        for model, spec in routing.items():
+            if model not in self.models:
+                raise ValueError(f"{where}: routing: {model!r} is not one of the models ({', '.join(self.models)})")
+            kind, _, path = str(spec).partition(" ")
+            if kind == RANDOM_ROUTING and not path:
+                continue
+            if kind != REPLAY or not path.strip():
+                raise ValueError(f"{where}: routing of {model}: {spec!r}; write '{RANDOM_ROUTING}' or "
+                                 f"'{REPLAY} PATH' (a trace file, e.g. {REPLAY} benchmarks/traces/...json)")
+            try:
+                load_trace(path.strip())
+            except OSError as err:
+                raise ValueError(f"{where}: routing of {model}: cannot read the trace {path.strip()!r} ({err}); "
+                                 "paths are relative to the directory specmd bench runs in") from None
+            except ValueError as err:
+                raise ValueError(f"{where}: routing of {model}: {err}") from None
+
+    def trace_path(self, model: str) -> str | None:
+        """The trace ``model``'s runs replay (None: its own routers)."""
+        spec = self.routing.get(model, RANDOM_ROUTING) if isinstance(self.routing, dict) else self.routing
+        kind, _, path = str(spec).partition(" ")
+        return path.strip() if kind == REPLAY else None
 
     @property
     def num_runs(self) -> int:

@@ -93,9 +93,16 @@ def bench_markdown(results: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in results["rows"]):
         native = results.get("native_gbps", {}).get(model)
         lines.append(f"### {model}" + (f" (native copy rate {native:.1f} GB/s)" if native else "") + "\n")
-        lines.append("| configuration | link (GB/s measured) | prompt x batch | new | TTFT ms | TPOT ms | tok/s "
-                     "| hit % | stall ms | GB copied | copy GB/s | peak VRAM GiB | same tokens |")
-        lines.append("|---" * 13 + "|")
+        routing = results.get("routing", {}).get(model)
+        if routing and routing != "random":
+            lines.append(f"specmd rows replay the learned routing of {routing.split(' ', 1)[1]} (its prompts; TTFT: "
+                         "the prefills' mean, TPOT: the decode steps' mean); tokens are checked under the model's "
+                         "own routers (random weights), against the full-GPU reference.\n")
+        else:
+            lines.append("Routing: the model's own routers, random weights: degenerate (see the README).\n")
+        lines.append("| configuration | routing | link (GB/s measured) | prompt x batch | new | TTFT ms | TPOT ms "
+                     "| tok/s | hit % | stall ms | GB copied | copy GB/s | peak VRAM GiB | same tokens |")
+        lines.append("|---" * 14 + "|")
         for r in (r for r in results["rows"] if r["model"] == model):
             link = f"{r['link']} ({r['link_gbps_measured']:.1f})" if r.get("link_gbps_measured") else r.get("link", "-")
             hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
@@ -103,7 +110,8 @@ def bench_markdown(results: dict) -> str:
             copied = f"{r['bytes_copied'] / 1e9:.1f}" if "bytes_copied" in r else "-"
             rate = f"{r['copy_gbps_achieved']:.1f}" if r.get("copy_gbps_achieved") else "-"
             same = same_tokens_text(r)
-            lines.append(f"| {bench_label(r)} | {link} | {r['prompt']} x {r['batch']} | {r['new_tokens']} "
+            lines.append(f"| {bench_label(r)} | {r.get('routing', 'random')} | {link} | {r['prompt']} x {r['batch']} "
+                         f"| {r['new_tokens']} "
                          f"| {r['ttft_ms']:.1f} | {r['tpot_ms']:.1f} | {r['tokens_per_s']:.1f} | {hit} | {stall} "
                          f"| {copied} | {rate} | {r['peak_vram_bytes'] / 2**30:.2f} | {same} |")
         lines.append("")
@@ -216,13 +224,13 @@ def write_results(results: dict, out_dir: Path, stem: str, plots: bool = True) -
 
 def summary_table(results: dict) -> str:
     """A short fixed-width table of every row, printed last."""
-    lines = [f"{'configuration':<28}{'link':<15}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}{'hit %':>7}"
-             f"{'stall ms':>9}  same"]
+    lines = [f"{'configuration':<28}{'routing':<28}{'link':<15}{'prompt':>7}{'TTFT ms':>9}{'TPOT ms':>9}"
+             f"{'hit %':>7}{'stall ms':>9}  same"]
     for r in results["rows"]:
         name, same = bench_label(r), same_tokens_text(r)
         hit = f"{100 * r['hit_rate']:.1f}" if "hit_rate" in r else "-"
         stall = f"{r['stall_ms']:.0f}" if "stall_ms" in r else "-"
-        lines.append(f"{name:<28}{r.get('link', '-'):<15}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}"
+        lines.append(f"{name:<28}{r.get('routing', 'random'):<28}{r.get('link', '-'):<15}{r['prompt']:>7}{r['ttft_ms']:>9.1f}{r['tpot_ms']:>9.1f}"
                      f"{hit:>7}{stall:>9}  {same}")
     return "\n".join(lines)
 

@@ -19,17 +19,19 @@ results is measured and recorded next to each result.
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import torch
 
 from ..config import Budget
 from ..runtime.adapters import find_moe_layers
 from ..study.costmodel import LinkProfile, ModelSpec
+from ..study.trace import RoutingTrace, load_trace
 from .baselines import device_map_auto
-from .config import NATIVE_LINK, BenchConfig
+from .config import NATIVE_LINK, RANDOM_ROUTING, REPLAY, BenchConfig
 from .models import FIT_HEADROOM_BYTES, Skip, build_model
 from .results import Results, row, stats_fields
-from .timing import calibrate_link, copy_gbps, measure, sleep_cycles_per_second
+from .timing import Timed, calibrate_link, copy_gbps, measure, replay_seconds, sleep_cycles_per_second
 
 SPECMD_WARMUP_TOKENS = 8
 FULL_GPU = (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager"))  # (baseline, experts implementation)
@@ -45,7 +47,8 @@ class ModelBench:
     """Every run of the matrix on one model."""
 
     def __init__(self, spec: ModelSpec, model, placement: str, config: BenchConfig, device: torch.device,
-                 results: Results, cycles_per_second: float | None, progress: bool) -> None:
+                 results: Results, cycles_per_second: float | None, progress: bool,
+                 trace: RoutingTrace | None = None) -> None:
         self.name, self.model, self.config, self.device = spec.name, model, config, device
         self.results, self.cps, self.progress = results, cycles_per_second, progress
         self.cuda = device.type == "cuda"
@@ -54,6 +57,14 @@ class ModelBench:
         self.expert_bytes = layers[0].layout.expert_bytes
         self.total_expert_bytes = layers[0].layout.layer_bytes * len(layers)
         self.workloads = _prompts(config, model.config.vocab_size, device)
+        self.trace = trace  # None: the model's own routers; else every specmd run replays it (``replay_run``)
+        if trace is not None:
+            shape = (len(layers), layers[0].layout.num_experts, model.config.num_experts_per_tok)
+            if (trace.num_layers, trace.num_experts, trace.top_k) != shape:
+                raise ValueError(f"{trace.source} routes {trace.num_layers} MoE layers x {trace.num_experts} "
+                                 f"experts, top-{trace.top_k}; {spec.name} has {shape[0]} x {shape[1]}, top-{shape[2]}: "
+                                 "give its routing a trace of its own topology")
+        self.routing = f"{REPLAY} {Path(trace.source).name}" if trace is not None else RANDOM_ROUTING
         self.reference: dict = {}  # workload -> the tokens every other configuration must reproduce
         self.links = {}  # name -> target GB/s (None: the machine's own)
         for link in config.links:
@@ -72,7 +83,8 @@ class ModelBench:
                 self.reference.setdefault(workload, timed.tokens)
                 if name in self.config.baselines:
                     self.results.add(row(self.name, "baseline", name, workload, self.config.new_tokens, timed,
-                                         self.reference[workload], experts_implementation=implementation))
+                                         self.reference[workload], experts_implementation=implementation,
+                                         routing=RANDOM_ROUTING))
         self.model.set_experts_implementation("grouped_mm")
 
     def _fits(self, name: str, budget) -> bool:
@@ -111,21 +123,63 @@ class ModelBench:
         handle = self.model.specmd
         if cycles:
             handle.emulate_link(cycles)
+        link_fields = dict(budget=str(budget), link=link, link_gbps_target=target_gbps, link_gbps_measured=measured,
+                           stretch_cycles=cycles)
         try:
+            if self.trace is not None:
+                self.replay_run(name, preset, link_fields)
+                bar.update(len(self.workloads))
+                return
             for workload, ids in self.workloads.items():
                 # Kernels are warm from the baselines; a short warm-up keeps the matrix under 10 minutes.
                 timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats,
                                 before_last=handle.reset_stats, warmup_tokens=SPECMD_WARMUP_TOKENS)
                 stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
                 self.results.add(row(self.name, "specmd" if preset else "baseline", name, workload,
-                                     self.config.new_tokens, timed, self.reference.get(workload), budget=str(budget),
-                                     budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, link=link,
-                                     link_gbps_target=target_gbps, link_gbps_measured=measured,
-                                     stretch_cycles=cycles, **stats_fields(stats)))
+                                     self.config.new_tokens, timed, self.reference.get(workload),
+                                     budget_bytes=stats.budget_bytes, num_slots=handle.num_slots,
+                                     routing=RANDOM_ROUTING, **link_fields, **stats_fields(stats)))
                 self.reference.setdefault(workload, timed.tokens)  # without full-GPU runs: the first one's
                 bar.update(1)
         finally:
             handle.close()
+
+    def replay_run(self, name: str, preset: str | None, link_fields: dict) -> None:
+        """One configuration on the trace's routing: a whole replay to warm up (kernels, compiled steps), then
+        a timed one, whose counters the row gets, then its prefills alone (each prompt with one new token):
+        TTFT = the prefills' mean, TPOT = (whole - prefills) / decode steps. Then the tokens under the model's
+        own routers, on the first workload, against the reference (outputs mean nothing under replay)."""
+        handle, trace = self.model.specmd, self.trace
+        try:
+            handle.replay_routing(trace)
+        except ValueError as err:  # e.g. a top-p preset where the trace ranks its candidates without scores
+            self.results.skip(f"{self.name}: {name} at {link_fields['budget']} under {self.routing} skipped: {err}")
+            return
+        vocab = self.model.config.vocab_size
+        replay_seconds(self.model, trace.prompts, vocab, self.device)
+        handle.replay_routing(trace)
+        handle.reset_stats()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        whole = replay_seconds(self.model, trace.prompts, vocab, self.device)
+        stats = handle.stats()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+        handle.replay_routing(trace.prefills())
+        prefills = replay_seconds(self.model, trace.prompts, vocab, self.device, prefill_only=True)
+        handle.replay_routing(None)
+        workload, ids = next(iter(self.workloads.items()))
+        tokens = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.new_tokens,
+                                     min_new_tokens=self.config.new_tokens, do_sample=False)
+        decode_steps = sum(decode for _, decode in trace.prompts)
+        timed = Timed(prefills / len(trace.prompts) * 1e3, (whole - prefills) / max(1, decode_steps) * 1e3, tokens,
+                      peak)
+        prompt = round(sum(tokens for tokens, _ in trace.prompts) / len(trace.prompts))
+        self.results.add(row(self.name, "specmd" if preset else "baseline", name, (prompt, 1),
+                             decode_steps // len(trace.prompts) + 1, timed, self.reference.get(workload),
+                             budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, routing=self.routing,
+                             token_check=f"own routers, prompt {workload[0]} x {workload[1]}", **link_fields,
+                             **stats_fields(stats)))
+        self.reference.setdefault(workload, tokens)
 
     def run_all(self) -> None:
         """Baselines, the specmd matrix, on-demand, then device_map="auto" (which ends the model's use)."""
@@ -178,7 +232,9 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                 if name in config.baselines or name == "full-gpu-grouped-mm":
                     results.skip(f"{spec.name}: {name} skipped: the model does not fit the device whole (built "
                                  "into the host store); tokens are checked against the first specmd configuration")
-        bench = ModelBench(spec, model, placement, config, device, results, cps, progress)
+        trace = load_trace(config.trace_path(model_path)) if config.trace_path(model_path) else None
+        bench = ModelBench(spec, model, placement, config, device, results, cps, progress, trace)
+        results.per_model("routing", spec.name, bench.routing)
         native = copy_gbps(bench.expert_bytes, device) if bench.cuda else None
         results.per_model("native_gbps", spec.name, native)
         if bench.cuda:

@@ -38,6 +38,23 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
     return time.perf_counter() - start, out
 
 
+def replay_seconds(model, prompts, vocab_size: int, device: torch.device, prefill_only: bool = False) -> float:
+    """Seconds to generate a trace's ``prompts`` ((tokens, decode steps) each) under the routing replay the
+    caller set on ``model.specmd``: random token ids (the trace decides the routing), each prompt with its
+    decode steps + 1 new tokens (one with ``prefill_only``, whose replay must then hold the prefills alone,
+    ``RoutingTrace.prefills``), greedy; the device synchronized before and after."""
+    gen = torch.Generator().manual_seed(0)
+    _sync(device)
+    start = time.perf_counter()
+    for tokens, decode in prompts:
+        ids = torch.randint(3, min(50000, vocab_size), (1, tokens), generator=gen).to(device)
+        new = 1 if prefill_only else decode + 1
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeats: int = 2,
             before_last=None, warmup_tokens: int | None = None) -> Timed:
     """Warm-up (full length unless ``warmup_tokens``), TTFT (median of one-token generates), TPOT from

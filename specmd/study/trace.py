@@ -44,6 +44,14 @@ class RoutingTrace:
             p += 1 + decode
         return starts
 
+    def prefills(self) -> "RoutingTrace":
+        """The prompts' prefill passes alone, as prompts with no decode step: what replaying each prompt with
+        one new token reads (its predictions kept)."""
+        starts = self.prefill_passes
+        predicted = [self.predicted[i] for i in starts] if self.predicted is not None else None
+        return RoutingTrace(self.num_layers, self.num_experts, self.top_k, [self.passes[i] for i in starts],
+                            self.source + " (prefills)", tuple((tokens, 0) for tokens, _ in self.prompts), predicted)
+
     def candidates(self, p: int, layer: int, depth: int, k: int) -> list[list[int]]:
         """The first ``k`` candidates the predictor recorded at ``layer`` of pass ``p`` for each of the next
         ``depth`` layers, nearest first (a trace with predictions)."""

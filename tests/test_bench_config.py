@@ -19,6 +19,7 @@ def test_default_matrix_is_valid():
     large = BenchConfig.load("configs/bench/large-models.yaml")
     assert all(large.trace_path(model) for model in large.models)
     assert BenchConfig.load("configs/bench/smoke.yaml").trace_path("olmoe-1b-7b-0924") is None
+    assert BenchConfig.load("configs/bench/graph.yaml").num_runs == 5 * 3
 
 
 @pytest.mark.parametrize("text, match", [
@@ -154,19 +155,23 @@ def test_runner_replays_a_trace_where_the_config_says_so(tmp_path):
     trace = _recorded_trace(spec, tmp_path / "tiny-trace.json.gz")
     path = tmp_path / "bench.yaml"
     path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
-                    "presets: [lru-noprefetch, least-stale-topk, lru-top-p]\nbaselines: [full-gpu-grouped-mm]\n"
+                    "presets: [lru-noprefetch, least-stale-topk, lru-top-p, lru-graph-topk]\n"
+                    "baselines: [full-gpu-grouped-mm]\n"
                     f"routing: {{{spec}: replay {trace}}}\n")
     results = run(BenchConfig.load(path), torch.device("cpu"), progress=False, log=lambda _: None)
     rows = results["rows"]
     assert [(r["name"], r["routing"]) for r in rows] == [
         ("full-gpu-grouped-mm", "random"), ("lru-noprefetch", "replay tiny-trace.json.gz"),
-        ("least-stale-topk", "replay tiny-trace.json.gz")]
+        ("least-stale-topk", "replay tiny-trace.json.gz"), ("lru-graph-topk", "replay tiny-trace.json.gz")]
     assert all(r["identical_tokens"] for r in rows)
     replayed = rows[1]
     assert (replayed["prompt"], replayed["batch"], replayed["new_tokens"]) == (5, 1, 4)  # the trace's means
     passes = 2 + 4 + 3  # both prompts' prefills and decode steps: the whole replay's counts
     assert replayed["stats"]["forward_passes"] == passes
     assert rows[2]["stats"]["total"]["prefetches"] > 0  # the trace's candidates
+    # the graph engine replays the same passes (on the CPU the bench model's grouped kernels take its chunked
+    # path, which prefetches nothing: tests/test_graph_engine.py covers its prefetch under replay)
+    assert rows[3]["stats"]["forward_passes"] == passes
     assert len(results["skipped"]) == 1 and "lru-top-p" in results["skipped"][0] and "top-p" in results["skipped"][0]
     assert results["routing"] == {spec.stem: "replay tiny-trace.json.gz"}
     table = bench_markdown(results)

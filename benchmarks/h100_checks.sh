@@ -5,7 +5,11 @@
 # against the full-GPU model; exit 2 if they differ). Logs under $OUT (or /tmp/h100-checks). The parts fit one
 # 10-minute device call each (the whole took about 12 minutes on the H200):
 #   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: these three
-#   bash benchmarks/h100_checks.sh graph16 | graph512 | replay | load  # the issues' GPU figures, one call each
+#   bash benchmarks/h100_checks.sh graph16 | graph512 | replay | prefetch | load  # the issues' GPU figures
+# On a two-GPU machine, run a timed part on one GPU and an untimed one (tests, sanitizers) on the other:
+#   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16 &); CUDA_VISIBLE_DEVICES=1 bash ... tests
+# (the host's CPUs are shared: timed rows read higher then; say so with their figures). $OUT returns at most 8
+# files: tar the logs (2026-11-30: `cd $OUT && tar czf all.tar.gz . `, then remove the rest).
 set -u
 out=${OUT:-/tmp/h100-checks}
 mkdir -p "$out"
@@ -30,7 +34,8 @@ fi
 for prompt in 16 512; do
     if [[ " $parts " == *" graph$prompt "* ]]; then
         timeout 580 python3 benchmarks/graph_h100.py --out "$out/graph$prompt" --prompts $prompt --families none \
-            --budgets 100% 50% 20% 10% 5% --modes compiled --graph-prefetch none topk:1 topk:2 --threaded 5% \
+            --budgets 100% 50% 20% 10% 5% --modes compiled --graph-prefetch none topk:1 topk:2 --threaded 5% 10% \
+            --threaded-prefetch none topk:1 \
             > "$out/graph$prompt.log" 2>&1
         echo "graph $prompt: exit $?"; tail -n 20 "$out/graph$prompt.log"
     fi
@@ -41,6 +46,14 @@ if [[ " $parts " == *" replay "* ]]; then  # learned routing replayed, and every
         --graph-prefetch none topk:1 topk:2 \
         > "$out/replay.log" 2>&1
     echo "replay: exit $?"; tail -n 12 "$out/replay.log"
+fi
+if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather, and prefetch on learned routing
+    timeout 80 python3 benchmarks/gather_programs.py --out "$out/gather_programs.json" > "$out/gather_programs.log" 2>&1
+    echo "gather programs: exit $?"; tail -n 8 "$out/gather_programs.log"
+    timeout 480 python3 benchmarks/graph_h100.py --out "$out/prefetch" --prompts 16 --families none --modes compiled \
+        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --trace-only \
+        --graph-prefetch none topk:1 topk:2 > "$out/prefetch.log" 2>&1
+    echo "prefetch: exit $?"; tail -n 12 "$out/prefetch.log"
 fi
 if [[ " $parts " == *" load "* ]]; then
     timeout 580 python3 benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out "$out/load" > "$out/load.log" 2>&1

@@ -5,9 +5,10 @@
 # against the full-GPU model; exit 2 if they differ). Logs under $OUT (or /tmp/h100-checks). The parts fit one
 # 10-minute device call each (the whole took about 12 minutes on the H200):
 #   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: these three
-#   bash benchmarks/h100_checks.sh graph16 | graph512 | replay | prefetch | load  # the issues' GPU figures
+#   bash benchmarks/h100_checks.sh graph16-high | graph16-low | graph512-high | graph512-low | replay |
+#       prefetch | families | load  # the issues' GPU figures, one call each
 # On a two-GPU machine, run a timed part on one GPU and an untimed one (tests, sanitizers) on the other:
-#   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16 &); CUDA_VISIBLE_DEVICES=1 bash ... tests
+#   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16-high &); CUDA_VISIBLE_DEVICES=1 bash ... tests
 # (the host's CPUs are shared: timed rows read higher then; say so with their figures). $OUT returns at most 8
 # files: tar the logs (2026-11-30: `cd $OUT && tar czf all.tar.gz . `, then remove the rest).
 set -u
@@ -30,30 +31,38 @@ if [[ " $parts " == *" tests "* ]]; then
         > "$out/cuda-tests.log" 2>&1
     echo "CUDA tests: exit $? ($(tail -n 1 "$out/cuda-tests.log"))"
 fi
-# Issue 11's table (OLMoE shapes; one part per prompt length, each about 10 minutes) and issue 13's load
+# Issue 11's table (OLMoE shapes), one part per prompt length and budget group (each compiled row takes 40-60 s
+# to compile and time: a part of 15 rows did not fit a 10-minute call), and issue 13's load
 for prompt in 16 512; do
-    if [[ " $parts " == *" graph$prompt "* ]]; then
-        timeout 580 python3 benchmarks/graph_h100.py --out "$out/graph$prompt" --prompts $prompt --families none \
-            --budgets 100% 50% 20% 10% 5% --modes compiled --graph-prefetch none topk:1 topk:2 --threaded 5% 10% \
-            --threaded-prefetch none topk:1 \
-            > "$out/graph$prompt.log" 2>&1
-        echo "graph $prompt: exit $?"; tail -n 20 "$out/graph$prompt.log"
-    fi
+    for group in high low; do
+        [[ " $parts " == *" graph$prompt-$group "* ]] || continue
+        if [[ $group == high ]]; then budgets="100% 50% 20%"; threaded=""; else
+            budgets="10% 5%"; threaded="--threaded 10% 5% --threaded-prefetch none topk:1"; fi
+        timeout 580 python3 benchmarks/graph_h100.py --out "$out/graph$prompt-$group" --prompts $prompt \
+            --families none --budgets $budgets --modes compiled --graph-prefetch none topk:1 topk:2 $threaded \
+            > "$out/graph$prompt-$group.log" 2>&1
+        echo "graph $prompt $group: exit $?"; tail -n 14 "$out/graph$prompt-$group.log"
+    done
 done
-if [[ " $parts " == *" replay "* ]]; then  # learned routing replayed, and every family in bf16
-    timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --budgets 100% --modes compiled \
-        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --families both \
-        --graph-prefetch none topk:1 topk:2 \
-        > "$out/replay.log" 2>&1
-    echo "replay: exit $?"; tail -n 12 "$out/replay.log"
+# Learned routing replayed (the OLMoE-topology trace and its recorded candidates; each row about 70 s)
+if [[ " $parts " == *" replay "* ]]; then
+    timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --families none --modes compiled \
+        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --trace-only \
+        --graph-prefetch none topk:1 > "$out/replay.log" 2>&1
+    echo "replay: exit $?"; tail -n 8 "$out/replay.log"
 fi
-if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather, and prefetch on learned routing
+if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather; lookahead 2 and other grids, replayed
     timeout 80 python3 benchmarks/gather_programs.py --out "$out/gather_programs.json" > "$out/gather_programs.log" 2>&1
     echo "gather programs: exit $?"; tail -n 8 "$out/gather_programs.log"
     timeout 480 python3 benchmarks/graph_h100.py --out "$out/prefetch" --prompts 16 --families none --modes compiled \
-        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --trace-only \
-        --graph-prefetch none topk:1 topk:2 > "$out/prefetch.log" 2>&1
-    echo "prefetch: exit $?"; tail -n 12 "$out/prefetch.log"
+        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% --trace-only \
+        --graph-prefetch topk:2 topk:1:16 topk:1:66 > "$out/prefetch.log" 2>&1
+    echo "prefetch: exit $?"; tail -n 8 "$out/prefetch.log"
+fi
+if [[ " $parts " == *" families "* ]]; then  # every family's tiny bf16 model, tokens only (uncompiled and compiled)
+    timeout 580 python3 benchmarks/graph_h100.py --out "$out/families" --families both --trace-only \
+        > "$out/families.log" 2>&1
+    echo "families: exit $?"; grep "pinned copy" "$out/families.log"
 fi
 if [[ " $parts " == *" load "* ]]; then
     timeout 580 python3 benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out "$out/load" > "$out/load.log" 2>&1

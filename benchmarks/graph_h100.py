@@ -189,7 +189,7 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
 
 def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetch: tuple[str, int]) -> dict:
     """The graph engine on the trace's learned routing (random weights, so tokens are not checked). TPOT:
-    (time of the whole replay, after a warm-up replay, - time of its prefills alone, from a cold cache) / decode steps; TTFT: the
+    (time of the whole replay, after a warm-up replay, - time of its prefills alone, right after) / decode steps; TTFT: the
     prefills' mean. Warmed up (and compiled) by a first whole replay. With prefetch, the trace's recorded
     candidates are prefetched (its learned predictor, not the random routers)."""
     policy, depth = prefetch
@@ -204,9 +204,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     model.specmd.reset_stats()
     whole = replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE)
     stats = model.specmd.stats()
-    model.specmd.close()
-    specmd.offload(model, budget, "lru", DEVICE.type, **options)  # cold again, as the whole run
-    decode_mode(model, compiled)
+    # the prefills on the same handle, after the whole replay, as the whole replay's ran after its warm-up
     model.specmd.replay_routing(trace.prefills())
     prefills = replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE, prefill_only=True)
     model.specmd.close()

@@ -35,9 +35,9 @@ def _gather(store, pool, experts, slots, count, words_per_expert, WORDS: tl.cons
 
 
 @triton.jit
-def _gather_strided(store, pool, experts, slots, count, words_per_expert, pieces, WORDS: tl.constexpr,
+def _gather_strided(store, pool, experts, slots, count, width, words_per_expert, pieces, WORDS: tl.constexpr,
                     PROGRAMS: tl.constexpr):
-    total = tl.load(count).to(tl.int64) * pieces
+    total = tl.minimum(tl.load(count).to(tl.int64), width) * pieces  # the full grid reads K entries at most
     for item in range(tl.program_id(0), total, PROGRAMS):
         j = item // pieces
         piece = item % pieces
@@ -59,8 +59,8 @@ def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor
     per_expert = store.shape[1]
     pieces = triton.cdiv(per_expert, WORDS_PER_PROGRAM)
     if programs > 0:
-        _gather_strided[(programs,)](store, pool, experts, slots, count.reshape(1), per_expert, pieces,
-                                     WORDS=WORDS_PER_PROGRAM, PROGRAMS=programs)
+        _gather_strided[(programs,)](store, pool, experts, slots, count.reshape(1), experts.shape[0], per_expert,
+                                     pieces, WORDS=WORDS_PER_PROGRAM, PROGRAMS=programs)
         return
     grid = (experts.shape[0], pieces)
     _gather[grid](store, pool, experts, slots, count.reshape(1), per_expert, WORDS=WORDS_PER_PROGRAM)

@@ -183,6 +183,8 @@ def test_runner_replays_a_trace_where_the_config_says_so(tmp_path):
     ("{elsewhere: random}", "not one of the models"),
     ("{MODEL: replay}", "write 'random' or 'replay PATH'"),
     ("{MODEL: replay /nowhere/trace.json}", "cannot read the trace"),
+    ("{MODEL: replay benchmarks/traces/trace-olmoe16x64-stdlib.json}", "16 MoE layers x 64 experts, top-8; the "
+                                                                        "model has 2 x 8, top-2"),
 ])
 def test_bad_routing_names_the_fix(tmp_path, routing, match):
     spec = tmp_path / "tiny-olmoe.yaml"
@@ -191,3 +193,16 @@ def test_bad_routing_names_the_fix(tmp_path, routing, match):
     path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nrouting: {routing.replace('MODEL', str(spec))}\n")
     with pytest.raises(ValueError, match=match):
         BenchConfig.load(path)
+
+
+def test_a_replay_timing_without_its_replay_is_refused():
+    """replay_seconds times a trace's prompts only under that trace's replay, run to its end: anything else
+    would time the model's own routing, or part of the trace, as if it were the trace."""
+    import specmd
+    from specmd.bench.timing import replay_seconds
+    from specmd.tiny import tiny_model
+
+    model = specmd.offload(tiny_model("olmoe"), "50%", device="cpu")
+    with pytest.raises(RuntimeError, match="replay_routing"):
+        replay_seconds(model, ((4, 2),), 256, torch.device("cpu"))
+    model.specmd.close()

@@ -281,3 +281,35 @@ def test_generate_gets_a_static_cache_where_one_step_fits_and_the_user_chose_non
 
 def _expert_bytes():
     return find_moe_layers(tiny_model("olmoe"))[0].layout.expert_bytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="layer steps are captured as CUDA graphs on CUDA only")
+def test_a_new_replay_drops_the_layer_graphs_that_read_the_old_one():
+    """A captured layer step reads the replay's tensors (its pass counter, its candidates) at the addresses
+    they had when captured: a new replay must not run under those graphs. Under replay the counts depend on
+    the trace alone, so two replays in a row on CUDA (captured steps) count what they count on the CPU (no
+    graphs)."""
+    from test_replay import recorded_trace
+
+    shape = dict(num_hidden_layers=3, num_experts=8)
+    trace = recorded_trace(tiny_model("olmoe", seed=1, **shape), 1, "cpu")
+    counts = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model("olmoe", seed=2, **shape).to(device)
+        model.set_experts_implementation("batched_mm")  # the device path on the CPU too
+        expert = find_moe_layers(model)[0].layout.expert_bytes
+        specmd.offload(model, 4 * expert, "lru", device, engine="graph", prefetch="topk")
+        for replay in range(2):
+            model.specmd.replay_routing(trace)
+            assert model.specmd.engine.captured_graphs == 0  # none kept from the last replay
+            model.specmd.reset_stats()
+            for (tokens, decode), seed in zip(trace.prompts, range(9)):
+                ids = torch.randint(3, 200, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+                model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False,
+                               disable_compile=True)
+            counts[device, replay] = [vars(s) for s in model.specmd.stats().layers]
+        if device == "cuda":
+            assert model.specmd.engine.captured_graphs > 0
+        model.specmd.close()
+    assert counts["cuda", 0] == counts["cpu", 0] and counts["cuda", 1] == counts["cpu", 1]
+    assert sum(layer["prefetches"] for layer in counts["cpu", 1]) > 0

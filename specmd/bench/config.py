@@ -120,12 +120,19 @@ class BenchConfig:
                 raise ValueError(f"{where}: routing of {model}: {spec!r}; write '{RANDOM_ROUTING}' or "
                                  f"'{REPLAY} PATH' (a trace file, e.g. {REPLAY} benchmarks/traces/...json)")
             try:
-                load_trace(path.strip())
+                trace = load_trace(path.strip())
             except OSError as err:
                 raise ValueError(f"{where}: routing of {model}: cannot read the trace {path.strip()!r} ({err}); "
                                  "paths are relative to the directory specmd bench runs in") from None
             except ValueError as err:
                 raise ValueError(f"{where}: routing of {model}: {err}") from None
+            from .models import moe_topology
+
+            shape = moe_topology(ModelSpec.load(model))
+            if (trace.num_layers, trace.num_experts, trace.top_k) != shape:
+                raise ValueError(f"{where}: routing of {model}: {path.strip()} routes {trace.num_layers} MoE layers x "
+                                 f"{trace.num_experts} experts, top-{trace.top_k}; the model has {shape[0]} x "
+                                 f"{shape[1]}, top-{shape[2]}: give it a trace of its own topology")
 
     def trace_path(self, model: str) -> str | None:
         """The trace ``model``'s runs replay (None: its own routers)."""

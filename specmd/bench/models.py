@@ -24,6 +24,17 @@ def sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
     return config, total, layout.layer_bytes * len(layers), layout.expert_bytes
 
 
+def moe_topology(spec: ModelSpec) -> tuple[int, int, int]:
+    """(MoE layers, experts per layer, top-k) of the model, from a meta model (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    config = spec.transformers_config()
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    layers = find_moe_layers(meta)
+    return len(layers), layers[0].layout.num_experts, config.num_experts_per_tok
+
+
 def build_model(spec: ModelSpec, device: torch.device, seed: int = 0, place: str | None = None):
     """(model, placement) with random bf16 weights, initialised where they belong: placement "device", the
     whole model on ``device`` when it fits (the full-GPU baselines can run), else "host": non-expert

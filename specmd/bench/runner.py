@@ -58,12 +58,12 @@ class ModelBench:
         self.total_expert_bytes = layers[0].layout.layer_bytes * len(layers)
         self.workloads = _prompts(config, model.config.vocab_size, device)
         self.trace = trace  # None: the model's own routers; else every specmd run replays it (``replay_run``)
-        if trace is not None:
-            shape = (len(layers), layers[0].layout.num_experts, model.config.num_experts_per_tok)
-            if (trace.num_layers, trace.num_experts, trace.top_k) != shape:
-                raise ValueError(f"{trace.source} routes {trace.num_layers} MoE layers x {trace.num_experts} "
-                                 f"experts, top-{trace.top_k}; {spec.name} has {shape[0]} x {shape[1]}, top-{shape[2]}: "
-                                 "give its routing a trace of its own topology")
+        if trace is not None:  # the full-GPU baselines run the trace's prompt length too, the rows' reference
+            self.replay_workload = (round(sum(t for t, _ in trace.prompts) / len(trace.prompts)), 1)
+            if self.replay_workload not in self.workloads:
+                gen = torch.Generator().manual_seed(1)
+                self.workloads[self.replay_workload] = torch.randint(10, model.config.vocab_size - 1,
+                                                                     (1, self.replay_workload[0]), generator=gen).to(device)
         self.routing = f"{REPLAY} {Path(trace.source).name}" if trace is not None else RANDOM_ROUTING
         self.reference: dict = {}  # workload -> the tokens every other configuration must reproduce
         self.links = {}  # name -> target GB/s (None: the machine's own)
@@ -167,14 +167,13 @@ class ModelBench:
         handle.replay_routing(trace.prefills())
         prefills = replay_seconds(self.model, trace.prompts, vocab, self.device, prefill_only=True)
         handle.replay_routing(None)
-        workload, ids = next(iter(self.workloads.items()))
+        workload, ids = next(iter(self.workloads.items()))  # the config's first prompt
         tokens = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.new_tokens,
                                      min_new_tokens=self.config.new_tokens, do_sample=False)
         decode_steps = sum(decode for _, decode in trace.prompts)
         timed = Timed(prefills / len(trace.prompts) * 1e3, (whole - prefills) / max(1, decode_steps) * 1e3, tokens,
                       peak)
-        prompt = round(sum(tokens for tokens, _ in trace.prompts) / len(trace.prompts))
-        self.results.add(row(self.name, "specmd" if preset else "baseline", name, (prompt, 1),
+        self.results.add(row(self.name, "specmd" if preset else "baseline", name, self.replay_workload,
                              decode_steps // len(trace.prompts) + 1, timed, self.reference.get(workload),
                              budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, routing=self.routing,
                              token_check=f"own routers, prompt {workload[0]} x {workload[1]}", **link_fields,

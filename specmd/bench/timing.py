@@ -42,7 +42,8 @@ def replay_seconds(model, prompts, vocab_size: int, device: torch.device, prefil
     """Seconds to generate a trace's ``prompts`` ((tokens, decode steps) each) under the routing replay the
     caller set on ``model.specmd``: random token ids (the trace decides the routing), each prompt with its
     decode steps + 1 new tokens (one with ``prefill_only``, whose replay must then hold the prefills alone,
-    ``RoutingTrace.prefills``), greedy; the device synchronized before and after."""
+    ``RoutingTrace.prefills``), greedy; the device synchronized before and after. Raises unless the replay
+    ran exactly the prompts' passes, from its start."""
     gen = torch.Generator().manual_seed(0)
     _sync(device)
     start = time.perf_counter()
@@ -52,7 +53,16 @@ def replay_seconds(model, prompts, vocab_size: int, device: torch.device, prefil
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    replay = model.specmd.engine.replay
+    expected = len(prompts) if prefill_only else sum(1 + decode for _, decode in prompts)
+    wrong = int(getattr(replay, "wrong", 0))  # the graph engine's compiled steps that could not replay
+    if replay is None or replay.passes_done != expected or wrong:
+        raise RuntimeError(f"routing replay: {expected} forward passes expected, "
+                           f"{replay.passes_done if replay is not None else 0} replayed ({wrong} compiled steps "
+                           "met a pass they could not replay): set model.specmd.replay_routing(trace) first, "
+                           "with the trace these prompts came from")
+    return seconds
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeats: int = 2,

@@ -73,8 +73,9 @@ class PrefetchConfig:
         if self.max_inflight is not None and self.max_inflight < 1:
             raise ValueError(f"prefetch max_inflight={self.max_inflight}: must be at least 1 (or None for the "
                              "model's top-k)")
-        if self.gather_programs is not None and self.gather_programs < 0:
-            raise ValueError(f"prefetch gather_programs={self.gather_programs}: must be at least 0 (0: the full "
+        if self.gather_programs is not None and (not isinstance(self.gather_programs, int)
+                                                 or isinstance(self.gather_programs, bool) or self.gather_programs < 0):
+            raise ValueError(f"prefetch gather_programs={self.gather_programs!r}: must be an integer >= 0 (0: the full "
                              "grid; None: a quarter of the device's SMs)")
         if not 0.0 < self.p <= 1.0:
             raise ValueError(f"prefetch p={self.p}: must be in (0, 1]")

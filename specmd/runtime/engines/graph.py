@@ -151,6 +151,9 @@ class GraphEngine:
         self._warn_unreplayed()
         if replay is not None and self.pool.data.is_cuda:
             _mark_static(replay.tensors)
+        if self._graphs is not None and replay is not self.replay:
+            # a captured layer step reads the replay's tensors at the addresses they had when captured
+            self._graphs.clear()
         self.replay = replay
 
     def _warn_unreplayed(self) -> None:

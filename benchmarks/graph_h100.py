@@ -187,7 +187,8 @@ def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: lis
     (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
 
 
-def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetch: tuple[str, int]) -> dict:
+def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetch: tuple[str, int],
+                 eviction: str = "lru") -> dict:
     """The graph engine on the trace's learned routing (random weights, so tokens are not checked). TPOT:
     (time of the whole replay, after a warm-up replay, - time of its prefills alone, right after) / decode steps; TTFT: the
     prefills' mean. Warmed up (and compiled) by a first whole replay. With prefetch, the trace's recorded
@@ -196,7 +197,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     options = dict(engine="graph", prefetch=policy, lookahead=depth, progress=False)
     label = _label(policy, depth)
     fresh_compile(model)
-    specmd.offload(model, budget, "lru", DEVICE.type, **options)
+    specmd.offload(model, budget, eviction, DEVICE.type, **options)
     decode_mode(model, compiled)
     model.specmd.replay_routing(trace)
     replay_seconds(model, trace.prompts, model.config.vocab_size, DEVICE)  # warm-up: compiles, records the graphs
@@ -212,7 +213,7 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
     mode = "compiled" if compiled else "per-layer graphs"
     if label:
         mode += f", {label} from the trace"
-    return {"name": f"graph lru @ {budget} ({mode}, replayed trace)", "prompt": trace.prompts[0][0],
+    return {"name": f"graph {eviction} @ {budget} ({mode}, replayed trace)", "prompt": trace.prompts[0][0],
             "compiled": compiled, "ttft_ms": prefills / len(trace.prompts) * 1e3,
             "tpot_ms": (whole - prefills) / decode_steps * 1e3, "same": None, "hit_rate": stats.hit_rate,
             "link_floor_ms": stats.total.bytes_copied / (decode_steps + len(trace.prompts)) / (rate * 1e9) * 1e3,
@@ -249,6 +250,8 @@ def main() -> None:
                         help="the graph engine's decode: per-layer CUDA graphs (uncompiled), the compiled step")
     parser.add_argument("--graph-prefetch", nargs="+", type=_prefetch, default=[("none", 1)],
                         help="the graph engine's prefetch rows, POLICY[:LOOKAHEAD] each (e.g. none topk:1 topk:2)")
+    parser.add_argument("--evictions", nargs="+", default=["lru"],
+                        help="the graph engine's eviction policies (its rows, replayed ones included, per policy)")
     parser.add_argument("--threaded-prefetch", nargs="+", type=_prefetch, default=[("none", 1)],
                         help="the threaded engine's prefetch rows, POLICY[:LOOKAHEAD] each")
     parser.add_argument("--profile-budgets", nargs="+", default=None,
@@ -309,17 +312,17 @@ def main() -> None:
                             run_row(model, ids, name, full, rate, out, rows, compiled=False)
                             model.specmd.close()
                         guarded(rows, name, threaded_row)
-                for compiled, (policy, depth) in [(mode == "compiled", p) for mode in args.modes
-                                                  for p in args.graph_prefetch]:
+                for eviction, compiled, (policy, depth) in [(e, mode == "compiled", p) for e in args.evictions
+                                                            for mode in args.modes for p in args.graph_prefetch]:
                     mode = "compiled" if compiled else "per-layer graphs"
                     if _label(policy, depth):
                         mode += f", {_label(policy, depth)}"
-                    name = f"graph lru @ {budget} ({mode})"
+                    name = f"graph {eviction} @ {budget} ({mode})"
 
                     def graph_row(budget=budget, policy=policy, depth=depth, name=name, compiled=compiled, ids=ids,
-                                  full=full):
+                                  full=full, eviction=eviction):
                         fresh_compile(model)
-                        specmd.offload(model, budget, "lru", DEVICE.type, engine="graph", prefetch=policy,
+                        specmd.offload(model, budget, eviction, DEVICE.type, engine="graph", prefetch=policy,
                                        lookahead=depth, progress=False)
                         profiled = compiled and (args.profile or budget in (args.profile_budgets or ()))
                         run_row(model, ids, name, full, rate, out, rows, compiled, profiled=profiled)
@@ -330,13 +333,14 @@ def main() -> None:
 
             trace = load_trace(args.trace)
             for budget in args.trace_budgets or args.budgets:
-                for compiled, prefetch in [(mode == "compiled", p) for mode in args.modes for p in args.graph_prefetch]:
-                    def trace_row(budget=budget, compiled=compiled, prefetch=prefetch):
-                        row = replayed_row(model, trace, budget, compiled, rate, prefetch)
+                for eviction, compiled, prefetch in [(e, mode == "compiled", p) for e in args.evictions
+                                                     for mode in args.modes for p in args.graph_prefetch]:
+                    def trace_row(budget=budget, compiled=compiled, prefetch=prefetch, eviction=eviction):
+                        row = replayed_row(model, trace, budget, compiled, rate, prefetch, eviction)
                         rows.append(row)
                         print(json.dumps({k: v for k, v in row.items() if k != "stats"}), flush=True)
                         (out / "graph.json").write_text(json.dumps({"copy_gbps": rate, "rows": rows}, indent=1))
-                    guarded(rows, f"graph lru @ {budget} (replayed trace, {prefetch})", trace_row)
+                    guarded(rows, f"graph {eviction} @ {budget} (replayed trace, {prefetch})", trace_row)
     model = _MODEL = None  # the families' models need the memory
     fresh_compile_families = {}
     if args.families in ("eager", "both"):

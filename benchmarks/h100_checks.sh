@@ -6,7 +6,7 @@
 # 10-minute device call each (the whole took about 12 minutes on the H200):
 #   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: these three
 #   bash benchmarks/h100_checks.sh graph16-high | graph16-low | graph512-high | graph512-low | replay |
-#       prefetch | families | load  # the issues' GPU figures, one call each
+#       prefetch | prefetch-d2 | families | load  # the issues' GPU figures, one call each
 # On a two-GPU machine, run a timed part on one GPU and an untimed one (tests, sanitizers) on the other:
 #   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16-high &); CUDA_VISIBLE_DEVICES=1 bash ... tests
 # (the host's CPUs are shared: timed rows read higher then; say so with their figures). $OUT returns at most 8
@@ -44,20 +44,29 @@ for prompt in 16 512; do
         echo "graph $prompt $group: exit $?"; tail -n 14 "$out/graph$prompt-$group.log"
     done
 done
-# Learned routing replayed (the OLMoE-topology trace and its recorded candidates; each row about 70 s)
+# Learned routing replayed (the OLMoE-topology trace and its recorded candidates; each row about 70 s).
+# layer-distance: the simulator's best eviction without prefetch at 5-10% on this trace (30% hits at 5%
+# where lru has none), never measured live.
+T=benchmarks/traces/trace-olmoe16x64-stdlib.json
 if [[ " $parts " == *" replay "* ]]; then
     timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --families none --modes compiled \
-        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% 20% --trace-only \
-        --graph-prefetch none topk:1 > "$out/replay.log" 2>&1
+        --trace $T --trace-budgets 5% 10% 20% --trace-only --evictions lru layer-distance --graph-prefetch none \
+        > "$out/replay.log" 2>&1
     echo "replay: exit $?"; tail -n 8 "$out/replay.log"
 fi
-if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather; lookahead 2 and other grids, replayed
+if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather; prefetch on the learned trace
     timeout 80 python3 benchmarks/gather_programs.py --out "$out/gather_programs.json" > "$out/gather_programs.log" 2>&1
     echo "gather programs: exit $?"; tail -n 8 "$out/gather_programs.log"
     timeout 480 python3 benchmarks/graph_h100.py --out "$out/prefetch" --prompts 16 --families none --modes compiled \
-        --trace benchmarks/traces/trace-olmoe16x64-stdlib.json --trace-budgets 5% 10% --trace-only \
-        --graph-prefetch topk:2 topk:1:16 topk:1:66 > "$out/prefetch.log" 2>&1
+        --trace $T --trace-budgets 5% 10% --trace-only --evictions lru layer-distance --graph-prefetch topk:1 \
+        > "$out/prefetch.log" 2>&1
     echo "prefetch: exit $?"; tail -n 8 "$out/prefetch.log"
+fi
+if [[ " $parts " == *" prefetch-d2 "* ]]; then  # lookahead 2, and the prefetch gather on other grids
+    timeout 580 python3 benchmarks/graph_h100.py --out "$out/prefetch-d2" --prompts 16 --families none \
+        --modes compiled --trace $T --trace-budgets 5% 10% --trace-only --graph-prefetch topk:2 topk:1:16 topk:1:66 \
+        > "$out/prefetch-d2.log" 2>&1
+    echo "prefetch d2: exit $?"; tail -n 8 "$out/prefetch-d2.log"
 fi
 if [[ " $parts " == *" families "* ]]; then  # every family's tiny bf16 model, tokens only (uncompiled and compiled)
     timeout 580 python3 benchmarks/graph_h100.py --out "$out/families" --families both --trace-only \

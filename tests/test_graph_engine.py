@@ -41,6 +41,38 @@ def test_decode_steps_take_the_sync_free_path(family, eviction, monkeypatch, dev
     model.specmd.close()
 
 
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("eviction", ["lru", "least-stale"])
+def test_a_prefill_whose_experts_fit_runs_on_the_device(family, eviction, monkeypatch, device):
+    """With transformers' grouped products (its default: prefill, and decode on the CPU), a call whose
+    distinct experts fit the pool runs through the device cache and one grouped product over the slot-sorted
+    rows, never the main loop's chunks; tokens and every counter equal the chunked path's."""
+    ref = tiny_model(family).to(device)
+    ref.set_experts_implementation("grouped_mm")
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    want = generate(ref, ids)
+    num_experts = find_moe_layers(ref)[0].layout.num_experts
+    budget = num_experts * find_moe_layers(ref)[0].layout.expert_bytes  # one layer's experts: every call fits
+    runs = {}
+    for path in ("device", "chunked"):
+        model = tiny_model(family).to(device)
+        model.set_experts_implementation("grouped_mm")
+        chunked = []
+        real = GraphEngine._chunked
+        monkeypatch.setattr(GraphEngine, "_chunked", lambda self, *args: chunked.append(1) or real(self, *args))
+        if path == "chunked":
+            monkeypatch.setattr(GraphEngine, "_grouped_fits", lambda self, kernel, pairs: False)
+        specmd.offload(model, budget, eviction, device, engine="graph")
+        assert torch.equal(generate(model, ids), want), path
+        runs[path] = model.specmd.stats()
+        model.specmd.close()
+        monkeypatch.undo()
+        if path == "device":
+            assert not chunked  # prefill included
+    assert [vars(s) for s in runs["device"].layers] == [vars(s) for s in runs["chunked"].layers]
+    assert runs["device"].total.misses > 0
+
+
 def test_what_the_graph_engine_does_not_do_is_refused(device):
     with pytest.raises(ValueError, match="leave them unset"):
         specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph",

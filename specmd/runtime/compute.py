@@ -106,16 +106,31 @@ def project(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, s
     return out
 
 
+def grouped_on_device(x: torch.Tensor, layout: ExpertLayout) -> bool:
+    """Whether the grouped kernel runs as torch's grouped product here (else a loop over the groups)."""
+    return x.is_cuda and layout.dtype == torch.bfloat16 and grouped_mm_fn() is not None
+
+
 def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.Tensor], x: torch.Tensor,
-                slots: torch.Tensor, groups: Sequence[tuple[int, int, int]], kernel: Kernel) -> torch.Tensor:
+                slots: torch.Tensor, groups: Sequence[tuple[int, int, int]] | None, kernel: Kernel) -> torch.Tensor:
     """Each row of ``x`` [R, H] through its expert held in slot ``slots[r]``: returns [R, H].
 
-    ``groups`` lists (slot, first row, end row) of the slot-sorted rows.
+    ``groups`` lists (slot, first row, end row) of the slot-sorted rows; None: the grouped kernel finds them
+    from ``slots`` (sorted) on the device, with no host sync where torch's grouped product runs and the pool
+    has at most ``GROUPED_MM_MAX_GROUPS`` slots (one call; the graph engine's prefill), else from the host.
     """
     batched = kernel is Kernel.BATCHED
     num_slots = views["gate_up_proj"].shape[0]
     calls = None
-    if kernel is Kernel.GROUPED and x.is_cuda and layout.dtype == torch.bfloat16 and grouped_mm_fn() is not None:
+    if groups is None and kernel is not Kernel.BATCHED:
+        counts = torch.zeros(num_slots, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, slots, torch.ones_like(slots))  # bincount would sync to size its output
+        if grouped_on_device(x, layout) and kernel is Kernel.GROUPED and num_slots <= GROUPED_MM_MAX_GROUPS:
+            calls = [GroupedCall(0, x.shape[0], 0, num_slots, counts.cumsum(0, dtype=torch.int32))]
+        else:
+            ends = counts.cumsum(0).tolist()
+            groups = [(slot, end - n, end) for slot, (n, end) in enumerate(zip(counts.tolist(), ends)) if n]
+    elif kernel is Kernel.GROUPED and grouped_on_device(x, layout):
         calls = grouped_calls(groups, num_slots, x.device)
     bias = views.get("gate_up_proj_bias")
     h = project(x, views["gate_up_proj"], bias, slots, groups, calls, layout.is_transposed, batched)  # [R, 2I]

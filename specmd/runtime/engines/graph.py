@@ -12,9 +12,11 @@ pairs fit the pool), everything stays on the device and on the stream the model 
   4. the rows are computed from the slots with gather + bmm, as transformers' ``batched_mm`` does.
 Stream order alone makes this safe: the gather that overwrites a slot is queued after every computation
 that read it. No event, no lock, no thread; nothing is read back per token (``stats`` reads the counters
-when asked). Other calls (prefill, the loop and grouped kernels, layers needing more experts than there
-are slots) read the routed ids once and run through the main loop's chunks (``mainloop.py``), as the
-threaded engine does, with the device cache in place of the slot cache.
+when asked). A grouped call (prefill; decode on the CPU) whose distinct experts fit the pool runs on the
+device too: the same cache call, then one grouped product over the slot-sorted rows (``_device_grouped``).
+Other calls (the loop kernel, layers needing more experts than there are slots, a CUDA pool past one
+grouped product's 1023 groups) read the routed ids once and run through the main loop's chunks
+(``mainloop.py``), as the threaded engine does, with the device cache in place of the slot cache.
 
 On CUDA, generate compiles the decode step (the static cache ``api._capture_decode`` chooses; torch.compile
 in transformers' mode "reduce-overhead"): ``run_layer`` sees it is traced and takes the device step with
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from ..adapters import MoELayer
-from ..compute import Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
+from ..compute import GROUPED_MM_MAX_GROUPS, Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
 from ..metrics import Stats
@@ -140,6 +142,8 @@ class GraphEngine:
                 if self._graphs is not None and self.decoding:  # prefill lengths vary: not captured
                     return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
                 return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
+            if self._grouped_fits(kernel, num_tokens * top_k):
+                return self._device_grouped(layer, module, hidden_states, top_k_index, top_k_weights)
             if self.decoding and kernel is Kernel.BATCHED:
                 self._warn_chunked(num_tokens * top_k)
             flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
@@ -200,6 +204,31 @@ class GraphEngine:
         views = layout_views(self.pool.data, self.pool.layout)
         y = expert_rows(module, self.pool.layout, views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
         return sum_over_k(y * weights.unsqueeze(-1), num_tokens, top_k, hidden_states.dtype)
+
+    def _grouped_fits(self, kernel: Kernel, pairs: int) -> bool:
+        """Whether a grouped call (prefill) runs on the device alone: its distinct experts (at most E, at most
+        T*k) fit the pool, and on CUDA one grouped product covers the pool."""
+        if kernel is not Kernel.GROUPED or min(self.cache.num_experts, pairs) > self.cache.num_slots:
+            return False
+        return not self.pool.data.is_cuda or self.cache.num_slots <= GROUPED_MM_MAX_GROUPS
+
+    def _device_grouped(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """A grouped call (prefill) without a host sync: the cache call and its copies as in a decode step,
+        then the rows sorted by slot (stable, as the chunked path sorts them) through one grouped product
+        over the pool, whose group ends are counted on the device. [T, H] out."""
+        num_tokens, top_k = top_k_index.shape
+        flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
+        layer_slots = self.cache.step(layer, flat_ids, after=hidden_states)
+        row_slots = layer_slots[flat_ids]  # [T*k]
+        order = torch.argsort(row_slots, stable=True)
+        views = layout_views(self.pool.data, self.pool.layout)
+        y = expert_rows(module, self.pool.layout, views, hidden_states[order // top_k], row_slots[order], None,
+                        Kernel.GROUPED)  # [T*k, H], slot-sorted
+        out_dtype = torch.promote_types(self.pool.layout.dtype, weights.dtype)
+        out = torch.empty(flat_ids.shape[0], hidden_states.shape[-1], dtype=out_dtype, device=hidden_states.device)
+        out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
+        return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
 
     def _predictions(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
         """([D, C] predicted ids, -1 for none, of the looked-ahead layers later in this pass; those layers) or

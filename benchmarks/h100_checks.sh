@@ -5,7 +5,8 @@
 # against the full-GPU model; exit 2 if they differ). Logs under $OUT (or /tmp/h100-checks). The parts fit one
 # 10-minute device call each (the whole took about 12 minutes on the H200):
 #   bash benchmarks/h100_checks.sh [sanitizers] [tests] [bench]      # no argument: these three
-#   bash benchmarks/h100_checks.sh graph16-high | graph16-low | graph512-high | graph512-low | replay |
+#   bash benchmarks/h100_checks.sh graph16-high | graph16-low | graph512-high | graph512-low | replay-low |
+#       replay-high |
 #       prefetch | prefetch-d2 | families | load  # the issues' GPU figures, one call each
 # On a two-GPU machine, run a timed part on one GPU and an untimed one (tests, sanitizers) on the other:
 #   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16-high &); CUDA_VISIBLE_DEVICES=1 bash ... tests
@@ -44,27 +45,29 @@ for prompt in 16 512; do
         echo "graph $prompt $group: exit $?"; tail -n 14 "$out/graph$prompt-$group.log"
     done
 done
-# Learned routing replayed (the OLMoE-topology trace and its recorded candidates; each row about 70 s).
-# layer-distance: the simulator's best eviction without prefetch at 5-10% on this trace (30% hits at 5%
-# where lru has none), never measured live.
-T=benchmarks/traces/trace-olmoe16x64-stdlib.json
-if [[ " $parts " == *" replay "* ]]; then
-    timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay" --prompts 16 --families none --modes compiled \
-        --trace $T --trace-budgets 5% 10% 20% --trace-only --evictions lru layer-distance --graph-prefetch none \
-        > "$out/replay.log" 2>&1
-    echo "replay: exit $?"; tail -n 8 "$out/replay.log"
-fi
+# Learned routing replayed (the OLMoE-topology trace and its recorded candidates). layer-distance: the
+# simulator's best eviction without prefetch at 5-10% on this trace (31.7% hits at 5%, 68.4% at 10%, where
+# lru has 0%), never measured live.
+T=benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz
+for group in low high; do  # each row about 100 s (508 decode steps, 4 prefills of 128-512 tokens)
+    [[ " $parts " == *" replay-$group "* ]] || continue
+    if [[ $group == low ]]; then budgets="5% 10%"; else budgets="20% 50%"; fi
+    timeout 580 python3 benchmarks/graph_h100.py --out "$out/replay-$group" --prompts 16 --families none \
+        --modes compiled --trace $T --trace-budgets $budgets --trace-only --evictions lru layer-distance \
+        --graph-prefetch none > "$out/replay-$group.log" 2>&1
+    echo "replay $group: exit $?"; tail -n 6 "$out/replay-$group.log"
+done
 if [[ " $parts " == *" prefetch "* ]]; then  # the bounded prefetch gather; prefetch on the learned trace
     timeout 80 python3 benchmarks/gather_programs.py --out "$out/gather_programs.json" > "$out/gather_programs.log" 2>&1
     echo "gather programs: exit $?"; tail -n 8 "$out/gather_programs.log"
     timeout 480 python3 benchmarks/graph_h100.py --out "$out/prefetch" --prompts 16 --families none --modes compiled \
-        --trace $T --trace-budgets 5% 10% --trace-only --evictions lru layer-distance --graph-prefetch topk:1 \
+        --trace $T --trace-budgets 5% --trace-only --evictions lru layer-distance --graph-prefetch none topk:1 \
         > "$out/prefetch.log" 2>&1
     echo "prefetch: exit $?"; tail -n 8 "$out/prefetch.log"
 fi
 if [[ " $parts " == *" prefetch-d2 "* ]]; then  # lookahead 2, and the prefetch gather on other grids
     timeout 580 python3 benchmarks/graph_h100.py --out "$out/prefetch-d2" --prompts 16 --families none \
-        --modes compiled --trace $T --trace-budgets 5% 10% --trace-only --graph-prefetch topk:2 topk:1:16 topk:1:66 \
+        --modes compiled --trace $T --trace-budgets 5% --trace-only --graph-prefetch topk:2 topk:1:16 topk:1:66 \
         > "$out/prefetch-d2.log" 2>&1
     echo "prefetch d2: exit $?"; tail -n 8 "$out/prefetch-d2.log"
 fi

@@ -15,7 +15,7 @@ def test_default_matrix_is_valid():
     assert config.num_runs == 1 * 3 * 2 * 2 * 1 * 2
     assert BenchConfig.load("configs/bench/prefetch.yaml").num_runs == 2 * 2 * 8
     # the specmd rows replay learned routing; every large model its own topology's trace
-    assert config.trace_path("olmoe-1b-7b-0924") == "benchmarks/traces/trace-olmoe16x64-stdlib.json"
+    assert config.trace_path("olmoe-1b-7b-0924") == "benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz"
     large = BenchConfig.load("configs/bench/large-models.yaml")
     assert all(large.trace_path(model) for model in large.models)
     assert BenchConfig.load("configs/bench/smoke.yaml").trace_path("olmoe-1b-7b-0924") is None

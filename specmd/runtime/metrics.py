@@ -56,6 +56,9 @@ class Stats:
     # Simulator only: its cost model's estimates (None in live runs, which measure instead)
     estimated_ttft_ms: float | None = None
     estimated_tpot_ms: float | None = None
+    # False for the graph engine, whose device counters do not follow a prefetched expert to its first use:
+    # its prefetch hits, late and wasted prefetches and prediction precision and recall read 0, not measured
+    prefetch_outcomes_counted: bool = True
 
     @property
     def total(self) -> LayerStats:
@@ -84,6 +87,7 @@ class Stats:
             "forward_passes": self.forward_passes,
             "copy_busy_ms": self.copy_busy_ms,
             "peak_inflight_prefetches": self.peak_inflight_prefetches,
+            "prefetch_outcomes_counted": self.prefetch_outcomes_counted,
             "stall_ms": self.stall_ms,
             "hit_rate": self.hit_rate,
             **({"estimated_ttft_ms": self.estimated_ttft_ms, "estimated_tpot_ms": self.estimated_tpot_ms}
@@ -98,7 +102,10 @@ class Stats:
         line = (f"slots={self.num_slots} passes={self.forward_passes} accesses={t.accesses} hits={t.hits} "
                 f"({self.hit_rate:.1%}) misses={t.misses} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
                 f"collision {t.misses_collision}) copied={t.bytes_copied / 2**20:.1f} MiB")
-        if t.prefetches or t.predicted:
+        if (t.prefetches or t.predicted) and not self.prefetch_outcomes_counted:
+            line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch "
+                     "hits, lateness, waste and precision: not counted by the graph engine")
+        elif t.prefetches or t.predicted:
             # Prefetches are loads too: they evict, so evictions can exceed misses.
             line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch: "
                      f"hits={t.prefetch_hits} late={t.late_prefetches} precision={t.precision:.2f} "

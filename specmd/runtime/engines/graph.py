@@ -266,7 +266,7 @@ class GraphEngine:
         layout = self.pool.layout
         return Stats(num_slots=self.cache.num_slots, budget_bytes=self.budget_bytes,
                      expert_bytes=layout.expert_bytes, forward_passes=int(self.cache.passes),
-                     layers=self.cache.stats(layout.expert_bytes))
+                     layers=self.cache.stats(layout.expert_bytes), prefetch_outcomes_counted=False)
 
     def reset_stats(self) -> None:
         """Zero every counter; the cache's contents stay (changes state)."""

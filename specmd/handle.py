@@ -111,6 +111,15 @@ class OffloadHandle:
                         trace.source)
         self._engine.set_replay(replay)
 
+    def rewind_replay(self) -> None:
+        """Start the routing replay set by ``replay_routing`` over from the trace's first pass, keeping what was
+        captured or compiled while it ran (a new ``replay_routing`` of the same trace drops the graph engine's
+        captured steps): to time a replay after a warm-up replay."""
+        self._check_open()
+        if self._engine.replay is None:
+            raise ValueError("no routing replay to rewind: call model.specmd.replay_routing(trace) first")
+        self._engine.replay.rewind()
+
     def record_routing(self, lookahead: int = 3, candidates: int | None = None, model: str = "") -> TraceRecorder:
         """Start recording every forward pass's routing (and the predictor's candidates at ``lookahead``
         1..3) into the returned recorder; ``stop_recording`` ends it. Save with ``recorder.save(path)``."""

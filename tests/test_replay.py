@@ -294,3 +294,31 @@ def test_the_graph_engine_replays_the_traces_speculation(compiled, device, compi
     decode_accesses = sum(len(set(trace.passes[p][2])) for p in range(len(trace.passes))
                           if p not in trace.prefill_passes)
     assert topk.layers[2].hits >= decode_accesses > none.layers[2].hits
+
+
+@pytest.mark.parametrize("engine", ["threaded", "graph"])
+def test_a_rewound_replay_runs_the_trace_again_in_place(engine, device):
+    """rewind_replay starts the same replay over (what a timed replay after a warm-up one needs: a new
+    replay_routing would drop the graph engine's captured steps); the second run counts what the first did
+    on a cache in the same state, and a rewind with no replay set is refused by name."""
+    shape = dict(num_hidden_layers=3, num_experts=8)
+    trace = recorded_trace(tiny_model("olmoe", seed=1, **shape).to(device), 1, device)
+    model = tiny_model("olmoe", seed=2, **shape).to(device)
+    specmd.offload(model, "100%", "lru", device, engine=engine)
+    with pytest.raises(ValueError, match="replay_routing"):
+        model.specmd.rewind_replay()
+    model.specmd.replay_routing(trace)
+    replay = model.specmd.engine.replay
+    counts = []
+    for _ in range(2):
+        model.specmd.reset_stats()
+        for (tokens, decode), seed in zip(trace.prompts, range(9)):
+            ids = torch.randint(3, 200, (1, tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+            model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False,
+                           disable_compile=True)
+        assert replay.passes_done == len(trace.passes)
+        counts.append(model.specmd.stats().total.accesses)
+        model.specmd.rewind_replay()
+        assert model.specmd.engine.replay is replay and replay.passes_done == 0
+    assert counts[0] == counts[1] > 0
+    model.specmd.close()

@@ -146,7 +146,7 @@ class ModelBench:
 
     def replay_run(self, name: str, preset: str | None, link_fields: dict) -> None:
         """One configuration on the trace's routing: a whole replay to warm up (kernels, compiled steps), then
-        a timed one, whose counters the row gets, then its prefills alone (each prompt with one new token):
+        a timed one, the same replay rewound, whose counters the row gets, then its prefills alone (each prompt with one new token):
         TTFT = the prefills' mean, TPOT = (whole - prefills) / decode steps. Then the tokens under the model's
         own routers, on the first workload, against the reference (outputs mean nothing under replay)."""
         handle, trace = self.model.specmd, self.trace
@@ -157,7 +157,7 @@ class ModelBench:
             return
         vocab = self.model.config.vocab_size
         replay_seconds(self.model, trace.prompts, vocab, self.device)
-        handle.replay_routing(trace)
+        handle.rewind_replay()  # the same replay: what the warm-up captured and compiled stays
         handle.reset_stats()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)

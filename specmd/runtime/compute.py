@@ -116,8 +116,9 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
     """Each row of ``x`` [R, H] through its expert held in slot ``slots[r]``: returns [R, H].
 
     ``groups`` lists (slot, first row, end row) of the slot-sorted rows; None: the grouped kernel finds them
-    from ``slots`` (sorted) on the device, with no host sync where torch's grouped product runs and the pool
-    has at most ``GROUPED_MM_MAX_GROUPS`` slots (one call; the graph engine's prefill), else from the host.
+    from ``slots`` (sorted) on the device where torch's grouped product runs and the pool has at most
+    ``GROUPED_MM_MAX_GROUPS`` slots (one call; the graph engine's prefill; no host sync where that product is
+    one kernel, as on Hopper: elsewhere torch loops over the groups and reads their ends), else from the host.
     """
     batched = kernel is Kernel.BATCHED
     num_slots = views["gate_up_proj"].shape[0]
@@ -128,8 +129,11 @@ def expert_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.
         if grouped_on_device(x, layout) and kernel is Kernel.GROUPED and num_slots <= GROUPED_MM_MAX_GROUPS:
             calls = [GroupedCall(0, x.shape[0], 0, num_slots, counts.cumsum(0, dtype=torch.int32))]
         else:
-            ends = counts.cumsum(0).tolist()
-            groups = [(slot, end - n, end) for slot, (n, end) in enumerate(zip(counts.tolist(), ends)) if n]
+            groups, end = [], 0
+            for slot, n in enumerate(counts.tolist()):  # one read of the counts
+                if n:
+                    groups.append((slot, end, end + n))
+                    end += n
     elif kernel is Kernel.GROUPED and grouped_on_device(x, layout):
         calls = grouped_calls(groups, num_slots, x.device)
     bias = views.get("gate_up_proj_bias")

@@ -27,6 +27,10 @@ class RoutingReplay:
     def passes_done(self) -> int:
         return self._pass + 1
 
+    def rewind(self) -> None:
+        """Back to the trace's first pass (changes state)."""
+        self._pass = -1
+
     def begin_pass(self) -> None:
         """Move to the next recorded pass (changes state); raises when the trace is exhausted."""
         if self._pass + 1 >= len(self.trace.passes):
@@ -95,6 +99,13 @@ class DeviceRoutingReplay(RoutingReplay):
     @property
     def passes_done(self) -> int:
         return int(self.counter) + 1
+
+    def rewind(self) -> None:
+        """Back to the trace's first pass, in place: the device tensors keep their addresses, so the steps
+        captured while replaying (CUDA graphs, compiled) stay valid and are not recorded again."""
+        super().rewind()
+        self.counter.fill_(-1)
+        self.wrong.zero_()
 
     def begin_pass(self) -> None:
         """The next pass, from the host (changes state; one sync); raises where a compiled step went wrong."""

@@ -73,6 +73,30 @@ def test_a_prefill_whose_experts_fit_runs_on_the_device(family, eviction, monkey
     assert runs["device"].total.misses > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's grouped product on the device: CUDA, bf16")
+@pytest.mark.parametrize("tokens", [7, 1100])
+def test_the_device_prefill_keeps_transformers_tokens_in_bf16(tokens):
+    """The grouped prefill on the device gives transformers' grouped_mm tokens in bf16, where its product
+    groups rows over the pool's S slots and transformers' over the E experts: at 7 tokens both products are
+    the small-group kernel; at 1100 tokens (2200 rows: 137 a group over 16 experts, 69 over 32 slots) they
+    fall on either side of torch's 128-rows-a-group choice of kernel."""
+    shape = dict(num_hidden_layers=4, num_experts=16, max_position_embeddings=2048, dtype=torch.bfloat16)
+    ref = tiny_model("olmoe", **shape).cuda()
+    ref.set_experts_implementation("grouped_mm")
+    ids = torch.randint(3, 256, (1, tokens), generator=torch.Generator().manual_seed(tokens)).cuda()
+    want = generate(ref, ids, 4)
+    chunked = []
+    real = GraphEngine._chunked
+    try:
+        GraphEngine._chunked = lambda self, *args: chunked.append(1) or real(self, *args)
+        specmd.offload(ref, "50%", "lru", "cuda", engine="graph")  # 32 slots, not 16
+        assert torch.equal(generate(ref, ids, 4), want)
+        assert not chunked  # the prefill ran on the device
+    finally:
+        GraphEngine._chunked = real
+        ref.specmd.close()
+
+
 def test_what_the_graph_engine_does_not_do_is_refused(device):
     with pytest.raises(ValueError, match="leave them unset"):
         specmd.offload(tiny_model("olmoe"), "50%", device=device, engine="graph",

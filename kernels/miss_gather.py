@@ -22,16 +22,21 @@ WORDS_PER_PROGRAM = 8192  # 32 KiB per program
 
 
 @triton.jit
+def _copy_piece(store, pool, experts, slots, j, piece, words_per_expert, WORDS: tl.constexpr):
+    """Piece ``piece`` of expert ``experts[j]``'s block into slot ``slots[j]``."""
+    expert = tl.load(experts + j).to(tl.int64)
+    slot = tl.load(slots + j).to(tl.int64)
+    offsets = piece * WORDS + tl.arange(0, WORDS)
+    inside = offsets < words_per_expert
+    words = tl.load(store + expert * words_per_expert + offsets, mask=inside)
+    tl.store(pool + slot * words_per_expert + offsets, words, mask=inside)
+
+
+@triton.jit
 def _gather(store, pool, experts, slots, count, words_per_expert, WORDS: tl.constexpr):
     j = tl.program_id(0)
     if j < tl.load(count):
-        piece = tl.program_id(1)
-        expert = tl.load(experts + j).to(tl.int64)
-        slot = tl.load(slots + j).to(tl.int64)
-        offsets = piece * WORDS + tl.arange(0, WORDS)
-        inside = offsets < words_per_expert
-        words = tl.load(store + expert * words_per_expert + offsets, mask=inside)
-        tl.store(pool + slot * words_per_expert + offsets, words, mask=inside)
+        _copy_piece(store, pool, experts, slots, j, tl.program_id(1), words_per_expert, WORDS)
 
 
 @triton.jit
@@ -39,14 +44,7 @@ def _gather_strided(store, pool, experts, slots, count, width, words_per_expert,
                     PROGRAMS: tl.constexpr):
     total = tl.minimum(tl.load(count).to(tl.int64), width) * pieces  # the full grid reads K entries at most
     for item in range(tl.program_id(0), total, PROGRAMS):
-        j = item // pieces
-        piece = item % pieces
-        expert = tl.load(experts + j).to(tl.int64)
-        slot = tl.load(slots + j).to(tl.int64)
-        offsets = piece * WORDS + tl.arange(0, WORDS)
-        inside = offsets < words_per_expert
-        words = tl.load(store + expert * words_per_expert + offsets, mask=inside)
-        tl.store(pool + slot * words_per_expert + offsets, words, mask=inside)
+        _copy_piece(store, pool, experts, slots, item // pieces, item % pieces, words_per_expert, WORDS)
 
 
 def gather_misses(store: torch.Tensor, pool: torch.Tensor, experts: torch.Tensor, slots: torch.Tensor,

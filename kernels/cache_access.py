@@ -61,7 +61,8 @@ def _sort_keys(s_idx, layer, owner, scratch, protect, protect_layer, last, lfu_c
 
 @triton.jit
 def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, evicted, clock, counters, passes,
-            last, lfu_count, touched, pass_number, scratch, protect, experts_out, victims_out, count_out, slots_out,
+            last, lfu_count, touched, pass_number, fresh, scratch, protect, experts_out, victims_out, count_out,
+            slots_out,
             E: tl.constexpr, S: tl.constexpr, L: tl.constexpr, POLICY: tl.constexpr, PREFETCH: tl.constexpr,
             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, TILE_S: tl.constexpr):
     keys_total = L * E + 1  # flat keys, with the spare one
@@ -89,13 +90,18 @@ def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, 
     key = layer * E + e
     loaded = tl.load(ever_loaded + key, mask=in_e, other=0) != 0
     collided = tl.load(evicted + key, mask=in_e, other=0) != 0
-    here = counters + layer  # counters [7, L + 1]: counter i of this layer at i * (L + 1) + layer (COUNTERS)
+    here = counters + layer  # counters [9, L + 1]: counter i of this layer at i * (L + 1) + layer (COUNTERS)
     if not PREFETCH:  # a prefetch call accessed nothing; its copies are counted once the victims are known
         tl.store(here, tl.load(here) + tl.sum(need.to(tl.int64)))
         tl.store(here + (L + 1), tl.load(here + (L + 1)) + tl.sum(hit.to(tl.int64)))
         tl.store(here + 2 * (L + 1), tl.load(here + 2 * (L + 1)) + tl.sum((miss & ~loaded).to(tl.int64)))
         tl.store(here + 3 * (L + 1), tl.load(here + 3 * (L + 1)) + tl.sum((miss & loaded & ~collided).to(tl.int64)))
         tl.store(here + 4 * (L + 1), tl.load(here + 4 * (L + 1)) + tl.sum((miss & loaded & collided).to(tl.int64)))
+        # a hit on a prefetched expert's first demand access is a prefetch hit; the slot is no longer fresh
+        hit_slot = tl.where(hit, row, S)
+        was_fresh = tl.load(fresh + hit_slot, mask=hit, other=0) != 0
+        tl.store(here + 7 * (L + 1), tl.load(here + 7 * (L + 1)) + tl.sum((hit & was_fresh).to(tl.int64)))
+        tl.store(fresh + hit_slot, tl.zeros([BLOCK_E], dtype=tl.int1), mask=hit)
     count = tl.sum(miss.to(tl.int32))
     tl.store(experts_out + tl.cumsum(miss.to(tl.int32), 0) - 1, e.to(tl.int64), mask=miss)  # ascending
     tl.store(scratch + e, needed.to(tl.int8), mask=in_e)
@@ -147,10 +153,16 @@ def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, 
     tl.store(table + (old_key // E) * (E + 1) + old_key % E, tl.full([BLOCK_E], -1, tl.int64), mask=gone)
     tl.store(evicted + old_key, tl.full([BLOCK_E], 1, tl.int1), mask=gone)
     tl.atomic_add(counters + 5 * (L + 1) + old_key // E, tl.full([BLOCK_E], 1, tl.int64), mask=gone)
+    wasted = gone & (tl.load(fresh + victim, mask=gone, other=0) != 0)  # prefetched, never accessed
+    tl.atomic_add(counters + 8 * (L + 1) + old_key // E, tl.full([BLOCK_E], 1, tl.int64), mask=wasted)
     tl.debug_barrier()
     tl.store(table + layer * (E + 1) + expert, victim, mask=valid)
     tl.store(owner + victim, layer * E + expert, mask=valid)
     tl.store(ever_loaded + layer * E + expert, tl.full([BLOCK_E], 1, tl.int1), mask=valid)
+    if PREFETCH:  # the victims now hold this call's experts: fresh when a prefetch brought them
+        tl.store(fresh + victim, tl.full([BLOCK_E], 1, tl.int1), mask=valid)
+    else:
+        tl.store(fresh + victim, tl.zeros([BLOCK_E], dtype=tl.int1), mask=valid)
     tl.debug_barrier()
 
     # The policy records the call's accesses (a prefetch call: its insertions, and for least-stale its touches)
@@ -184,7 +196,8 @@ def access(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Tensor]
     """One ``DeviceCache.access`` of ``layer`` for the routed ``ids`` (any shape, int64) on the current stream,
     after ``DeviceCache.begin_pass`` when ``begin``. ``state``: table, owner, ever_loaded, evicted_this_pass,
     clock, counters, passes, policy.last, LFU count, least-stale touched pass and pass number (the last three
-    any tensor where the policy has none), and an [E] int8 scratch; ``outputs``: the misses' experts [K] and
+    any tensor where the policy has none), the [S + 1] fresh flags (prefetched, not yet accessed), and an [E]
+    int8 scratch; ``outputs``: the misses' experts [K] and
     slots [K] (their first ``count`` entries written), ``count`` [1], the layer's slots [E] after the call.
     ``protect``: (layer, the scratch of its demand call) makes this a prefetch call (``DeviceCache.access``).
     One launch; never syncs."""

@@ -39,7 +39,8 @@ def compare(trace, capacity, eviction):
     want = simulate(trace, capacity, eviction)
     got = drive(trace, capacity, eviction).stats(expert_bytes=1)
     for layer, (a, b) in enumerate(zip(got, want.layers)):
-        assert [getattr(a, c) for c in COUNTERS] == [getattr(b, c) for c in COUNTERS], (eviction, capacity, layer)
+        fields = [c for c in COUNTERS if c != "wasted_prefetches"] + ["wasted_prefetch_bytes"]
+        assert [getattr(a, c) for c in fields] == [getattr(b, c) for c in fields], (eviction, capacity, layer)
     assert sum(s.hits for s in got) == want.total.hits
 
 
@@ -147,11 +148,13 @@ def test_the_cache_kernel_equals_the_torch_cache(eviction, percent, tile, prefet
     assert calls > len(passes)
     S = capacity  # the spare entries past the end take masked writes and differ; the rest must not
     real = {"table": (slice(None), slice(0, E)), "owner": slice(0, S), "ever_loaded": slice(0, L * E),
-            "evicted_this_pass": slice(0, L * E), "counters": (slice(None), slice(0, L))}
-    for name in ("table", "owner", "ever_loaded", "evicted_this_pass", "clock", "counters", "passes"):
+            "evicted_this_pass": slice(0, L * E), "counters": (slice(None), slice(0, L)), "fresh": slice(0, S)}
+    for name in ("table", "owner", "ever_loaded", "evicted_this_pass", "clock", "counters", "passes", "fresh"):
         a, b = getattr(torch_cache, name), getattr(kernel_cache, name)
         assert torch.equal(a[real.get(name, ...)], b[real.get(name, ...)]), name
     assert (int(torch_cache.counters[COUNTERS.index("prefetches")].sum()) > 0) == prefetch
+    # prefetch outcomes are counted (and equal, above): some prefetched experts are used, some wasted
+    assert (int(torch_cache.counters[COUNTERS.index("prefetch_hits")].sum()) > 0) == prefetch
     for a, b in zip(torch_cache.policy.kernel_state(), kernel_cache.policy.kernel_state()):
         assert torch.equal(a[:S] if a.dim() else a, b[:S] if b.dim() else b)
 
@@ -228,6 +231,7 @@ def test_the_cache_step_op_equals_the_torch_step(eviction, device):
             for name, a, b in [("table", want.table[:, :E], got.table[:, :E]), ("owner", want.owner[:S], got.owner[:S]),
                                ("counters", want.counters[:, :L], got.counters[:, :L]), ("clock", want.clock, got.clock),
                                ("loaded", want.ever_loaded[:-1], got.ever_loaded[:-1]),
+                               ("fresh", want.fresh[:S], got.fresh[:S]),
                                ("last", want.policy.last[:S], got.policy.last[:S])]:
                 assert torch.equal(a, b), (name, step, layer)
             for slot, key in enumerate(got.owner[:S].tolist()):

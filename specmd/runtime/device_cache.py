@@ -22,7 +22,8 @@ import torch
 from .device_policies import DEVICE_POLICIES, DevicePolicy
 from .metrics import LayerStats
 
-COUNTERS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions", "prefetches")
+COUNTERS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions", "prefetches",
+            "prefetch_hits", "wasted_prefetches")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class DeviceCache:
         self.owner = torch.full((S + 1,), -1, **i64)  # [S + 1] -> flat key layer * E + expert, -1 when free
         self.ever_loaded = torch.zeros(L * E + 1, dtype=torch.bool, device=device)
         self.evicted_this_pass = torch.zeros(L * E + 1, dtype=torch.bool, device=device)
+        # [S + 1] the slot holds an expert a prefetch call brought that no demand call has accessed yet
+        self.fresh = torch.zeros(S + 1, dtype=torch.bool, device=device)
         self.clock = torch.zeros((), **i64)
         self.counters = torch.zeros(len(COUNTERS), L + 1, **i64)  # [counter, layer]
         self.passes = torch.zeros((), **i64)  # forward passes, counted on the device (compiled steps too)
@@ -138,6 +141,10 @@ class DeviceCache:
             loaded, collided = self.ever_loaded[keys], self.evicted_this_pass[keys]
             self._count(layer, needed, hits, missed & ~loaded, missed & loaded & ~collided,
                         missed & loaded & collided)
+            # a hit on a prefetched expert's first demand access is a prefetch hit; the slot is no longer fresh
+            hit_slots = torch.where(hits, row, S)
+            self.counters[COUNTERS.index("prefetch_hits"), layer].add_((self.fresh[hit_slots] & hits).sum())
+            self.fresh.index_fill_(0, hit_slots, False)
 
         # Victims: free slots (ascending), then the policy's order among slots this call does not use.
         in_use = torch.zeros(S + 1, dtype=torch.bool, device=self.device)
@@ -172,6 +179,11 @@ class DeviceCache:
         self.table.view(-1).index_fill_(0, torch.where(evicted, old_layer * (E + 1) + old % E, E), -1)  # E: spare
         self.evicted_this_pass.index_fill_(0, old_key, True)
         self.counters[COUNTERS.index("evictions")].index_put_((old_layer,), evicted.long(), accumulate=True)
+        wasted = evicted & self.fresh[victims]  # prefetched, evicted before any demand access
+        self.counters[COUNTERS.index("wasted_prefetches")].index_put_((old_layer,), wasted.long(), accumulate=True)
+        # the victims now hold this call's experts: fresh when a prefetch brought them
+        self.fresh.index_fill_(0, torch.where(valid, victims, S), protect is not None)
+        self.fresh.narrow(0, S, 1).fill_(False)
         self.evicted_this_pass.narrow(0, spare_key, 1).fill_(False)  # not ``[i] = False``: a host tensor copy
         self.table[layer].index_put_((torch.where(valid, experts, E),), victims)
         self.owner.index_put_((torch.where(valid, victims, S),), layer * E + experts)
@@ -231,7 +243,8 @@ class DeviceCache:
         """The state in the order ``kernels/cache_access.py`` takes it; a prefetch call has its own scratch
         (the demand call's says what it must not evict)."""
         return [self.table, self.owner, self.ever_loaded, self.evicted_this_pass, self.clock, self.counters,
-                self.passes, *self.policy.kernel_state(), self._scratch_prefetch if prefetch else self._scratch]
+                self.passes, *self.policy.kernel_state(), self.fresh,
+                self._scratch_prefetch if prefetch else self._scratch]
 
     def slots(self, layer: int) -> torch.Tensor:
         """[E] the slot of each expert of ``layer`` (-1 where not resident); a view."""
@@ -246,8 +259,10 @@ class DeviceCache:
             counts = {name: values[i][layer] for i, name in enumerate(COUNTERS)}
             misses = counts["misses_cold"] + counts["misses_capacity"] + counts["misses_collision"]
             copies = misses + counts["prefetches"]  # every copy, demand or prefetch (as SlotCache counts)
+            wasted = counts.pop("wasted_prefetches")
             layers.append(LayerStats(**counts, bytes_copied=copies * expert_bytes,
-                                     prefetch_bytes=counts["prefetches"] * expert_bytes))
+                                     prefetch_bytes=counts["prefetches"] * expert_bytes,
+                                     wasted_prefetch_bytes=wasted * expert_bytes))
         return layers
 
     def reset_counters(self) -> None:

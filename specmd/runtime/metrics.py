@@ -56,8 +56,9 @@ class Stats:
     # Simulator only: its cost model's estimates (None in live runs, which measure instead)
     estimated_ttft_ms: float | None = None
     estimated_tpot_ms: float | None = None
-    # False for the graph engine, whose device counters do not follow a prefetched expert to its first use:
-    # its prefetch hits, late and wasted prefetches and prediction precision and recall read 0, not measured
+    # False for the graph engine: its device counters count prefetch hits and wasted prefetches, but no late
+    # prefetch (the next layer waits for every prefetch on the device) and no prediction precision or recall,
+    # which read 0, not measured
     prefetch_outcomes_counted: bool = True
 
     @property
@@ -103,8 +104,9 @@ class Stats:
                 f"({self.hit_rate:.1%}) misses={t.misses} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
                 f"collision {t.misses_collision}) copied={t.bytes_copied / 2**20:.1f} MiB")
         if (t.prefetches or t.predicted) and not self.prefetch_outcomes_counted:
-            line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch "
-                     "hits, lateness, waste and precision: not counted by the graph engine")
+            line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch: "
+                     f"hits={t.prefetch_hits} wasted={t.wasted_prefetch_bytes / 2**20:.1f} MiB (lateness and "
+                     "precision not counted by the graph engine)")
         elif t.prefetches or t.predicted:
             # Prefetches are loads too: they evict, so evictions can exceed misses.
             line += (f" prefetches={t.prefetches} evictions={t.evictions} (by misses and prefetches) prefetch: "

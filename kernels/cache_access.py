@@ -181,8 +181,8 @@ def _access(ids, n_ids, layer, begin, protect_layer, table, owner, ever_loaded, 
         tl.store(last + slot, ticks, mask=miss)
     elif POLICY == LEAST_STALE:
         pass_now = tl.load(pass_number)
-        fresh = miss | (tl.load(touched + slot, mask=rec, other=-1) != pass_now)
-        tl.store(last + slot, ticks, mask=rec & fresh)
+        first_touch = miss | (tl.load(touched + slot, mask=rec, other=-1) != pass_now)
+        tl.store(last + slot, ticks, mask=rec & first_touch)
         tl.store(touched + slot, tl.zeros_like(ticks) + pass_now, mask=rec)
     else:
         tl.store(last + slot, ticks, mask=rec)

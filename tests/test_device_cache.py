@@ -261,3 +261,45 @@ def test_the_bounded_gather_copies_what_the_full_grid_copies(programs, device):
     want = torch.full_like(pool, -1)
     want[[2, 0, 3]] = store[[5, 0, 3]]
     assert torch.equal(pool, want)
+
+
+@pytest.mark.parametrize("version", ["torch", "kernel"])
+def test_prefetch_hits_and_waste_by_hand(version, device):
+    """Two layers of four experts, two slots, lru, worked by hand: a prefetched expert's first demand access
+    is a prefetch hit (once); a prefetched expert evicted before any demand access is wasted, on its own
+    layer's count; a demand call leaves its victims not fresh."""
+    if version == "kernel" and (reason := _kernel_runs(device)):
+        pytest.skip(reason)
+    dev = torch.device(device)
+    cache = DeviceCache(2, 4, 2, "lru", dev)
+
+    def demand(layer, experts, begin=False):
+        if version == "torch":
+            if begin:
+                cache.begin_pass()
+            cache.access(layer, cache._mask(torch.tensor(experts, device=dev)))
+        else:
+            cache.access_ids(layer, torch.tensor(experts, device=dev), begin=begin)
+
+    def prefetch(after_layer, after_experts, layer, experts):
+        if version == "torch":
+            cache.access(layer, cache._mask(torch.tensor(experts, device=dev)),
+                         protect=(after_layer, cache._mask(torch.tensor(after_experts, device=dev))))
+        else:
+            cache.access_ids(layer, torch.tensor(experts, device=dev), protect_layer=after_layer)
+
+    def count(name):
+        return cache.counters[COUNTERS.index(name), :2].tolist()
+
+    demand(0, [0], begin=True)  # slot 0 <- (0, 0)
+    prefetch(0, [0], 1, [1])  # slot 1 <- (1, 1), fresh
+    demand(1, [1])  # a prefetch hit
+    demand(1, [1])  # not another
+    assert count("prefetch_hits") == [0, 1] and count("wasted_prefetches") == [0, 0]
+    prefetch(1, [1], 1, [2])  # slot 0's (0, 0) evicted (not fresh: no waste) <- (1, 2), fresh
+    assert count("wasted_prefetches") == [0, 0] and cache.fresh[:2].tolist() == [True, False]
+    demand(0, [0], begin=True)  # evicts lru slot 1's (1, 1): used, not fresh
+    demand(1, [3])  # evicts slot 0's (1, 2), prefetched and never used: wasted, on layer 1
+    assert count("prefetch_hits") == [0, 1] and count("wasted_prefetches") == [0, 1]
+    assert cache.fresh[:2].tolist() == [False, False]  # demand copies are not fresh
+    assert count("prefetches") == [0, 2]

@@ -21,8 +21,7 @@ from specmd.study.costmodel import LinkProfile, ModelTiming
 from specmd.study.sim import simulate
 from specmd.study.trace import load_trace
 
-OLMOE_EXPERT_BYTES = 12582912  # bf16 gate, up and down of 2048 x 1024
-
+OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the replayed model's shapes: its expert's bytes
 
 def row_settings(name: str) -> tuple[str, float, str, int, int | None]:
     """(eviction, budget %, prefetch policy, lookahead, gather programs) from a replayed row's name, e.g.
@@ -52,7 +51,7 @@ def main() -> None:
     for path in args.results:
         result = json.load(open(path))
         link = LinkProfile("measured", result["copy_gbps"], 0.0)
-        timing = ModelTiming("olmoe", OLMOE_EXPERT_BYTES, layer_ms, 0.0)
+        timing = ModelTiming("olmoe", OLMOE.expert_bytes, layer_ms, 0.0)
         for live in result["rows"]:
             if "replayed trace" not in live.get("name", "") or "error" in live:
                 continue

@@ -11,14 +11,19 @@ from .machine import host_memory_bytes
 FIT_HEADROOM_BYTES = 6 * 2**30
 
 
-def sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
-    """(transformers config, all weight bytes, expert bytes, one expert's bytes) in bf16, from a meta model."""
+def _on_meta(spec: ModelSpec):
+    """(transformers config, the model on the meta device in bf16: nothing allocated, its MoE layers)."""
     from transformers import AutoModelForCausalLM
 
     config = spec.transformers_config()
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    layers = find_moe_layers(meta)
+    return config, meta, find_moe_layers(meta)
+
+
+def sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
+    """(transformers config, all weight bytes, expert bytes, one expert's bytes) in bf16, from a meta model."""
+    config, meta, layers = _on_meta(spec)
     layout = layers[0].layout
     total = sum(p.numel() * p.element_size() for p in meta.parameters())
     return config, total, layout.layer_bytes * len(layers), layout.expert_bytes
@@ -26,12 +31,7 @@ def sizes_on_meta(spec: ModelSpec) -> tuple[object, int, int, int]:
 
 def moe_topology(spec: ModelSpec) -> tuple[int, int, int]:
     """(MoE layers, experts per layer, top-k) of the model, from a meta model (nothing allocated)."""
-    from transformers import AutoModelForCausalLM
-
-    config = spec.transformers_config()
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    layers = find_moe_layers(meta)
+    config, _, layers = _on_meta(spec)
     return len(layers), layers[0].layout.num_experts, config.num_experts_per_tok
 
 

@@ -231,7 +231,8 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                 if name in config.baselines or name == "full-gpu-grouped-mm":
                     results.skip(f"{spec.name}: {name} skipped: the model does not fit the device whole (built "
                                  "into the host store); tokens are checked against the first specmd configuration")
-        trace = load_trace(config.trace_path(model_path)) if config.trace_path(model_path) else None
+        trace_path = config.trace_path(model_path)
+        trace = load_trace(trace_path) if trace_path else None
         bench = ModelBench(spec, model, placement, config, device, results, cps, progress, trace)
         results.per_model("routing", spec.name, bench.routing)
         native = copy_gbps(bench.expert_bytes, device) if bench.cuda else None

@@ -158,7 +158,6 @@ def weighted_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torc
     hidden_states [T, H], flat_ids / weights [T*k] token-major.
     """
     num_slots = views["gate_up_proj"].shape[0]
-    top_k = flat_ids.shape[0] // hidden_states.shape[0]
     # lut[e] = slot of e, or num_slots for experts outside the chunk: sorting by it puts this chunk's rows
     # first, grouped by slot, without another sync.
     lut = [num_slots] * layout.num_experts
@@ -169,7 +168,23 @@ def weighted_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torc
         groups.append((slot, rows_total, rows_total + counts[expert]))
         rows_total += counts[expert]
     row_slots = torch.tensor(lut).to(hidden_states.device, non_blocking=True)[flat_ids]  # [T*k]
-    order = torch.argsort(row_slots, stable=True)[:rows_total]  # [R] pair indices, by slot
-    x = hidden_states[order // top_k]  # [R, H]
-    y = expert_rows(module, layout, views, x, row_slots[order], groups, kernel)  # [R, H]
+    write_weighted_rows(module, layout, views, kernel, hidden_states, row_slots, weights, groups, rows_total, out)
+
+
+def weighted_rows_out(layout: ExpertLayout, hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An empty [T*k, H] for the weighted rows of ``weights`` [T*k], in the dtype transformers' experts weigh
+    them in (the experts' dtype promoted with the routing weights')."""
+    dtype = torch.promote_types(layout.dtype, weights.dtype)
+    return torch.empty(weights.shape[0], hidden_states.shape[-1], dtype=dtype, device=hidden_states.device)
+
+
+def write_weighted_rows(module: nn.Module, layout: ExpertLayout, views: dict[str, torch.Tensor], kernel: Kernel,
+                        hidden_states: torch.Tensor, row_slots: torch.Tensor, weights: torch.Tensor,
+                        groups: Sequence[tuple[int, int, int]] | None, rows: int, out: torch.Tensor) -> None:
+    """Write into ``out`` [T*k, H] the weighted rows of the ``rows`` pairs first in slot order (``row_slots``
+    [T*k] the slot of each pair; a stable sort, so a slot's rows stay in pair order); ``groups`` as
+    ``expert_rows`` takes them. No host sync."""
+    top_k = row_slots.shape[0] // hidden_states.shape[0]
+    order = torch.argsort(row_slots, stable=True)[:rows]  # [R] pair indices, by slot
+    y = expert_rows(module, layout, views, hidden_states[order // top_k], row_slots[order], groups, kernel)  # [R, H]
     out.index_copy_(0, order, y * weights[order].unsqueeze(-1))

@@ -185,10 +185,9 @@ class MissGather:
         self.tensors = self._sources if device.type == "cuda" else []
         if device.type == "cuda":
             _SideStream.of(device)  # made now, not inside a step that a CUDA graph may be capturing
-        if prefetch_programs is None:  # a quarter of the SMs copy; the layer's compute keeps the rest
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            prefetch_programs = max(1, sms // 4)
-        self.prefetch_programs = prefetch_programs
+        if prefetch_programs is None and device.type == "cuda":  # a quarter of the SMs copy, the compute keeps the rest
+            prefetch_programs = max(1, torch.cuda.get_device_properties(device).multi_processor_count // 4)
+        self.prefetch_programs = prefetch_programs or 0  # only the CUDA kernel reads it
 
     def __call__(self, layer: int, misses: Misses, after: torch.Tensor | None = None) -> torch.Tensor:
         return gather_misses(self._sources[layer], self._pool.data, misses.experts, misses.slots, misses.count,

@@ -45,7 +45,16 @@ import torch
 from torch import nn
 
 from ..adapters import MoELayer
-from ..compute import GROUPED_MM_MAX_GROUPS, Kernel, KernelPlan, expert_rows, sum_over_k, weighted_rows
+from ..compute import (
+    GROUPED_MM_MAX_GROUPS,
+    Kernel,
+    KernelPlan,
+    expert_rows,
+    sum_over_k,
+    weighted_rows,
+    weighted_rows_out,
+    write_weighted_rows,
+)
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
 from ..metrics import Stats
@@ -220,14 +229,10 @@ class GraphEngine:
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
         layer_slots = self.cache.step(layer, flat_ids, after=hidden_states)
-        row_slots = layer_slots[flat_ids]  # [T*k]
-        order = torch.argsort(row_slots, stable=True)
-        views = layout_views(self.pool.data, self.pool.layout)
-        y = expert_rows(module, self.pool.layout, views, hidden_states[order // top_k], row_slots[order], None,
-                        Kernel.GROUPED)  # [T*k, H], slot-sorted
-        out_dtype = torch.promote_types(self.pool.layout.dtype, weights.dtype)
-        out = torch.empty(flat_ids.shape[0], hidden_states.shape[-1], dtype=out_dtype, device=hidden_states.device)
-        out.index_copy_(0, order, y * weights[order].unsqueeze(-1))
+        layout = self.pool.layout
+        out = weighted_rows_out(layout, hidden_states, weights)
+        write_weighted_rows(module, layout, layout_views(self.pool.data, layout), Kernel.GROUPED, hidden_states,
+                            layer_slots[flat_ids], weights, None, flat_ids.shape[0], out)
         return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
 
     def _predictions(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
@@ -250,8 +255,7 @@ class GraphEngine:
         """The layer through the main loop's chunks of at most num_slots experts; reads the ids (one sync), and
         each chunk's slots."""
         layout = self.pool.layout
-        out_dtype = torch.promote_types(layout.dtype, weights.dtype)
-        out = torch.empty(flat_ids.shape[0], hidden_states.shape[-1], dtype=out_dtype, device=hidden_states.device)
+        out = weighted_rows_out(layout, hidden_states, weights)
         counts = Counter(flat_ids.tolist())
 
         def compute_chunk(chunk: Sequence[int], slots: list[int]) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..adapters import MoELayer
 from ..cache import SlotCache
-from ..compute import KernelPlan, sum_over_k, weighted_rows
+from ..compute import KernelPlan, sum_over_k, weighted_rows, weighted_rows_out
 from ..copier import SlotPool
 from ..metrics import LayerStats, Stats
 from ..prefetch import Predictor, PrefetchRequest, prefetch_requests
@@ -130,11 +130,9 @@ class ThreadedEngine:
                  top_k_weights: torch.Tensor, counts: Counter, requests: list[PrefetchRequest]) -> torch.Tensor:
         """Compute the layer's rows chunk by chunk from the slots (``MainLoop.run``). [T, H] out, no host sync."""
         num_tokens, top_k = top_k_weights.shape
-        device = hidden_states.device
         weights = top_k_weights.reshape(-1)  # [T*k]
         layout = self.pool.layout
-        out_dtype = torch.promote_types(layout.dtype, weights.dtype)
-        out = torch.empty(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype, device=device)  # [T*k, H]
+        out = weighted_rows_out(layout, hidden_states, weights)  # [T*k, H]
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
 
         def compute_chunk(chunk: Sequence[int], slots: list[int]) -> None:

@@ -193,8 +193,8 @@ class GraphEngine:
 
     @property
     def captured_graphs(self) -> int:
-        """How many layer steps run as CUDA graphs (0 off CUDA)."""
-        return self._graphs.captures if self._graphs is not None else 0
+        """How many layer steps run as CUDA graphs now (0 off CUDA; a new replay drops them)."""
+        return len(self._graphs) if self._graphs is not None else 0
 
     def _device_step(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor, begin: bool = False, fork: bool = False) -> torch.Tensor:

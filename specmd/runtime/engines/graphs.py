@@ -30,7 +30,6 @@ class LayerGraphs:
         self.disabled = False  # set, with one logged line, when a capture failed: every step runs uncaptured
         self._pool = None
         self._shapes: set[tuple] = set()  # the input shapes captured so far (a new batch size adds one)
-        self.captures = 0
 
     def run(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
             top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -50,10 +49,15 @@ class LayerGraphs:
         graph.replay()
         return static_out.clone()  # the next replay of this graph overwrites static_out
 
+    def __len__(self) -> int:
+        """How many layer steps are held as captured graphs."""
+        return len(self._graphs)
+
     def clear(self) -> None:
         """Drop every graph and its memory (changes state)."""
         self._graphs.clear()
         self._seen.clear()
+        self._shapes.clear()
         self._pool = None
 
     def _capture(self, key: tuple, layer: int, module: nn.Module, inputs: tuple[torch.Tensor, ...]):
@@ -70,7 +74,6 @@ class LayerGraphs:
             log.warning("specmd: the graph engine's steps could not be captured as CUDA graphs (%s); they run "
                         "uncaptured", str(err).splitlines()[0])
             return None
-        self.captures += 1
         shape = key[1:]
         if self._shapes and shape not in self._shapes:
             log.info("specmd: decode steps of a new shape (hidden states %s): captured again", shape[0][0])

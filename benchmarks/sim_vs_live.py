@@ -1,27 +1,35 @@
-"""The simulator's time estimate against the graph engine's live replays (issue 12, the cost model), from
-committed result files: no GPU needed.
+"""The simulator against the graph engine's live replays (issue 12): counts and time, from committed result
+files; no GPU needed.
 
-For each replayed row of a ``graph_h100.py`` result (``--trace``), the simulator replays the same trace
-at the same budget, eviction and prefetch, with the cost model's constants taken from that run alone: the
-link rate is the copy rate the run measured (``copy_gbps``), with no per-copy overhead (the gather kernel
-is one launch per layer), and a layer's compute is the compiled full-GPU decode step of a run on the same
-machine divided by the MoE layers (``--full-tpot-ms``; the replayed runs time no full-GPU row). Prints, per
-row: live and estimated TPOT, the error, and the hit rates of both (the graph engine does not predict the
-next pass's first layers, the simulator's inline prefetch does, so their counts differ with prefetch).
+For each replayed row of a ``graph_h100.py`` result (``--trace``), ``simulate_graph`` replays the same trace
+through the graph engine's own device cache at the same budget, eviction and prefetch, warmed up by one
+uncounted replay as the live row was. Prints, per row: whether every per-layer count equals the live one
+(hits, misses by kind, prefetch hits, prefetches, evictions, wasted prefetches), and live against estimated
+TPOT and TTFT. The estimate is the graph cost model (``graph_sim.GraphTiming``) with the gather rates of a
+``GraphLink`` profile and a layer's compute = the compiled full-GPU decode step of a run on the same machine
+/ MoE layers (``--full-tpot-ms``; the replayed runs time no full-GPU row).
 
-    python benchmarks/sim_vs_live.py RESULT.json [RESULT.json ...] --trace T --full-tpot-ms 5.05 [--out FILE.json]
+``--fit`` searches the link's three constants (miss gather GB/s, prefetch gather GB/s, overhead per layer)
+for the smallest worst TPOT error over the given rows and prints them as a profile's YAML.
+
+    python benchmarks/sim_vs_live.py RESULT.json [...] --trace T --full-tpot-ms 4.6 [--link NAME] [--fit] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 
-from specmd.study.costmodel import LinkProfile, ModelTiming
-from specmd.study.sim import simulate
+import numpy as np
+
+from specmd.study.costmodel import GraphLink, ModelTiming
+from specmd.study.graph_sim import GraphTiming, simulate_graph
 from specmd.study.trace import load_trace
 
 OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the replayed model's shapes: its expert's bytes
+COUNTS = ("hits", "misses_cold", "misses_capacity", "misses_collision", "prefetch_hits", "prefetches", "evictions")
+
 
 def row_settings(name: str) -> tuple[str, float, str, int, int | None]:
     """(eviction, budget %, prefetch policy, lookahead, gather programs) from a replayed row's name, e.g.
@@ -36,41 +44,98 @@ def row_settings(name: str) -> tuple[str, float, str, int, int | None]:
     return eviction, budget, prefetch[1], int(prefetch[2]), int(prefetch[3]) if prefetch[3] else None
 
 
+def counts_equal(live: dict, sim) -> bool:
+    """Every per-layer count of the live row equals the simulator's (wasted prefetches in experts)."""
+    expert = live["stats"]["expert_bytes"]
+    return all([layer[c] for c in COUNTS] + [layer["wasted_prefetch_bytes"] // expert] ==
+               [getattr(s, c) for c in COUNTS] + [s.wasted_prefetch_bytes]
+               for layer, s in zip(live["stats"]["layers"], sim.layers, strict=True))
+
+
+class _Recorder(GraphTiming):
+    """Records each layer call's (tokens, demand copies, prefetched) instead of pricing it, for ``--fit``."""
+
+    def __init__(self, model: ModelTiming) -> None:
+        super().__init__(GraphLink("recording", 1.0, 1.0), model)
+        object.__setattr__(self, "calls", [])
+
+    def layer(self, tokens: int, demand: int, prefetched: int) -> float:
+        self.calls.append((tokens, demand, prefetched))
+        return 0.0
+
+
+def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelTiming) -> tuple[GraphLink, float]:
+    """The link constants on a grid (0.5 GB/s, 1 GB/s, 5 us) with the smallest worst TPOT error over ``rows``:
+    (live row, its counted decode steps' layer calls). ``GraphTiming.layer``, vectorised over the calls."""
+    calls = [(live["tpot_ms"], len(steps), np.array([c for step in steps for c in step], dtype=float).T)
+             for live, steps in rows]
+    gb = model.expert_bytes / 1e9 * 1e3  # ms at 1 GB/s per expert
+    best = None
+    for gather, prefetch, overhead in itertools.product([40 + 0.5 * i for i in range(31)], range(25, 56),
+                                                        [0.005 * i for i in range(41)]):
+        worst = 0.0
+        for tpot, num_steps, (tokens, demand, prefetched) in calls:
+            step_ms = (demand * gb / gather + np.maximum(model.decode_layer_ms, prefetched * gb / prefetch)
+                       + overhead).sum() / num_steps
+            worst = max(worst, abs(step_ms / tpot - 1))
+        if best is None or worst < best[1]:
+            best = (GraphLink("fit", gather, float(prefetch), round(overhead, 3)), worst)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+")
     parser.add_argument("--trace", required=True)
     parser.add_argument("--full-tpot-ms", type=float, required=True,
                         help="the compiled full-GPU TPOT of a run on the same machine (ms)")
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.0099,
+                        help="a prefill layer's compute per token (ms; default: fitted to the 10%% rows' TTFT)")
+    parser.add_argument("--link", default="h200-graph-measured", help="a GraphLink profile: a name in configs/hardware/")
+    parser.add_argument("--fit", action="store_true", help="fit the link's constants to these rows first")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
-    layer_ms = args.full_tpot_ms / trace.num_layers
+    model = ModelTiming("olmoe", OLMOE.expert_bytes, args.full_tpot_ms / trace.num_layers, args.prefill_ms_per_token)
+    live_rows = [live for path in args.results for live in json.load(open(path))["rows"]
+                 if "replayed trace" in live.get("name", "") and "error" not in live]
+    settings = {id(live): row_settings(live["name"]) for live in live_rows}
+    link = GraphLink.load(args.link)
+    if args.fit:
+        recorded = []
+        for live in live_rows:
+            eviction, budget, prefetch, depth, _ = settings[id(live)]
+            recorder = _Recorder(model)
+            simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, warm=True, timing=recorder)
+            calls = recorder.calls[len(recorder.calls) // 2:]  # the counted replay's
+            steps = [calls[i:i + trace.num_layers] for i in range(0, len(calls), trace.num_layers)]
+            recorded.append((live, [s for s in steps if s[0][0] == 1]))
+        link, worst = fit(recorded, model)
+        print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%):\n"
+              f"gather_gbps: {link.gather_gbps}\nprefetch_gbps: {link.prefetch_gbps}\noverhead_ms: {link.overhead_ms:.3f}")
+    timing = GraphTiming(link, model)
     rows = []
-    for path in args.results:
-        result = json.load(open(path))
-        link = LinkProfile("measured", result["copy_gbps"], 0.0)
-        timing = ModelTiming("olmoe", OLMOE.expert_bytes, layer_ms, 0.0)
-        for live in result["rows"]:
-            if "replayed trace" not in live.get("name", "") or "error" in live:
-                continue
-            eviction, budget, prefetch, depth, programs = row_settings(live["name"])
-            capacity = int(total * budget / 100)
-            sim = simulate(trace, capacity, eviction, prefetch=prefetch, lookahead=depth, timing=(link, timing))
-            rows.append({"file": path, "name": live["name"], "copy_gbps": result["copy_gbps"],
-                         "live_tpot_ms": live["tpot_ms"], "sim_tpot_ms": sim.estimated_tpot_ms,
-                         "error": sim.estimated_tpot_ms / live["tpot_ms"] - 1, "live_hit_rate": live["hit_rate"],
-                         "sim_hit_rate": sim.hit_rate})
+    for live in live_rows:
+        eviction, budget, prefetch, depth, _ = settings[id(live)]
+        sim = simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, warm=True, timing=timing)
+        rows.append({"name": live["name"], "counts_equal": counts_equal(live, sim), "live_tpot_ms": live["tpot_ms"],
+                     "sim_tpot_ms": sim.estimated_tpot_ms, "tpot_error": sim.estimated_tpot_ms / live["tpot_ms"] - 1,
+                     "live_ttft_ms": live["ttft_ms"], "sim_ttft_ms": sim.estimated_ttft_ms,
+                     "ttft_error": sim.estimated_ttft_ms / live["ttft_ms"] - 1, "hit_rate": sim.hit_rate})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"trace": args.trace, "full_tpot_ms": args.full_tpot_ms, "rows": rows}, f, indent=1)
-    print(f"layer compute {layer_ms:.3f} ms (compiled full GPU {args.full_tpot_ms} ms / {trace.num_layers}); "
-          "link: each run's measured copy rate, no per-copy overhead")
-    print(f"{'row':<72}{'GB/s':>6}{'live ms':>9}{'sim ms':>8}{'error':>8}{'hit live/sim':>15}")
+            json.dump({"trace": args.trace, "full_tpot_ms": args.full_tpot_ms, "link": vars(link),
+                       "prefill_ms_per_token": args.prefill_ms_per_token, "rows": rows}, f, indent=1)
+    print(f"link {link.name}: gather {link.gather_gbps} GB/s, prefetch {link.prefetch_gbps} GB/s, "
+          f"{link.overhead_ms} ms per layer; layer compute {model.decode_layer_ms:.3f} ms "
+          f"(compiled full GPU {args.full_tpot_ms} ms / {trace.num_layers})")
+    print(f"{'row':<72}{'counts':>7}{'hit %':>7}{'TPOT live':>10}{'sim':>7}{'error':>8}{'TTFT live':>10}{'sim':>7}"
+          f"{'error':>8}")
     for r in rows:
-        print(f"{r['name']:<72}{r['copy_gbps']:>6.1f}{r['live_tpot_ms']:>9.2f}{r['sim_tpot_ms']:>8.2f}"
-              f"{100 * r['error']:>+7.1f}%{100 * r['live_hit_rate']:>8.1f}/{100 * r['sim_hit_rate']:.1f}")
+        print(f"{r['name']:<72}{'equal' if r['counts_equal'] else 'DIFFER':>7}{100 * r['hit_rate']:>7.1f}"
+              f"{r['live_tpot_ms']:>10.2f}{r['sim_tpot_ms']:>7.2f}{100 * r['tpot_error']:>+7.1f}%"
+              f"{r['live_ttft_ms']:>10.1f}{r['sim_ttft_ms']:>7.1f}{100 * r['ttft_error']:>+7.1f}%")
 
 
 if __name__ == "__main__":

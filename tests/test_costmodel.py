@@ -1,7 +1,8 @@
 """The simulator's cost model: arithmetic, timeline, profiles."""
 import pytest
 
-from specmd.study.costmodel import LinkProfile, ModelTiming, Timeline
+from specmd.study.costmodel import GraphLink, LinkProfile, ModelTiming, Timeline
+from specmd.study.graph_sim import GraphTiming, simulate_graph
 from specmd.study.sim import simulate
 from specmd.study.trace import RoutingTrace
 
@@ -24,6 +25,34 @@ def test_timeline_serialises_copies_and_overlaps_compute():
     t.load((1, 0))  # copy engine idle: starts now (4.1)
     assert t.compute([(1, 0)], 1.0) == pytest.approx(1.1)
     assert t.copy_busy_ms == pytest.approx(3.3)
+
+
+def test_the_graph_cost_model_prices_a_layer_by_its_copies():
+    """A layer call of the graph engine: its demand copies, then its compute beside the copies it forked
+    (the longer of the two), then the fixed overhead; a wasted prefetch costs its copy all the same."""
+    timing = GraphTiming(GraphLink("test", gather_gbps=10.0, prefetch_gbps=5.0, overhead_ms=0.5), MODEL)
+    assert timing.layer(1, 0, 0) == pytest.approx(2.5)  # compute + overhead
+    assert timing.layer(1, 3, 0) == pytest.approx(3 * 1.0 + 2.0 + 0.5)
+    assert timing.layer(1, 0, 1) == pytest.approx(2.0 + 0.5)  # one prefetch (2 ms) hides behind the compute
+    assert timing.layer(1, 1, 3) == pytest.approx(1.0 + 6.0 + 0.5)  # three (6 ms) do not
+    assert timing.layer(5, 0, 0) == pytest.approx(4.0 + 0.5)  # a prefill's compute
+    with pytest.raises(ValueError, match="prefetch_gbps must be > 0"):
+        GraphLink("bad", 10.0, 0.0)
+    assert GraphLink.load("h200-graph-measured").gather_gbps > 0
+
+
+def test_the_graph_schedule_estimates_time_from_its_own_counts():
+    """Two layers routing two experts each, a one-token prompt and two decode steps. Two slots (lru): every
+    pass misses all four, so a step is four copies and two computes. Four slots with a perfect predictor one
+    layer ahead: the first step hits everything (two computes); the second misses layer 0's pair, whose call
+    then prefetches layer 1's pair beside layer 0's compute (2 copies + max(compute, 2 copies) + compute)."""
+    trace = RoutingTrace(2, 4, 2, [[[0, 1], [2, 3]], [[0, 1], [2, 3]], [[2, 3], [0, 1]]], "test", ((1, 2),))
+    timing = GraphTiming(GraphLink("test", gather_gbps=10.0, prefetch_gbps=10.0, overhead_ms=0.0), MODEL)
+    none = simulate_graph(trace, 2, "lru", timing=timing)
+    assert none.total.misses == 12 and none.estimated_tpot_ms == pytest.approx(4 * 1.0 + 2 * 2.0)
+    perfect = simulate_graph(trace, 4, "lru", "perfect", timing=timing)
+    assert perfect.total.prefetches == 2 and perfect.total.prefetch_hits == 2
+    assert perfect.estimated_tpot_ms == pytest.approx((2 * 2.0 + (2 * 1.0 + 2.0 + 2.0)) / 2)
 
 
 def cyclic_trace():

@@ -322,3 +322,42 @@ def test_a_rewound_replay_runs_the_trace_again_in_place(engine, device):
         assert model.specmd.engine.replay is replay and replay.passes_done == 0
     assert counts[0] == counts[1] > 0
     model.specmd.close()
+
+
+@pytest.mark.parametrize("eviction", ["lru", "layer-distance", "least-stale"])
+def test_the_graph_schedule_simulator_equals_the_graph_engine(eviction, device):
+    """simulate_graph drives the graph engine's device cache as the engine does under replay: after a warm-up
+    replay and a rewind (what graph_h100.py times), every per-layer count of the live engine, prefetch hits
+    and wasted prefetches included, equals the simulator's, at two budgets, with and without the trace's
+    speculation one and two layers ahead."""
+    from specmd.study.graph_sim import simulate_graph
+
+    counts = PREFETCH_COUNTS + ("misses_cold", "evictions")
+    shape = dict(num_hidden_layers=4, num_experts=16)
+    trace = recorded_trace(tiny_model("olmoe", seed=1, **shape).to(device), 2, device)
+    model = tiny_model("olmoe", seed=2, **shape).to(device)
+    model.set_experts_implementation("batched_mm")  # decode steps and prefills through the device path
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    prefetched = 0
+    for capacity in (3, 12):
+        for prefetch, lookahead in (("none", 1), ("topk", 1), ("topk", 2)):
+            specmd.offload(model, capacity * expert, eviction, device, engine="graph", prefetch=prefetch,
+                           lookahead=lookahead)
+            model.specmd.replay_routing(trace)
+            for run in range(2):  # a warm-up replay, then the counted one on the same cache
+                model.specmd.reset_stats()
+                for length, decode in trace.prompts:
+                    ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length))
+                    model.generate(ids.to(device), max_new_tokens=decode + 1, min_new_tokens=decode + 1,
+                                   do_sample=False, cache_implementation="static", disable_compile=True)
+                model.specmd.rewind_replay()
+            live = model.specmd.stats()
+            model.specmd.close()
+            sim = simulate_graph(trace, capacity, eviction, prefetch, lookahead, warm=True, prefill_kernel="batched")
+            for layer, (a, b) in enumerate(zip(live.layers, sim.layers)):
+                assert [getattr(a, c) for c in counts] == [getattr(b, c) for c in counts], \
+                    (capacity, prefetch, lookahead, layer)
+                assert a.wasted_prefetch_bytes // expert == b.wasted_prefetch_bytes
+            assert live.total.misses_cold == 0  # warm: the counted replay found every expert loaded before
+            prefetched += live.total.prefetches
+    assert prefetched > 0

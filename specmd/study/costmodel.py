@@ -52,6 +52,28 @@ class LinkProfile:
 
 
 @dataclass(frozen=True)
+class GraphLink:
+    """Host -> device rates of the graph engine's Triton gathers, which read the pinned store directly (no
+    copy engine, one launch per layer): the miss gather's, the bounded prefetch gather's, and a fixed cost
+    per MoE layer (its cache calls' launches, the prefetch's fork and join). Fitted to live replays
+    (``benchmarks/sim_vs_live.py --fit``); the file says on which."""
+
+    name: str
+    gather_gbps: float
+    prefetch_gbps: float
+    overhead_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gather_gbps <= 0 or self.prefetch_gbps <= 0 or self.overhead_ms < 0:
+            raise ValueError(f"graph link {self.name}: gather_gbps and prefetch_gbps must be > 0, overhead_ms >= 0")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GraphLink":
+        """From a YAML path or a name in configs/hardware/."""
+        return _load(cls, path, "hardware")
+
+
+@dataclass(frozen=True)
 class ModelTiming:
     """A model's expert size and its per-MoE-layer time with every expert resident (full-GPU speed):
     ``decode_layer_ms`` for one token, plus ``prefill_ms_per_token`` for each further token of a pass."""

@@ -81,6 +81,11 @@ class DeviceRoutingReplay(RoutingReplay):
         self.candidates: torch.Tensor | None = None  # [P, L, D, C], when speculation is replayed too
         self.tensors = [self.counter, self.wrong, self.table, self.one_token]  # fixed addresses, for compiled steps
 
+    @property
+    def decode_passes(self) -> list[int]:
+        """The trace's one-token passes that are not a prompt's prefill: those a compiled step replays."""
+        return self._decode_passes
+
     def replay_candidates(self, depth: int, k: int) -> None:
         """Keep the trace's first ``k`` candidates for the next ``depth`` layers of every decode pass on the
         device (``step_candidates``, for compiled and uncompiled steps alike); prefills get none (-1)."""

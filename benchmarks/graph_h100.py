@@ -221,18 +221,23 @@ def replayed_row(model, trace, budget: str, compiled: bool, rate: float, prefetc
 
 
 def _prefetch(text: str) -> tuple[str | dict, int]:
-    """POLICY[:LOOKAHEAD[:PROGRAMS]] -> (offload's prefetch, lookahead); PROGRAMS: the prefetch gathers'
-    programs (PrefetchConfig.gather_programs; 0: the full grid)."""
-    policy, _, rest = text.partition(":")
-    depth, _, programs = rest.partition(":")
-    spec = {"policy": policy, "gather_programs": int(programs)} if programs else policy
-    return spec, int(depth or 1)
+    """POLICY[:LOOKAHEAD[:PROGRAMS[:K]]] -> (offload's prefetch, lookahead); PROGRAMS: the prefetch gathers'
+    programs (PrefetchConfig.gather_programs; 0: the full grid; empty: the default); K: the candidates
+    prefetched per looked-ahead layer (PrefetchConfig.k; default top-k)."""
+    policy, depth, programs, k = (text.split(":") + ["", "", ""])[:4]
+    spec = {"policy": policy}
+    if programs:
+        spec["gather_programs"] = int(programs)
+    if k:
+        spec["k"] = int(k)
+    return (spec if len(spec) > 1 else policy), int(depth or 1)
 
 
 def _label(spec: str | dict, depth: int) -> str:
-    """'' without prefetch, else e.g. 'topk d1' or 'topk d1 p33'."""
+    """'' without prefetch, else e.g. 'topk d1', 'topk d1 p33' or 'topk d1 k2'."""
     if isinstance(spec, dict):
-        return f"{spec['policy']} d{depth} p{spec['gather_programs']}"
+        return f"{spec['policy']} d{depth}" + (f" p{spec['gather_programs']}" if "gather_programs" in spec else "") \
+            + (f" k{spec['k']}" if "k" in spec else "")
     return "" if spec == "none" else f"{spec} d{depth}"
 
 

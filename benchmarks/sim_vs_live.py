@@ -31,17 +31,18 @@ OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the replayed model's shapes: its
 COUNTS = ("hits", "misses_cold", "misses_capacity", "misses_collision", "prefetch_hits", "prefetches", "evictions")
 
 
-def row_settings(name: str) -> tuple[str, float, str, int, int | None]:
-    """(eviction, budget %, prefetch policy, lookahead, gather programs) from a replayed row's name, e.g.
-    'graph lru @ 5% (compiled, topk d1 p66 from the trace, replayed trace)'."""
+def row_settings(name: str) -> tuple[str, float, str, int, int | None, int | None]:
+    """(eviction, budget %, prefetch policy, lookahead, gather programs, k) from a replayed row's name, e.g.
+    'graph lru @ 5% (compiled, topk d1 p66 k2 from the trace, replayed trace)'."""
     match = re.match(r"graph (\S+) @ ([\d.]+)% \((.*)\)$", name)
     if match is None:
         raise ValueError(f"not a replayed graph row: {name!r}")
     eviction, budget, mode = match[1], float(match[2]), match[3]
-    prefetch = re.search(r"(topk) d(\d)(?: p(\d+))?", mode)
+    prefetch = re.search(r"(topk) d(\d)(?: p(\d+))?(?: k(\d+))?", mode)
     if prefetch is None:
-        return eviction, budget, "none", 1, None
-    return eviction, budget, prefetch[1], int(prefetch[2]), int(prefetch[3]) if prefetch[3] else None
+        return eviction, budget, "none", 1, None, None
+    programs, k = (int(x) if x else None for x in (prefetch[3], prefetch[4]))
+    return eviction, budget, prefetch[1], int(prefetch[2]), programs, k
 
 
 def counts_equal(live: dict, sim) -> bool:
@@ -105,9 +106,9 @@ def main() -> None:
     if args.fit:
         recorded = []
         for live in live_rows:
-            eviction, budget, prefetch, depth, _ = settings[id(live)]
+            eviction, budget, prefetch, depth, _, k = settings[id(live)]
             recorder = _Recorder(model)
-            simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, warm=True, timing=recorder)
+            simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, k, warm=True, timing=recorder)
             calls = recorder.calls[len(recorder.calls) // 2:]  # the counted replay's
             steps = [calls[i:i + trace.num_layers] for i in range(0, len(calls), trace.num_layers)]
             recorded.append((live, [s for s in steps if s[0][0] == 1]))
@@ -117,8 +118,8 @@ def main() -> None:
     timing = GraphTiming(link, model)
     rows = []
     for live in live_rows:
-        eviction, budget, prefetch, depth, _ = settings[id(live)]
-        sim = simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, warm=True, timing=timing)
+        eviction, budget, prefetch, depth, _, k = settings[id(live)]
+        sim = simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, k, warm=True, timing=timing)
         rows.append({"name": live["name"], "counts_equal": counts_equal(live, sim), "live_tpot_ms": live["tpot_ms"],
                      "sim_tpot_ms": sim.estimated_tpot_ms, "tpot_error": sim.estimated_tpot_ms / live["tpot_ms"] - 1,
                      "live_ttft_ms": live["ttft_ms"], "sim_ttft_ms": sim.estimated_ttft_ms,

@@ -324,21 +324,25 @@ def test_a_rewound_replay_runs_the_trace_again_in_place(engine, device):
     model.specmd.close()
 
 
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("eviction", ["lru", "layer-distance", "least-stale"])
-def test_the_graph_schedule_simulator_equals_the_graph_engine(eviction, device):
+def test_the_graph_schedule_simulator_equals_the_graph_engine(eviction, implementation, device):
     """simulate_graph drives the graph engine's device cache as the engine does under replay: after a warm-up
     replay and a rewind (what graph_h100.py times), every per-layer count of the live engine, prefetch hits
     and wasted prefetches included, equals the simulator's, at two budgets, with and without the trace's
-    speculation one and two layers ahead."""
+    speculation one and two layers ahead, through either experts kernel (batched: device steps with
+    prefetch; grouped: the device prefill, and on the CPU grouped decode steps, which do not prefetch)."""
+    from specmd.runtime.compute import GROUPED_MM_MAX_GROUPS, KernelPlan
     from specmd.study.graph_sim import simulate_graph
 
     counts = PREFETCH_COUNTS + ("misses_cold", "evictions")
     shape = dict(num_hidden_layers=4, num_experts=16)
     trace = recorded_trace(tiny_model("olmoe", seed=1, **shape).to(device), 2, device)
     model = tiny_model("olmoe", seed=2, **shape).to(device)
-    model.set_experts_implementation("batched_mm")  # decode steps and prefills through the device path
+    model.set_experts_implementation(implementation)
+    kernels = KernelPlan.mirroring(implementation, torch.device(device).type)
+    grouped_max = GROUPED_MM_MAX_GROUPS if torch.device(device).type == "cuda" else None
     expert = find_moe_layers(model)[0].layout.expert_bytes
-    prefetched = 0
     for capacity in (3, 12):
         for prefetch, lookahead in (("none", 1), ("topk", 1), ("topk", 2)):
             specmd.offload(model, capacity * expert, eviction, device, engine="graph", prefetch=prefetch,
@@ -353,11 +357,13 @@ def test_the_graph_schedule_simulator_equals_the_graph_engine(eviction, device):
                 model.specmd.rewind_replay()
             live = model.specmd.stats()
             model.specmd.close()
-            sim = simulate_graph(trace, capacity, eviction, prefetch, lookahead, warm=True, prefill_kernel="batched")
-            for layer, (a, b) in enumerate(zip(live.layers, sim.layers)):
+            sim = simulate_graph(trace, capacity, eviction, prefetch, lookahead, warm=True, kernels=kernels,
+                                 grouped_max_slots=grouped_max)
+            for layer, (a, b) in enumerate(zip(live.layers, sim.layers, strict=True)):
                 assert [getattr(a, c) for c in counts] == [getattr(b, c) for c in counts], \
                     (capacity, prefetch, lookahead, layer)
                 assert a.wasted_prefetch_bytes // expert == b.wasted_prefetch_bytes
             assert live.total.misses_cold == 0  # warm: the counted replay found every expert loaded before
-            prefetched += live.total.prefetches
-    assert prefetched > 0
+            # the device step prefetches; the CPU's grouped decode step does not
+            prefetches = prefetch != "none" and kernels.decode.value == "batched"
+            assert (live.total.prefetches > 0) == prefetches, (capacity, prefetch, lookahead)

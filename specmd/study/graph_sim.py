@@ -2,10 +2,13 @@
 torch calls, on the CPU) driven call by call as ``GraphEngine.run_layer`` drives it under replay, so the
 counts are the live engine's (``sim.simulate`` runs the threaded engine's schedule instead).
 
-What differs from the threaded schedule: a decode step's layer is one cache call (its distinct experts
-resident at once), then one prefetch call per looked-ahead layer *of the same pass* (the graph engine does
-not predict the next pass's first layers); a prefill's layer is one call when its experts fit the pool
-(the device prefill), else the main loop's chunks; prefetch candidates exist for decode steps only.
+What differs from the threaded schedule: a call through the batched kernel (decode steps on CUDA) whose
+experts fit the pool is one cache call (its distinct experts resident at once), then one prefetch call per
+looked-ahead layer *of the same pass* (the graph engine does not predict the next pass's first layers); a
+call through the grouped kernel (prefills on CUDA; every call on the CPU under ``grouped_mm``) is one call
+without prefetch when its experts fit the pool (the device prefill; on CUDA only while the pool has at most
+``GROUPED_MM_MAX_GROUPS`` slots); anything else runs the main loop's chunks. A replayed trace's candidates
+exist for its one-token decode steps only.
 
 With ``timing`` the graph cost model (``GraphTiming``) estimates TTFT and TPOT. An estimate: compare it with
 a live replay of the same trace (``benchmarks/sim_vs_live.py``) before trusting it.
@@ -17,7 +20,7 @@ from statistics import mean
 
 import torch
 
-from ..runtime.compute import GROUPED_MM_MAX_GROUPS
+from ..runtime.compute import GROUPED_MM_MAX_GROUPS, Kernel, KernelPlan
 from ..runtime.device_cache import COUNTERS, DeviceCache
 from ..runtime.engines.mainloop import MainLoop
 from ..runtime.metrics import Stats
@@ -26,15 +29,18 @@ from .replay import DeviceRoutingReplay
 from .trace import RoutingTrace
 
 GRAPH_PREFETCH = ("none", "topk", "perfect")
+CUDA_KERNELS = KernelPlan.mirroring("grouped_mm", "cuda")  # what the benchmarks replay through
 _MISSES = [COUNTERS.index(c) for c in ("misses_cold", "misses_capacity", "misses_collision")]
 _PREFETCHES = COUNTERS.index("prefetches")
 
 
 @dataclass(frozen=True)
 class GraphTiming:
-    """The graph engine's step, per MoE layer: the demand copies (``link.gather_gbps``), then the layer's
-    compute (``model.layer_ms``) beside the prefetch copies it forked (``link.prefetch_gbps``), which the next
-    layer's cache call joins; plus ``link.overhead_ms``. A link-bound step is priced by its bytes: every
+    """The graph engine's compiled step, per MoE layer: the demand copies (``link.gather_gbps``), then the
+    layer's compute (``model.layer_ms``) beside the prefetch copies it forked on the side stream
+    (``link.prefetch_gbps``), which the next layer's cache call joins; plus ``link.overhead_ms``. (Uncompiled
+    steps run their prefetch calls on the model's stream, after the demand call: this model is optimistic
+    there.) A link-bound step is priced by its bytes: every
     wasted prefetch costs a whole copy, overlapped or not."""
 
     link: GraphLink
@@ -50,67 +56,105 @@ class GraphTiming:
         return self.copy_ms(demand, self.link.gather_gbps) + overlapped + self.link.overhead_ms
 
 
-def simulate_graph(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str = "none", lookahead: int = 1,
-                   k: int | None = None, warm: bool = False, prefill_kernel: str = "grouped",
-                   grouped_max_slots: int | None = GROUPED_MM_MAX_GROUPS,
-                   timing: GraphTiming | None = None) -> Stats:
-    """Replay ``trace`` through the graph engine's device cache of ``capacity`` slots with ``eviction`` (a
-    device policy). ``prefetch``: ``topk`` the first ``k`` (default top-k) candidates the trace recorded for
-    the next ``lookahead`` layers of the pass, ``perfect`` the ids they route to. ``warm``: replay the trace
-    once uncounted first, as ``graph_h100.py`` warms up before its timed replay (``rewind_replay``).
-    ``prefill_kernel``: ``grouped`` (CUDA's default: the device prefill when the pool has at most
-    ``grouped_max_slots`` slots, None: no limit, as on the CPU) or ``batched`` (a device step, as decode).
-    Counts in experts (``expert_bytes`` 1); with ``timing`` also ``estimated_ttft_ms`` and
-    ``estimated_tpot_ms`` (means over prefill and decode passes)."""
-    if prefetch not in GRAPH_PREFETCH:
-        raise ValueError(f"unknown graph-schedule prefetch {prefetch!r}; choose one of: {', '.join(GRAPH_PREFETCH)}")
-    if prefetch == "topk" and trace.predicted is None:
-        raise ValueError(f"{trace.source} holds routed ids only: topk prefetch needs a trace with the predictor's "
-                         "candidates (record one with 'specmd trace'), or use prefetch='perfect'")
-    if prefill_kernel not in ("grouped", "batched"):
-        raise ValueError(f"prefill_kernel={prefill_kernel!r}: choose 'grouped' or 'batched'")
-    L, E, top_k = trace.num_layers, trace.num_experts, trace.top_k
-    k = k or top_k
-    cache = DeviceCache(L, E, capacity, eviction, torch.device("cpu"))  # ValueError names the device policies
-    loop = MainLoop(cache, L, submit=lambda requests: None)
-    replay = DeviceRoutingReplay(trace, L, top_k, torch.device("cpu"))
-    depth = min(lookahead, L)
-    if prefetch == "topk":
-        replay.replay_candidates(depth, k)
-    decode_passes = set(replay.decode_passes)
-    grouped_fits = grouped_max_slots is None or capacity <= grouped_max_slots
-    prefill_ms, decode_ms = [], []
-    for round in range(2 if warm else 1):
-        if round:
-            cache.reset_counters()
-            prefill_ms, decode_ms = [], []
-        replay.rewind()
+class GraphSchedule:
+    """The graph engine's device cache of ``capacity`` slots with ``eviction`` (a device policy), replaying
+    traces one after another on the same cache, as a live engine replays them (``replay``). ``prefetch``:
+    ``topk`` the first ``k`` (default top-k) candidates a trace recorded for the next ``lookahead`` layers of
+    the pass, ``perfect`` the ids they route to (the lowest ``k`` ids when they route more). ``kernels``: the
+    engine's ``KernelPlan`` (default CUDA's under ``grouped_mm``: grouped prefills, batched decode steps);
+    ``grouped_max_slots``: the pool above which a grouped call runs chunked (CUDA: ``GROUPED_MM_MAX_GROUPS``;
+    None on the CPU). Counts in experts (``expert_bytes`` 1)."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, capacity: int, eviction: str,
+                 prefetch: str = "none", lookahead: int = 1, k: int | None = None, kernels: KernelPlan = CUDA_KERNELS,
+                 grouped_max_slots: int | None = GROUPED_MM_MAX_GROUPS, timing: GraphTiming | None = None) -> None:
+        if prefetch not in GRAPH_PREFETCH:
+            raise ValueError(f"unknown graph-schedule prefetch {prefetch!r}; choose one of: "
+                             f"{', '.join(GRAPH_PREFETCH)}")
+        if not 1 <= lookahead <= 3:
+            raise ValueError(f"lookahead={lookahead}: the graph engine looks 1 to 3 layers ahead")
+        self.shape = (num_layers, num_experts, top_k)
+        self.capacity, self.prefetch, self.k = capacity, prefetch, k or top_k
+        self.depth = min(lookahead, num_layers)
+        self.timing = timing
+        self.cache = DeviceCache(num_layers, num_experts, capacity, eviction, torch.device("cpu"))  # names the policies
+        self._loop = MainLoop(self.cache, num_layers, submit=lambda requests: None)
+        self.kernels = kernels
+        self._grouped_fits = grouped_max_slots is None or capacity <= grouped_max_slots
+
+    def replay(self, trace: RoutingTrace) -> tuple[list[float], list[float]]:
+        """Every pass of ``trace`` through the cache (changes state); returns the estimated milliseconds of its
+        prefill passes and of its decode steps, pass by pass (empty without ``timing``)."""
+        L, E, top_k = self.shape
+        if (trace.num_layers, trace.num_experts, trace.top_k) != self.shape:
+            raise ValueError(f"{trace.source}: {trace.num_layers} layers x {trace.num_experts} experts, top-"
+                             f"{trace.top_k}; this schedule has {L} x {E}, top-{top_k}")
+        if self.prefetch == "topk":
+            if trace.predicted is None:
+                raise ValueError(f"{trace.source} holds routed ids only: topk prefetch needs a trace with the "
+                                 "predictor's candidates (record one with 'specmd trace'), or use prefetch='perfect'")
+            if self.depth > trace.lookahead or self.k > len(trace.predicted[0][0][0]):
+                raise ValueError(f"{trace.source} recorded {len(trace.predicted[0][0][0])} candidates up to "
+                                 f"{trace.lookahead} layers ahead: ask for k and lookahead within them")
+        cache, timing = self.cache, self.timing
+        replay = DeviceRoutingReplay(trace, L, top_k, torch.device("cpu"))
+        if self.prefetch == "topk":
+            replay.replay_candidates(self.depth, self.k)
+        decode_passes = set(replay.decode_passes)
+        prefill_ms, decode_ms = [], []
         for p, layers in enumerate(trace.passes):
             replay.begin_pass()
             tokens = len(layers[0]) // top_k
             decode = p in decode_passes
             elapsed = 0.0
             for layer, ids in enumerate(layers):
-                loop.enter(layer)
+                self._loop.enter(layer)
                 before = cache.counters.sum(1).tolist() if timing else None  # prefetches count at their target layer
-                fits = min(E, tokens * top_k) <= capacity
-                if fits and (decode or prefill_kernel == "batched"):
-                    targets = [layer + d for d in range(1, depth + 1) if layer + d < L] if prefetch != "none" else []
-                    predicted = _predictions(replay, trace, prefetch, p, layer, targets, decode, k)
-                    cache.step(layer, torch.tensor(ids), predicted=predicted, targets=targets if predicted is not None
-                               else ())
-                elif fits and not decode and grouped_fits:  # the device prefill
+                fits = min(E, tokens * top_k) <= self.capacity
+                kernel = self.kernels.decode if decode else self.kernels.prefill
+                if fits and kernel is Kernel.BATCHED:  # the device step (GraphEngine._device_step)
+                    targets = [layer + d for d in range(1, self.depth + 1) if layer + d < L] \
+                        if self.prefetch != "none" else []
+                    predicted = _predictions(replay, trace, self.prefetch, p, layer, targets, decode, self.k)
+                    cache.step(layer, torch.tensor(ids), predicted=predicted,
+                               targets=targets if predicted is not None else ())
+                elif fits and kernel is Kernel.GROUPED and self._grouped_fits:  # GraphEngine._device_grouped
                     cache.step(layer, torch.tensor(ids))
                 else:
-                    loop.run(layer, sorted(set(ids)), [], lambda chunk, slots: None)
+                    self._loop.run(layer, sorted(set(ids)), [], lambda chunk, slots: None)
                 if timing:
                     after = cache.counters.sum(1).tolist()
                     demand = sum(after[i] - before[i] for i in _MISSES)
                     elapsed += timing.layer(tokens, demand, after[_PREFETCHES] - before[_PREFETCHES])
             if timing:
                 (decode_ms if decode else prefill_ms).append(elapsed)
-    stats = Stats(num_slots=capacity, budget_bytes=capacity, expert_bytes=1, forward_passes=int(cache.passes),
-                  layers=cache.stats(1), prefetch_outcomes_counted=False)
+        return prefill_ms, decode_ms
+
+    def reset_counters(self) -> None:
+        """Zero the counts; the cache's contents stay (changes state), as ``reset_stats`` live."""
+        self.cache.reset_counters()
+
+    def stats(self) -> Stats:
+        return Stats(num_slots=self.capacity, budget_bytes=self.capacity, expert_bytes=1,
+                     forward_passes=int(self.cache.passes), layers=self.cache.stats(1),
+                     prefetch_outcomes_counted=False)
+
+
+def simulate_graph(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str = "none", lookahead: int = 1,
+                   k: int | None = None, warm: bool = False, kernels: KernelPlan = CUDA_KERNELS,
+                   grouped_max_slots: int | None = GROUPED_MM_MAX_GROUPS,
+                   timing: GraphTiming | None = None) -> Stats:
+    """Replay ``trace`` through a ``GraphSchedule`` (the arguments are its own) and count it. ``warm``: replay
+    the trace once uncounted first, as ``graph_h100.py`` warms up before its timed replay (``rewind_replay``).
+    With ``timing`` also ``estimated_ttft_ms`` and ``estimated_tpot_ms`` (means over the counted replay's
+    prefill and decode passes)."""
+    schedule = GraphSchedule(trace.num_layers, trace.num_experts, trace.top_k, capacity, eviction, prefetch,
+                             lookahead, k, kernels, grouped_max_slots, timing)
+    if warm:
+        schedule.replay(trace)
+        schedule.reset_counters()
+    prefill_ms, decode_ms = schedule.replay(trace)
+    stats = schedule.stats()
     if timing:
         stats.estimated_ttft_ms = mean(prefill_ms) if prefill_ms else None
         stats.estimated_tpot_ms = mean(decode_ms) if decode_ms else 0.0

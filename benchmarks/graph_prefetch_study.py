@@ -1,0 +1,74 @@
+"""How much to prefetch in the graph engine: its schedule in the simulator (``graph_sim.simulate_graph``,
+whose counts equal the live engine's) with the graph cost model fitted to the H200's live replays, over
+budgets x device evictions x prefetch {none, the trace's first K candidates one or two layers ahead}. The
+step is link-bound at low budgets: a prefetch helps by the compute its copies hide and costs every copy the
+layer does not use, so fewer candidates than top-k can win. Estimates, not measurements: one pair of rows
+was measured live (README, "Third H200 session").
+
+    python benchmarks/graph_prefetch_study.py --trace benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz \
+        --evictions lru layer-distance --out benchmarks/results/2026-11-30-h200/session4/graph-prefetch-study
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specmd.study.costmodel import GraphLink, ModelTiming
+from specmd.study.graph_sim import GraphTiming, simulate_graph
+from specmd.study.trace import load_trace
+
+OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the expert's bytes of the replayed model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--out", required=True, help="writes OUT.jsonl (a row per setting, as it finishes) and OUT.md")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[5, 10, 20])
+    parser.add_argument("--evictions", nargs="+", default=["lru", "layer-distance"])
+    parser.add_argument("--prefetch", nargs="+", default=["none", "1:2", "1:4", "1:6", "1:8", "2:4", "2:8"],
+                        help="none, or LOOKAHEAD:K (the trace's first K candidates)")
+    parser.add_argument("--link", default="h200-graph-measured")
+    parser.add_argument("--full-tpot-ms", type=float, default=4.60,
+                        help="the compiled full-GPU TPOT (ms); / layers: a layer's compute")
+    args = parser.parse_args()
+    args.prefetch = ["none"] + [p for p in args.prefetch if p != "none"]  # the baseline of the copies column
+    trace = load_trace(args.trace)
+    total = trace.num_layers * trace.num_experts
+    timing = GraphTiming(GraphLink.load(args.link), ModelTiming("olmoe", OLMOE.expert_bytes,
+                                                                args.full_tpot_ms / trace.num_layers))
+    rows = []
+    with open(f"{args.out}.jsonl", "w") as out:
+        for budget in args.budgets:
+            for eviction in args.evictions:
+                for spec in args.prefetch:
+                    depth, k = (1, None) if spec == "none" else map(int, spec.split(":"))
+                    stats = simulate_graph(trace, max(1, total * budget // 100), eviction,
+                                           "none" if spec == "none" else "topk", depth, k, warm=True, timing=timing)
+                    row = {"budget": budget, "eviction": eviction, "prefetch": spec, "hit_rate": stats.hit_rate,
+                           "copies": stats.total.misses + stats.total.prefetches,
+                           "estimated_tpot_ms": stats.estimated_tpot_ms}
+                    rows.append(row)
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+    lines = [f"Graph schedule on `{Path(args.trace).name}`, cost model `{args.link}`, compute {args.full_tpot_ms} ms "
+             "a step: estimated TPOT ms (hit %, copies against no prefetch); the best of each budget in bold.", "",
+             "| budget | eviction | " + " | ".join("no prefetch" if p == "none" else f"d{p.replace(':', ' top-')}"
+                                                   for p in args.prefetch) + " |",
+             "|---|---|" + "---|" * len(args.prefetch)]
+    for budget in args.budgets:
+        best = min(r["estimated_tpot_ms"] for r in rows if r["budget"] == budget)
+        for eviction in args.evictions:
+            cells = [r for r in rows if r["budget"] == budget and r["eviction"] == eviction]
+            base = cells[0]["copies"]
+            tpot = [f"{r['estimated_tpot_ms']:.2f}" for r in cells]
+            tpot = [f"**{t}**" if r["estimated_tpot_ms"] == best else t for t, r in zip(tpot, cells)]
+            lines.append(f"| {budget}% | {eviction} | " + " | ".join(
+                f"{t} ({100 * r['hit_rate']:.0f}%, {r['copies'] / base:.2f}x)" for t, r in zip(tpot, cells)) + " |")
+    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

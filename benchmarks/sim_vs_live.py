@@ -115,7 +115,8 @@ def main() -> None:
             simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, k, warm=True, timing=recorder)
             calls = recorder.calls[len(recorder.calls) // 2:]  # the counted replay's
             steps = [calls[i:i + trace.num_layers] for i in range(0, len(calls), trace.num_layers)]
-            recorded.append((live, [s for s in steps if s[0][0] == 1]))
+            prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is no decode step
+            recorded.append((live, [s for p, s in enumerate(steps) if p not in prefills and s[0][0] == 1]))
         link, worst = fit(recorded, model)
         print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%):\n"
               f"gather_gbps: {link.gather_gbps}\nprefetch_gbps: {link.prefetch_gbps}\n"

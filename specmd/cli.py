@@ -129,29 +129,46 @@ def sim_capacity(budget: str, total_experts: int, expert_bytes: int | None) -> i
     return capacity
 
 
+SIM_EVICTIONS = ["lru", "lfu", "fifo", "layer-distance", "least-stale", "belady"]  # sim's default comparison
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from .bench.report import hit_rate_plot, markdown_table
+    from .runtime.device_policies import DEVICE_POLICIES
     from .study.costmodel import LinkProfile, ModelTiming
+    from .study.graph_sim import GraphTiming, simulate_graph
     from .study.sim import simulate
     from .study.trace import load_trace
 
+    graph = args.engine == "graph"
+    if args.warm and not graph:
+        raise ValueError("--warm replays the trace once uncounted through the graph engine's schedule: add "
+                         "--engine graph (the threaded schedule starts cold)")
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
     timing = None
     if args.hardware or args.model_timing:
         if not (args.hardware and args.model_timing):
             raise ValueError("time estimates need both --hardware (link) and --model-timing (expert size, layer time)")
-        timing = (LinkProfile.load(args.hardware), ModelTiming.load(args.model_timing))
-    capacities = [(b, sim_capacity(b, total, timing[1].expert_bytes if timing else None))
-                  for b in args.budget.split(",")]
+        model = ModelTiming.load(args.model_timing)
+        timing = GraphTiming(_graph_link(args.hardware), model) if graph else \
+            (LinkProfile.load(args.hardware), model)
+    expert_bytes = (timing.model if graph else timing[1]).expert_bytes if timing else None
+    capacities = [(b, sim_capacity(b, total, expert_bytes)) for b in args.budget.split(",")]
+    evictions = args.eviction.split(",") if args.eviction else (sorted(DEVICE_POLICIES) if graph else SIM_EVICTIONS)
     rows = []
     for budget, capacity in capacities:
-        for eviction in args.eviction.split(","):
-            stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
-                             lookahead=args.lookahead, timing=timing)
+        for eviction in evictions:
+            if graph:  # the graph engine's schedule and device cache (device policies only)
+                stats = simulate_graph(trace, capacity, eviction, args.prefetch, args.lookahead, args.k,
+                                       warm=args.warm, timing=timing)
+            else:
+                stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
+                                 lookahead=args.lookahead, k=args.k, timing=timing)
             rows.append({"budget": budget, "capacity": capacity, "total_experts": total, "eviction": eviction,
-                         "prefetch": args.prefetch, "lookahead": args.lookahead, **stats.to_dict()})
-            print(_sim_line(budget, capacity, total, eviction, stats, timing is not None))
+                         "engine": args.engine, "prefetch": args.prefetch, "lookahead": args.lookahead,
+                         **stats.to_dict()})
+            print(_sim_line(budget, capacity, total, eviction, stats, timing is not None, graph))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.table:
@@ -161,14 +178,29 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sim_line(budget: str, capacity: int, total: int, eviction: str, stats, timed: bool) -> str:
+def _graph_link(name: str):
+    """A graph link profile, with an error that says which kind ``--engine graph`` needs."""
+    from .study.costmodel import GraphLink
+
+    try:
+        return GraphLink.load(name)
+    except ValueError as err:
+        raise ValueError(f"--engine graph prices the graph engine's gathers: pass a graph link profile "
+                         f"(gather_gbps, prefetch_gbps, overhead_ms) such as --hardware h200-graph-measured ({err})"
+                         ) from None
+
+
+def _sim_line(budget: str, capacity: int, total: int, eviction: str, stats, timed: bool, graph: bool = False) -> str:
     t = stats.total
     line = (f"{budget:>6} ({capacity:>4} of {total}) {eviction:<15} hit {100 * stats.hit_rate:5.1f}%  "
             f"misses {t.misses:>6} (cold {t.misses_cold}, capacity {t.misses_capacity}, "
             f"collision {t.misses_collision})  evictions {t.evictions}")
+    if graph and t.prefetches:
+        line += f"  prefetches {t.prefetches} (hits {t.prefetch_hits})"
     if timed:
-        line += (f"  est. TTFT {stats.estimated_ttft_ms or 0:.1f} ms TPOT {stats.estimated_tpot_ms:.1f} ms "
-                 f"stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms")
+        line += f"  est. TTFT {stats.estimated_ttft_ms or 0:.1f} ms TPOT {stats.estimated_tpot_ms:.1f} ms"
+        if not graph:  # the threaded timeline's copy engine; the graph model prices copies per layer
+            line += f" stall {stats.stall_ms:.0f} ms copy {stats.copy_busy_ms:.0f} ms"
     return line
 
 
@@ -244,11 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--budget", default="5%,10%,25%,50%",
                      help="comma-separated: experts (38), a fraction (0.05), percent (5%%), or a size (600MB, with "
                           "--model-timing)")
-    sim.add_argument("--eviction", default="lru,lfu,fifo,layer-distance,least-stale,belady",
-                     help="comma-separated eviction policies; 'belady' is the oracle")
+    sim.add_argument("--eviction", default=None,
+                     help="comma-separated eviction policies (default: lru,lfu,fifo,layer-distance,least-stale,"
+                          "belady; with --engine graph, its device policies); 'belady' is the oracle")
+    sim.add_argument("--engine", choices=["threaded", "graph"], default="threaded",
+                     help="whose schedule: the threaded engine's (slot cache, inline prefetch) or the graph "
+                          "engine's (device cache, prefetch within the pass; its counts equal a live replay's)")
     sim.add_argument("--prefetch", default="none", help="none, topk (recorded predictions) or perfect (the bound)")
     sim.add_argument("--lookahead", type=int, default=1)
-    sim.add_argument("--hardware", help="link profile for time estimates: configs/hardware/ name or YAML")
+    sim.add_argument("--k", type=int, default=None, help="candidates prefetched per layer (default: top-k)")
+    sim.add_argument("--warm", action="store_true",
+                     help="--engine graph: replay the trace once uncounted first (a live warm-up)")
+    sim.add_argument("--hardware", help="link profile for time estimates: configs/hardware/ name or YAML (--engine "
+                                        "graph: a graph link profile, e.g. h200-graph-measured)")
     sim.add_argument("--model-timing", help="expert size and layer time: configs/models/ name or YAML")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", help="write the statistics as JSON")

@@ -131,9 +131,32 @@ def test_sim_takes_the_same_budget_forms(budget, capacity, trace_file, capsys, t
     (["--budget", "600MB"], ["--model-timing"]),
     (["--budget", "auto"], ["auto"]),
     (["--eviction", "mru"], ["mru", "belady"]),
+    (["--warm"], ["--engine graph"]),
+    (["--engine", "graph", "--eviction", "belady"], ["belady", "layer-distance"]),
+    (["--engine", "graph", "--hardware", "pcie-gen4-x16", "--model-timing", "olmoe-1b-7b-0924"],
+     ["graph link profile", "h200-graph-measured"]),
+    (["--engine", "graph", "--prefetch", "topk", "--k", "9"], ["candidates", "k and lookahead"]),
 ])
 def test_sim_refuses_bad_input_in_one_line(argv, words, trace_file, capsys):
     one_line_error(capsys, ["sim", str(trace_file), *argv], *words)
+
+
+def test_sim_runs_the_graph_engines_schedule(trace_file, tmp_path):
+    """`sim --engine graph` counts what simulate_graph counts (the graph engine's schedule, warm-up included)
+    and prices it with a graph link profile."""
+    from specmd.study.graph_sim import simulate_graph
+    from specmd.study.trace import load_trace
+
+    out = tmp_path / "g.json"
+    assert main(["sim", str(trace_file), "--engine", "graph", "--budget", "6", "--eviction", "lru,layer-distance",
+                 "--prefetch", "topk", "--k", "2", "--warm", "--hardware", "h200-graph-measured",
+                 "--model-timing", "olmoe-1b-7b-0924", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["engine"], r["eviction"]) for r in rows] == [("graph", "lru"), ("graph", "layer-distance")]
+    for row in rows:
+        want = simulate_graph(load_trace(trace_file), 6, row["eviction"], "topk", 1, 2, warm=True)
+        assert row["total"]["hits"] == want.total.hits and row["total"]["prefetches"] == want.total.prefetches
+        assert row["total"]["misses_cold"] == 0 and row["estimated_tpot_ms"] > 0
 
 
 def test_sim_refuses_a_file_that_is_not_a_trace(tmp_path, capsys):

@@ -166,6 +166,12 @@ def _graph_engine(layers: list[MoELayer], store: HostStore, config: OffloadConfi
                   num_slots: int, kernels: KernelPlan, device: torch.device, predictor: Predictor) -> GraphEngine:
     """The graph engine over a new slot pool: store -> gather -> device cache -> engine."""
     layout: ExpertLayout = layers[0].layout
+    if config.prefetch.enabled and num_slots >= len(layers) * layout.num_experts:
+        # every expert stays resident: a prefetch could copy nothing, and would still cost its router products
+        # and cache calls in every decode step
+        log.info("specmd: the pool holds all %d experts: prefetch=%r has nothing to copy and is off",
+                 num_slots, config.prefetch.policy)
+        predictor = None
     pool = SlotPool(layout, num_slots, device)
     cache = DeviceCache(len(layers), layout.num_experts, num_slots, config.eviction, device,
                         MissGather(store, pool, device, config.prefetch.gather_programs))

@@ -177,6 +177,30 @@ def test_prefetch_keeps_the_tokens_and_counts_its_copies(prefetch, lookahead, ev
     assert total.bytes_copied == (total.misses + total.prefetches) * expert == total.prefetch_bytes + total.misses * expert
 
 
+def test_prefetch_is_off_where_every_expert_stays_resident(device, caplog):
+    """At a budget that holds every expert a prefetch could copy nothing: the engine runs no predictor (no
+    router products, no prefetch calls), says so in one line, and the tokens and counts are those without
+    prefetch; one expert fewer and it prefetches."""
+    model = tiny_model("olmoe", num_hidden_layers=3).to(device)
+    model.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3)).to(device)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, disable_compile=True)
+    specmd.offload(model, "100%", "lru", device, engine="graph")
+    want, counts = model.generate(ids, **kwargs), vars(model.specmd.stats().total)
+    model.specmd.close()
+    with caplog.at_level("INFO", logger="specmd.api"):
+        specmd.offload(model, "100%", "lru", device, engine="graph", prefetch="topk")
+    assert model.specmd.engine.predictor is None
+    assert any("nothing to copy" in r.getMessage() for r in caplog.records)
+    assert torch.equal(model.generate(ids, **kwargs), want) and vars(model.specmd.stats().total) == counts
+    total_experts = model.specmd.num_slots
+    model.specmd.close()
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    specmd.offload(model, (total_experts - 1) * expert, "lru", device, engine="graph", prefetch="topk")
+    assert model.specmd.engine.predictor is not None
+    model.specmd.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on CUDA")
 @pytest.mark.parametrize("eviction", ["lru", "lfu", "least-stale"])
 def test_captured_decode_steps_stay_identical_over_generates(eviction):

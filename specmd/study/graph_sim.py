@@ -38,10 +38,9 @@ _PREFETCHES = COUNTERS.index("prefetches")
 class GraphTiming:
     """The graph engine's compiled step, per MoE layer: the demand copies (``link.gather_gbps``), then the
     layer's compute (``model.layer_ms``) beside the prefetch copies it forked on the side stream
-    (``link.prefetch_gbps``), which the next layer's cache call joins; plus ``link.overhead_ms``. (Uncompiled
-    steps run their prefetch calls on the model's stream, after the demand call: this model is optimistic
-    there.) A link-bound step is priced by its bytes: every
-    wasted prefetch costs a whole copy, overlapped or not."""
+    (``link.prefetch_gbps``), which the next layer's cache call joins; plus ``link.overhead_ms``. A link-bound
+    step is priced by its bytes: every wasted prefetch costs a whole copy, overlapped or not. (Uncompiled
+    steps run their prefetch calls on the model's stream, after the demand call: optimistic there.)"""
 
     link: GraphLink
     model: ModelTiming

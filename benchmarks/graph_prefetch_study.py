@@ -7,6 +7,8 @@ was measured live (README, "Third H200 session").
 
     python benchmarks/graph_prefetch_study.py --trace benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz \
         --evictions lru layer-distance --out benchmarks/results/2026-11-30-h200/session4/graph-prefetch-study
+    python benchmarks/graph_prefetch_study.py --trace benchmarks/traces/trace-mixtral-8x7b-stdlib.json.gz \
+        --counts-only --prefetch none 1:1 1:2 1:4 --out DIR/mixtral   # another topology: counts alone
 """
 from __future__ import annotations
 
@@ -32,12 +34,14 @@ def main() -> None:
     parser.add_argument("--link", default="h200-graph-measured")
     parser.add_argument("--full-tpot-ms", type=float, default=4.60,
                         help="the compiled full-GPU TPOT (ms); / layers: a layer's compute")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="hits and copies alone (the cost model was fitted on OLMoE-1B-7B shapes only)")
     args = parser.parse_args()
     args.prefetch = ["none"] + [p for p in args.prefetch if p != "none"]  # the baseline of the copies column
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
-    timing = GraphTiming(GraphLink.load(args.link), ModelTiming("olmoe", OLMOE.expert_bytes,
-                                                                args.full_tpot_ms / trace.num_layers))
+    timing = None if args.counts_only else GraphTiming(
+        GraphLink.load(args.link), ModelTiming("olmoe", OLMOE.expert_bytes, args.full_tpot_ms / trace.num_layers))
     rows = []
     with open(f"{args.out}.jsonl", "w") as out:
         for budget in args.budgets:
@@ -48,24 +52,28 @@ def main() -> None:
                                            "none" if spec == "none" else "topk", depth, k, warm=True, timing=timing)
                     row = {"budget": budget, "eviction": eviction, "prefetch": spec, "hit_rate": stats.hit_rate,
                            "copies": stats.total.misses + stats.total.prefetches,
-                           "estimated_tpot_ms": stats.estimated_tpot_ms}
+                           "estimated_tpot_ms": stats.estimated_tpot_ms if timing else None}
                     rows.append(row)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
-    lines = [f"Graph schedule on `{Path(args.trace).name}`, cost model `{args.link}`, compute {args.full_tpot_ms} ms "
-             "a step: estimated TPOT ms (hit %, copies against no prefetch); the best of each budget in bold.", "",
+    what = "hit %, copies against no prefetch" if timing is None else (
+        f"cost model `{args.link}`, compute {args.full_tpot_ms} ms a step: estimated TPOT ms (hit %, copies against "
+        "no prefetch); the best of each budget in bold")
+    lines = [f"Graph schedule on `{Path(args.trace).name}`, {what}.", "",
              "| budget | eviction | " + " | ".join("no prefetch" if p == "none" else f"d{p.replace(':', ' top-')}"
                                                    for p in args.prefetch) + " |",
              "|---|---|" + "---|" * len(args.prefetch)]
     for budget in args.budgets:
-        best = min(r["estimated_tpot_ms"] for r in rows if r["budget"] == budget)
+        best = min(r["estimated_tpot_ms"] or 0.0 for r in rows if r["budget"] == budget)
         for eviction in args.evictions:
             cells = [r for r in rows if r["budget"] == budget and r["eviction"] == eviction]
             base = cells[0]["copies"]
-            tpot = [f"{r['estimated_tpot_ms']:.2f}" for r in cells]
-            tpot = [f"**{t}**" if r["estimated_tpot_ms"] == best else t for t, r in zip(tpot, cells)]
-            lines.append(f"| {budget}% | {eviction} | " + " | ".join(
-                f"{t} ({100 * r['hit_rate']:.0f}%, {r['copies'] / base:.2f}x)" for t, r in zip(tpot, cells)) + " |")
+            counts = [f"{100 * r['hit_rate']:.0f}%, {r['copies'] / base:.2f}x" for r in cells]
+            if timing is not None:
+                tpot = [f"{r['estimated_tpot_ms']:.2f}" for r in cells]
+                tpot = [f"**{t}**" if r["estimated_tpot_ms"] == best else t for t, r in zip(tpot, cells)]
+                counts = [f"{t} ({c})" for t, c in zip(tpot, counts)]
+            lines.append(f"| {budget}% | {eviction} | " + " | ".join(counts) + " |")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

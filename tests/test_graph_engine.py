@@ -6,7 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import specmd
 from specmd.runtime.adapters import find_moe_layers
-from specmd.runtime.engines.graph import GraphEngine
+from specmd.runtime.engines import graph
+from specmd.runtime.engines.graph import CallPath, GraphEngine
 from specmd.tiny import tiny_model
 
 
@@ -60,8 +61,10 @@ def test_a_prefill_whose_experts_fit_runs_on_the_device(family, eviction, monkey
         chunked = []
         real = GraphEngine._chunked
         monkeypatch.setattr(GraphEngine, "_chunked", lambda self, *args: chunked.append(1) or real(self, *args))
-        if path == "chunked":
-            monkeypatch.setattr(GraphEngine, "_grouped_fits", lambda self, kernel, pairs: False)
+        if path == "chunked":  # every call the device prefill would take runs chunked instead
+            real_path = graph.call_path
+            monkeypatch.setattr(graph, "call_path", lambda *args: CallPath.CHUNKED
+                                if real_path(*args) is CallPath.GROUPED else real_path(*args))
         specmd.offload(model, budget, eviction, device, engine="graph")
         assert torch.equal(generate(model, ids), want), path
         runs[path] = model.specmd.stats()
@@ -69,6 +72,8 @@ def test_a_prefill_whose_experts_fit_runs_on_the_device(family, eviction, monkey
         monkeypatch.undo()
         if path == "device":
             assert not chunked  # prefill included
+        else:
+            assert chunked
     assert [vars(s) for s in runs["device"].layers] == [vars(s) for s in runs["chunked"].layers]
     assert runs["device"].total.misses > 0
 

@@ -20,8 +20,9 @@ from statistics import mean
 
 import torch
 
-from ..runtime.compute import GROUPED_MM_MAX_GROUPS, Kernel, KernelPlan
+from ..runtime.compute import GROUPED_MM_MAX_GROUPS, KernelPlan
 from ..runtime.device_cache import COUNTERS, DeviceCache
+from ..runtime.engines.graph import CallPath, call_path
 from ..runtime.engines.mainloop import MainLoop
 from ..runtime.metrics import Stats
 from .costmodel import GraphLink, ModelTiming
@@ -79,7 +80,7 @@ class GraphSchedule:
         self.cache = DeviceCache(num_layers, num_experts, capacity, eviction, torch.device("cpu"))  # names the policies
         self._loop = MainLoop(self.cache, num_layers, submit=lambda requests: None)
         self.kernels = kernels
-        self._grouped_fits = grouped_max_slots is None or capacity <= grouped_max_slots
+        self._grouped_max_slots = grouped_max_slots
 
     def replay(self, trace: RoutingTrace) -> tuple[list[float], list[float]]:
         """Every pass of ``trace`` through the cache (changes state); returns the estimated milliseconds of its
@@ -109,15 +110,15 @@ class GraphSchedule:
             for layer, ids in enumerate(layers):
                 self._loop.enter(layer)
                 before = cache.counters.sum(1).tolist() if timing else None  # prefetches count at their target layer
-                fits = min(E, tokens * top_k) <= self.capacity
                 kernel = self.kernels.decode if decode else self.kernels.prefill
-                if fits and kernel is Kernel.BATCHED:  # the device step (GraphEngine._device_step)
+                path = call_path(kernel, tokens * top_k, E, self.capacity, self._grouped_max_slots)
+                if path is CallPath.STEP:  # GraphEngine._device_step
                     targets = [layer + d for d in range(1, self.depth + 1) if layer + d < L] \
                         if self.prefetch != "none" else []
                     predicted = _predictions(replay, trace, self.prefetch, p, layer, targets, decode, self.k)
                     cache.step(layer, torch.tensor(ids), predicted=predicted,
                                targets=targets if predicted is not None else ())
-                elif fits and kernel is Kernel.GROUPED and self._grouped_fits:  # GraphEngine._device_grouped
+                elif path is CallPath.GROUPED:  # GraphEngine._device_grouped
                     cache.step(layer, torch.tensor(ids))
                 else:
                     self._loop.run(layer, sorted(set(ids)), [], lambda chunk, slots: None)

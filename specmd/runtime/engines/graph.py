@@ -36,6 +36,7 @@ trace's (decode steps; ``study.replay.DeviceRoutingReplay.step_candidates``).
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -87,6 +88,28 @@ class DeviceRoutingSource(Protocol):
     candidates: torch.Tensor | None  # the trace's predictions on the device, when speculation is replayed
 
 
+class CallPath(enum.Enum):
+    """How the graph engine runs one layer call (``call_path``)."""
+
+    STEP = "step"  # one device step (batched kernel), then its prefetch calls: no host sync, capturable
+    GROUPED = "grouped"  # one grouped call on the device (the device prefill): no host sync, no prefetch
+    CHUNKED = "chunked"  # the main loop's chunks of at most num_slots experts: a host sync per chunk
+
+
+def call_path(kernel: Kernel, pairs: int, num_experts: int, num_slots: int,
+              grouped_max_slots: int | None) -> CallPath:
+    """The path of a call of ``pairs`` routed (token, expert) pairs through ``kernel``: either device path needs
+    the call's distinct experts (at most E, at most T*k) all in the pool; a grouped one also needs one grouped
+    product to cover the pool (at most ``grouped_max_slots`` slots: CUDA's ``GROUPED_MM_MAX_GROUPS``; None: no
+    limit, as on the CPU). The engine and the simulator's graph schedule (``study/graph_sim.py``) both ask this."""
+    if min(num_experts, pairs) <= num_slots:
+        if kernel is Kernel.BATCHED:
+            return CallPath.STEP
+        if kernel is Kernel.GROUPED and (grouped_max_slots is None or num_slots <= grouped_max_slots):
+            return CallPath.GROUPED
+    return CallPath.CHUNKED
+
+
 class GraphEngine:
     """Owns the device cache and the slot pool; called once per MoE layer per forward pass."""
 
@@ -119,9 +142,9 @@ class GraphEngine:
                                     "again to run it")
         num_tokens, top_k = top_k_index.shape
         kernel = self.kernels.decode if self.decoding else self.kernels.prefill
-        # Distinct experts of a call: at most E, at most T*k; the device path needs them all in the pool.
-        on_device = kernel is Kernel.BATCHED and min(self.cache.num_experts, num_tokens * top_k) <= self.cache.num_slots
-        if on_device and torch.compiler.is_compiling():
+        path = call_path(kernel, num_tokens * top_k, self.cache.num_experts, self.cache.num_slots,
+                         GROUPED_MM_MAX_GROUPS if self.pool.data.is_cuda else None)
+        if path is CallPath.STEP and torch.compiler.is_compiling():
             # Traced by torch.compile (transformers' compiled decode): one compiled call is one whole forward
             # pass, so the first MoE layer starts the pass on the device; no Python state changes, so nothing
             # is specialised on a per-token value and the step is traced once.
@@ -134,11 +157,11 @@ class GraphEngine:
                 top_k_index = self.replay.step_ids(layer)
             return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights, begin=layer == 0,
                                      fork=hidden_states.is_cuda)
-        return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, on_device)
+        return self._eager_layer(layer, module, hidden_states, top_k_index, top_k_weights, kernel, path)
 
     @torch.compiler.disable  # under torch.compile: a graph break, and this runs as written
     def _eager_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor, kernel: Kernel, on_device: bool) -> torch.Tensor:
+                     top_k_weights: torch.Tensor, kernel: Kernel, path: CallPath) -> torch.Tensor:
         _, new_pass = self.loop.enter(layer)
         num_tokens, top_k = top_k_index.shape
         if self.replay is not None:  # the gate ran; its choice is replaced by the trace's
@@ -147,11 +170,11 @@ class GraphEngine:
             replayed = torch.tensor(self.replay.ids(layer, num_tokens)).view(num_tokens, top_k)
             top_k_index = replayed.to(top_k_index.device, non_blocking=True)
         with self._on_device():
-            if on_device:
+            if path is CallPath.STEP:
                 if self._graphs is not None and self.decoding:  # prefill lengths vary: not captured
                     return self._graphs.run(layer, module, hidden_states, top_k_index, top_k_weights)
                 return self._device_step(layer, module, hidden_states, top_k_index, top_k_weights)
-            if self._grouped_fits(kernel, num_tokens * top_k):
+            if path is CallPath.GROUPED:
                 return self._device_grouped(layer, module, hidden_states, top_k_index, top_k_weights)
             if self.decoding and kernel is Kernel.BATCHED:
                 self._warn_chunked(num_tokens * top_k)
@@ -213,13 +236,6 @@ class GraphEngine:
         views = layout_views(self.pool.data, self.pool.layout)
         y = expert_rows(module, self.pool.layout, views, x, row_slots, (), Kernel.BATCHED)  # [T*k, H]
         return sum_over_k(y * weights.unsqueeze(-1), num_tokens, top_k, hidden_states.dtype)
-
-    def _grouped_fits(self, kernel: Kernel, pairs: int) -> bool:
-        """Whether a grouped call (prefill) runs on the device alone: its distinct experts (at most E, at most
-        T*k) fit the pool, and on CUDA one grouped product covers the pool."""
-        if kernel is not Kernel.GROUPED or min(self.cache.num_experts, pairs) > self.cache.num_slots:
-            return False
-        return not self.pool.data.is_cuda or self.cache.num_slots <= GROUPED_MM_MAX_GROUPS
 
     def _device_grouped(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                         top_k_weights: torch.Tensor) -> torch.Tensor:

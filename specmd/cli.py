@@ -141,9 +141,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from .study.trace import load_trace
 
     graph = args.engine == "graph"
-    if args.warm and not graph:
-        raise ValueError("--warm replays the trace once uncounted through the graph engine's schedule: add "
-                         "--engine graph (the threaded schedule starts cold)")
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
     timing = None
@@ -164,7 +161,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
                                        warm=args.warm, timing=timing)
             else:
                 stats = simulate(trace, capacity, eviction, seed=args.seed, prefetch=args.prefetch,
-                                 lookahead=args.lookahead, k=args.k, timing=timing)
+                                 lookahead=args.lookahead, k=args.k, timing=timing, warm=args.warm)
             rows.append({"budget": budget, "capacity": capacity, "total_experts": total, "eviction": eviction,
                          "engine": args.engine, "prefetch": args.prefetch, "lookahead": args.lookahead,
                          **stats.to_dict()})
@@ -286,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--lookahead", type=int, default=1)
     sim.add_argument("--k", type=int, default=None, help="candidates prefetched per layer (default: top-k)")
     sim.add_argument("--warm", action="store_true",
-                     help="--engine graph: replay the trace once uncounted first (a live warm-up)")
+                     help="replay the trace once uncounted first, as a live bench row warms up (not with belady)")
     sim.add_argument("--hardware", help="link profile for time estimates: configs/hardware/ name or YAML (--engine "
                                         "graph: a graph link profile, e.g. h200-graph-measured)")
     sim.add_argument("--model-timing", help="expert size and layer time: configs/models/ name or YAML")

@@ -176,6 +176,35 @@ def test_runner_replays_a_trace_where_the_config_says_so(tmp_path):
     assert results["routing"] == {spec.stem: "replay tiny-trace.json.gz"}
     table = bench_markdown(results)
     assert "replay tiny-trace.json.gz" in table and "| random |" in table
+    from specmd.bench.report import bench_pivot_markdown
+    assert "| native p5 (replayed: mean prompt) |" in bench_pivot_markdown(results)
+
+
+def test_parts_of_a_matrix_merge_into_one_result():
+    """A matrix split by budget into processes (one device call each) reads as one result: every specmd and
+    per-budget baseline row once, the full-GPU baseline every part measured once (the first part's), the
+    config's budgets joined, and each part's own run kept."""
+    from specmd.bench.results import merge_results
+
+    def part(budget, started):
+        full = {"model": "m", "kind": "baseline", "name": "full-gpu-grouped-mm", "prompt": 16, "batch": 1,
+                "budget": None, "tpot_ms": started}
+        rows = [full] + [{"model": "m", "kind": kind, "name": name, "prompt": 16, "batch": 1, "budget": budget}
+                         for kind, name in (("specmd", "lru-noprefetch"), ("baseline", "device-map-auto"))]
+        config = {"budgets": [budget], "baselines": ["full-gpu-grouped-mm", "device-map-auto"],
+                  "presets": ["lru-noprefetch"], "links": ["native"]}
+        return {"machine": {}, "config": config, "rows": rows, "skipped": [f"skip {budget}"], "started": started,
+                "native_gbps": {"m": started}}
+
+    merged = merge_results([part("5%", 1), part("10%", 2)])
+    assert [(r["name"], r["budget"]) for r in merged["rows"]] == [
+        ("full-gpu-grouped-mm", None), ("lru-noprefetch", "5%"), ("device-map-auto", "5%"),
+        ("lru-noprefetch", "10%"), ("device-map-auto", "10%")]
+    assert merged["rows"][0]["tpot_ms"] == 1
+    assert merged["config"]["budgets"] == ["5%", "10%"] and merged["skipped"] == ["skip 5%", "skip 10%"]
+    assert [p["budgets"] for p in merged["parts"]] == [["5%"], ["10%"]]
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([])
 
 
 @pytest.mark.parametrize("routing,match", [

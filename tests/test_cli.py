@@ -131,7 +131,7 @@ def test_sim_takes_the_same_budget_forms(budget, capacity, trace_file, capsys, t
     (["--budget", "600MB"], ["--model-timing"]),
     (["--budget", "auto"], ["auto"]),
     (["--eviction", "mru"], ["mru", "belady"]),
-    (["--warm"], ["--engine graph"]),
+    (["--warm", "--eviction", "lru,belady"], ["belady without warm"]),
     (["--engine", "graph", "--eviction", "belady"], ["belady", "layer-distance"]),
     (["--engine", "graph", "--hardware", "pcie-gen4-x16", "--model-timing", "olmoe-1b-7b-0924"],
      ["graph link profile", "h200-graph-measured"]),

@@ -62,6 +62,33 @@ def test_live_replay_equals_the_simulator(eviction, device):
         assert_same_counts(live, simulate(trace, capacity, eviction))
 
 
+@pytest.mark.parametrize("eviction", ["lru", "least-stale", "layer-distance"])
+def test_a_warmed_up_replay_equals_the_warm_simulator(eviction, device):
+    """A bench row counts the replay after a whole warm-up replay (rewound, counters reset): simulate(warm=True)
+    counts the same, where a cold simulation (the first replay's counts) differs."""
+    trace = synthetic_trace()
+    model = tiny_model("olmoe").to(device)
+    expert = find_moe_layers(model)[0].layout.expert_bytes
+    for capacity in (3, 5):
+        specmd.offload(model, capacity * expert, eviction, device)
+        model.specmd.replay_routing(trace)
+        for counted in (False, True):
+            if counted:
+                model.specmd.rewind_replay()
+                model.specmd.reset_stats()
+            for length, decode in trace.prompts:
+                ids = torch.randint(3, 200, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+                model.generate(ids, max_new_tokens=decode + 1, min_new_tokens=decode + 1, do_sample=False)
+        live = model.specmd.stats()
+        model.specmd.close()
+        warm = simulate(trace, capacity, eviction, warm=True)
+        assert_same_counts(live, warm)
+        assert warm.forward_passes == len(trace.passes)
+        assert simulate(trace, capacity, eviction).total.misses_cold > 0 == warm.total.misses_cold
+    with pytest.raises(ValueError, match="belady without warm"):
+        simulate(trace, 3, "belady", warm=True)
+
+
 def test_replay_with_prefetch_keeps_demand_counts_consistent(device):
     # The simulator has no prefetch yet: check the live run's own bookkeeping under replay + watchdog.
     trace = synthetic_trace(seed=1)

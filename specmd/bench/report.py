@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .config import REPLAY
+
 
 def _label(row: dict) -> str:
     prefetch = row.get("prefetch", "none")
@@ -183,7 +185,12 @@ def bench_pivot_markdown(results: dict) -> str:
     rows = [r for r in results["rows"] if r["batch"] == 1]
     columns = list(dict.fromkeys((r.get("link", "-"), r["prompt"]) for r in rows if r["kind"] == "specmd"))
     where = f" ({columns[0][0]}, shortest prompt)" if columns else ""
-    head = "| configuration | " + " | ".join(f"{link} p{prompt}" for link, prompt in columns) + \
+    # a replayed row's prompt is the mean of the trace's prompts: say so, the baselines' prompt is one of that length
+    replayed = {(r.get("link", "-"), r["prompt"]) for r in rows
+                if r["kind"] == "specmd" and str(r.get("routing", "")).startswith(REPLAY)}
+    head = "| configuration | " + " | ".join(
+        f"{link} p{prompt}" + (" (replayed: mean prompt)" if (link, prompt) in replayed else "")
+        for link, prompt in columns) + \
         f" | hit %{where} | stall ms / gen{where} | same tokens |"
     lines = [head, "|---" * (len(columns) + 4) + "|"]
     lines.append("| *TTFT / TPOT ms* |" + " |" * (len(columns) + 3))

@@ -49,3 +49,30 @@ class Results:
 
     def per_model(self, key: str, model_name: str, value) -> None:
         self.doc.setdefault(key, {})[model_name] = value
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result document from the parts of a matrix run as separate processes (a device call's time limit
+    cuts a long matrix by budget): every part's rows, a baseline without a budget (full GPU) once, from the
+    first part that measured it; the config's lists joined; each part's run (start, native copy rate,
+    budgets) kept under ``parts``, since their machines' states differ."""
+    if not parts:
+        raise ValueError("merge_results needs at least one result document")
+    merged = {key: value for key, value in parts[0].items() if key not in ("rows", "skipped")}
+    merged["config"] = dict(parts[0]["config"])
+    merged["rows"], merged["skipped"], seen = [], [], set()
+    for part in parts:
+        for key in ("budgets", "baselines", "presets", "links"):
+            merged["config"][key] = list(dict.fromkeys([*merged["config"][key], *part["config"][key]]))
+        for r in part["rows"]:
+            once = (r["model"], r["name"], r["prompt"], r["batch"]) if r["kind"] == "baseline" and not r.get("budget") \
+                else None
+            if once in seen:
+                continue
+            if once is not None:
+                seen.add(once)
+            merged["rows"].append(r)
+        merged["skipped"] += part["skipped"]
+    merged["parts"] = [{"started": p.get("started"), "budgets": p["config"]["budgets"],
+                        "native_gbps": p.get("native_gbps")} for p in parts]
+    return merged

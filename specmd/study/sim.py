@@ -99,7 +99,7 @@ def _check(trace: RoutingTrace, capacity: int, eviction: str, prefetch: str, loo
 
 def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, prefetch: str = "none",
              lookahead: int = 1, k: int | None = None,
-             timing: tuple[LinkProfile, ModelTiming] | None = None) -> Stats:
+             timing: tuple[LinkProfile, ModelTiming] | None = None, warm: bool = False) -> Stats:
     """Replay ``trace`` through a cache of ``capacity`` experts with ``eviction`` (any of ``SIM_POLICIES``).
 
     The schedule is the engine's own main loop: layers in order, each layer's distinct experts in ascending
@@ -108,9 +108,14 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
     top-k) candidates the trace recorded for the next ``lookahead`` layers; ``perfect`` the ids those layers
     really route to. With ``timing`` (a link profile and a model's timing) the cost model
     (``costmodel.Timeline``) also estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer
-    stall and copy-engine busy time.
+    stall and copy-engine busy time. ``warm``: replay the trace once uncounted first, as a live bench row warms
+    up with a whole replay before its counted one (``rewind_replay``), so the counted replay starts from the
+    cache the first one left.
     """
     _check(trace, capacity, eviction, prefetch, lookahead)
+    if warm and eviction == "belady":
+        raise ValueError("warm replays the trace twice, and Belady's oracle knows one replay's future: simulate "
+                         "belady without warm")
     k = k or trace.top_k
     policy: EvictionPolicy = _oracle(trace) if eviction == "belady" else make_policy(eviction, seed)
     layer_stats = [LayerStats() for _ in range(trace.num_layers)]
@@ -121,25 +126,31 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
     loop = MainLoop(cache, trace.num_layers, cache.submit_prefetches)
     accesses = trace.accesses()
     prefill_ms, decode_ms = [], []
-    for p, layers in enumerate(accesses):
-        tokens = len(trace.passes[p][0]) // trace.top_k
-        pass_start = timeline.now if timeline else 0.0
-        for layer, experts in enumerate(layers):
-            position, _ = loop.enter(layer)
-            loop.start(layer, position)
-            if isinstance(policy, Belady):
-                policy.set_now(p * trace.num_layers + layer)
-            requests = [] if prefetch == "none" else prefetch_requests(
-                position, _predicted(trace, accesses, prefetch, k, lookahead, p, layer))
+    for counted in ([False, True] if warm else [True]):
+        if counted and warm:  # what the engine's reset_stats forgets before the counted replay
+            cache.reset_timings()
+            layer_stats[:] = [LayerStats() for _ in layer_stats]
+            loop.clock.forward_passes = 0
+            prefill_ms, decode_ms = [], []
+        for p, layers in enumerate(accesses):
+            tokens = len(trace.passes[p][0]) // trace.top_k
+            pass_start = timeline.now if timeline else 0.0
+            for layer, experts in enumerate(layers):
+                position, _ = loop.enter(layer)
+                loop.start(layer, position)
+                if isinstance(policy, Belady):
+                    policy.set_now(p * trace.num_layers + layer)
+                requests = [] if prefetch == "none" else prefetch_requests(
+                    position, _predicted(trace, accesses, prefetch, k, lookahead, p, layer))
 
-            def compute(chunk: Sequence[int], slots: list[int], layer=layer, experts=experts) -> None:
-                if timeline is not None:
-                    share = len(chunk) / len(experts)
-                    copier.compute(layer, [(layer, e) for e in chunk], share * timeline.model.layer_ms(tokens))
+                def compute(chunk: Sequence[int], slots: list[int], layer=layer, experts=experts) -> None:
+                    if timeline is not None:
+                        share = len(chunk) / len(experts)
+                        copier.compute(layer, [(layer, e) for e in chunk], share * timeline.model.layer_ms(tokens))
 
-            loop.run(layer, experts, requests, compute)
-        if timeline is not None:
-            (prefill_ms if tokens > 1 else decode_ms).append(timeline.now - pass_start)
+                loop.run(layer, experts, requests, compute)
+            if timeline is not None:
+                (prefill_ms if tokens > 1 else decode_ms).append(timeline.now - pass_start)
     cache.drain_timings()
     stats = Stats(num_slots=capacity, budget_bytes=capacity, expert_bytes=1, forward_passes=loop.clock.forward_passes,
                   copy_busy_ms=cache.copy_busy_ms, layers=layer_stats)

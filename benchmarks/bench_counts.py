@@ -1,0 +1,65 @@
+"""A replayed bench result (``specmd bench`` with ``routing: replay``) against the simulator's counts: for each
+specmd row, ``study.sim.simulate`` replays the row's trace at its slots, eviction and prefetch, warm (the row
+counted the replay after a whole warm-up one), and every per-layer count is compared. The threaded engine's
+schedule without prefetch is deterministic, so those rows must be equal; with prefetch the watchdog's copies
+land when the link delivers them, so the live counts are printed beside the simulator's inline ones.
+
+    python benchmarks/bench_counts.py RESULT.json --trace T [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from specmd.config import OffloadConfig, preset_path
+from specmd.study.sim import simulate
+from specmd.study.trace import load_trace
+
+COUNTS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions", "prefetches",
+          "prefetch_hits")
+ON_DEMAND = {"eviction": "fifo", "prefetch": "none"}  # the runner's on-demand row (no preset)
+
+
+def settings(name: str) -> tuple[str, str, int, int | None]:
+    """(eviction, prefetch policy, lookahead, k) of a bench row's preset."""
+    if name == "on-demand":
+        return ON_DEMAND["eviction"], ON_DEMAND["prefetch"], 1, None
+    preset = OffloadConfig.from_yaml(preset_path(name))
+    prefetch = preset.prefetch
+    return preset.eviction, prefetch.policy, prefetch.lookahead, prefetch.k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("result", help="a specmd bench result JSON whose specmd rows replayed --trace")
+    parser.add_argument("--trace", required=True)
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    trace, rows, done = load_trace(args.trace), [], {}
+    print(f"{'row':<24}{'budget':>7} {'link':<14}{'slots':>6}  counts  "
+          + " ".join(f"{c} live/sim" for c in ("hits", "collisions", "prefetch hits")))
+    for r in json.load(open(args.result))["rows"]:
+        if r["kind"] != "specmd" and r["name"] != "on-demand":
+            continue
+        eviction, prefetch, lookahead, k = settings(r["name"])
+        key = (r["num_slots"], eviction, prefetch, lookahead, k)
+        if key not in done:
+            done[key] = simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k,
+                                 warm=True).layers
+        sim = [{c: getattr(layer, c) for c in COUNTS} for layer in done[key]]
+        live = [{c: layer[c] for c in COUNTS} for layer in r["stats"]["layers"]]
+        total = {c: (sum(x[c] for x in live), sum(x[c] for x in sim)) for c in COUNTS}
+        equal = live == sim
+        rows.append({"name": r["name"], "budget": r.get("budget"), "link": r.get("link"), "slots": r["num_slots"],
+                     "prefetch": prefetch, "counts_equal": equal, "live_sim": total})
+        budget = "-" if r["name"] == "on-demand" else r.get("budget") or "-"  # on-demand's is its 8 slots' bytes
+        print(f"{r['name']:<24}{budget:>7} {r.get('link', '-'):<14}{r['num_slots']:>6}  "
+              f"{'equal ' if equal else 'DIFFER'}  " + "  ".join(f"{total[c][0]}/{total[c][1]}" for c in
+                                                                  ("hits", "misses_collision", "prefetch_hits")))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

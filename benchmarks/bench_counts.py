@@ -1,7 +1,8 @@
 """A replayed bench result (``specmd bench`` with ``routing: replay``) against the simulator's counts: for each
 specmd row, ``study.sim.simulate`` replays the row's trace at its slots, eviction and prefetch, warm (the row
 counted the replay after a whole warm-up one), and every per-layer count is compared. The threaded engine's
-schedule without prefetch is deterministic, so those rows must be equal; with prefetch the watchdog's copies
+schedule without prefetch is deterministic, so those rows must be equal, and so must every graph-engine
+row (``graph_sim.simulate_graph``); with prefetch the watchdog's copies
 land when the link delivers them, so the live counts are printed beside the simulator's inline ones.
 
     python benchmarks/bench_counts.py RESULT.json --trace T [--out F]
@@ -12,6 +13,7 @@ import argparse
 import json
 
 from specmd.config import OffloadConfig, preset_path
+from specmd.study.graph_sim import simulate_graph
 from specmd.study.sim import simulate
 from specmd.study.trace import load_trace
 
@@ -20,13 +22,13 @@ COUNTS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collisio
 ON_DEMAND = {"eviction": "fifo", "prefetch": "none"}  # the runner's on-demand row (no preset)
 
 
-def settings(name: str) -> tuple[str, str, int, int | None]:
-    """(eviction, prefetch policy, lookahead, k) of a bench row's preset."""
+def settings(name: str) -> tuple[str, str, str, int, int | None]:
+    """(engine, eviction, prefetch policy, lookahead, k) of a bench row's preset."""
     if name == "on-demand":
-        return ON_DEMAND["eviction"], ON_DEMAND["prefetch"], 1, None
+        return "threaded", ON_DEMAND["eviction"], ON_DEMAND["prefetch"], 1, None
     preset = OffloadConfig.from_yaml(preset_path(name))
     prefetch = preset.prefetch
-    return preset.eviction, prefetch.policy, prefetch.lookahead, prefetch.k
+    return preset.engine, preset.eviction, prefetch.policy, prefetch.lookahead, prefetch.k
 
 
 def main() -> None:
@@ -41,9 +43,11 @@ def main() -> None:
     for r in json.load(open(args.result))["rows"]:
         if r["kind"] != "specmd" and r["name"] != "on-demand":
             continue
-        eviction, prefetch, lookahead, k = settings(r["name"])
-        key = (r["num_slots"], eviction, prefetch, lookahead, k)
-        if key not in done:
+        engine, eviction, prefetch, lookahead, k = settings(r["name"])
+        key = (engine, r["num_slots"], eviction, prefetch, lookahead, k)
+        if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
+            done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True).layers
+        elif key not in done:
             done[key] = simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k,
                                  warm=True).layers
         sim = [{c: getattr(layer, c) for c in COUNTS} for layer in done[key]]

@@ -11,7 +11,9 @@ TPOT and TTFT. The estimate is the graph cost model (``graph_sim.GraphTiming``) 
 / MoE layers (``--full-tpot-ms``; the replayed runs time no full-GPU row).
 
 ``--fit`` searches the link's three constants (miss gather GB/s, prefetch gather GB/s, overhead per layer)
-for the smallest worst TPOT error over the given rows and prints them as a profile's YAML.
+and a layer's compute (a fraction of ``--full-tpot-ms`` / layers: the rows' processes time no full-GPU step,
+and one measured in another process moved 3.9-5.6 ms) for the smallest worst TPOT error over the given rows,
+prints them, and prices the rows with them.
 
     python benchmarks/sim_vs_live.py RESULT.json [...] --trace T --full-tpot-ms 4.6 [--link NAME] [--fit] [--out F]
 """
@@ -67,22 +69,26 @@ class _Recorder(GraphTiming):
         return 0.0
 
 
-def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelTiming) -> tuple[GraphLink, float]:
-    """The link constants on a grid (0.5 GB/s, 1 GB/s, 5 us) with the smallest worst TPOT error over ``rows``:
-    (live row, its counted decode steps' layer calls). ``GraphTiming.layer``, vectorised over the calls."""
+def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelTiming
+        ) -> tuple[GraphLink, float, float]:
+    """The link constants and a layer's compute on a grid (0.5 GB/s, 1 GB/s, 5 us, 2% of ``model``'s) with the
+    smallest worst TPOT error over ``rows``: (live row, its counted decode steps' layer calls). Returns (link,
+    layer compute ms, worst error). ``GraphTiming.layer``, vectorised over the calls."""
     calls = [(live["tpot_ms"], len(steps), np.array([c for step in steps for c in step], dtype=float).T)
              for live, steps in rows]
     gb = model.expert_bytes / 1e9 * 1e3  # ms at 1 GB/s per expert
     best = None
-    for gather, prefetch, overhead in itertools.product([40 + 0.5 * i for i in range(31)], range(25, 56),
-                                                        [0.005 * i for i in range(41)]):
-        worst = 0.0
+    for gather, prefetch, compute in itertools.product([44 + 0.5 * i for i in range(21)], range(35, 56),
+                                                       [model.decode_layer_ms * (0.5 + 0.02 * i) for i in range(31)]):
+        # the overhead is added to every layer: the best one for the rest is the middle of the ratios' range
+        ratios = []
         for tpot, num_steps, (tokens, demand, prefetched) in calls:
-            step_ms = (demand * gb / gather + np.maximum(model.decode_layer_ms, prefetched * gb / prefetch)
-                       + overhead).sum() / num_steps
-            worst = max(worst, abs(step_ms / tpot - 1))
-        if best is None or worst < best[1]:
-            best = (GraphLink("fit", gather, float(prefetch), round(overhead, 3)), worst)
+            step_ms = (demand * gb / gather + np.maximum(compute, prefetched * gb / prefetch)).sum() / num_steps
+            ratios.append((step_ms, tpot, len(tokens) / num_steps))
+        for overhead in [0.005 * i for i in range(21)]:
+            worst = max(abs((step + overhead * layers) / tpot - 1) for step, tpot, layers in ratios)
+            if best is None or worst < best[2]:
+                best = (GraphLink("fit", gather, float(prefetch), round(overhead, 3)), compute, worst)
     return best
 
 
@@ -117,10 +123,11 @@ def main() -> None:
             steps = [calls[i:i + trace.num_layers] for i in range(0, len(calls), trace.num_layers)]
             prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is no decode step
             recorded.append((live, [s for p, s in enumerate(steps) if p not in prefills and s[0][0] == 1]))
-        link, worst = fit(recorded, model)
+        link, compute, worst = fit(recorded, model)
+        model = ModelTiming("olmoe", OLMOE.expert_bytes, compute, args.prefill_ms_per_token)
         print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%):\n"
               f"gather_gbps: {link.gather_gbps}\nprefetch_gbps: {link.prefetch_gbps}\n"
-              f"overhead_ms: {link.overhead_ms:.3f}")
+              f"overhead_ms: {link.overhead_ms:.3f}\nlayer compute: {compute:.4f} ms")
     timing = GraphTiming(link, model)
     rows = []
     for live in live_rows:
@@ -138,11 +145,13 @@ def main() -> None:
                      "ttft_error": sim_ttft / live["ttft_ms"] - 1, "hit_rate": sim.hit_rate})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"trace": args.trace, "full_tpot_ms": args.full_tpot_ms, "link": vars(link),
+            json.dump({"trace": args.trace, "full_tpot_ms": args.full_tpot_ms, "layer_compute_ms": model.decode_layer_ms,
+                       "link": vars(link),
                        "prefill_ms_per_token": args.prefill_ms_per_token, "rows": rows}, f, indent=1)
     print(f"link {link.name}: gather {link.gather_gbps} GB/s, prefetch {link.prefetch_gbps} GB/s, "
           f"{link.overhead_ms} ms per layer; layer compute {model.decode_layer_ms:.3f} ms "
-          f"(compiled full GPU {args.full_tpot_ms} ms / {trace.num_layers})")
+          f"({model.decode_layer_ms * trace.num_layers / args.full_tpot_ms:.2f} x the compiled full-GPU "
+          f"{args.full_tpot_ms} ms / {trace.num_layers})")
     print(f"{'row':<72}{'counts':>7}{'hit %':>7}{'TPOT live':>10}{'sim':>7}{'error':>8}{'TTFT live':>10}{'sim':>7}"
           f"{'error':>8}")
     for r in rows:

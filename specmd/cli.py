@@ -205,6 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.config import BenchConfig
 
     config = BenchConfig.load(args.config)  # a malformed config fails first, naming the key
+    if args.budgets is not None or args.baselines is not None:
+        config = config.overridden(args.config, args.budgets, args.baselines)
     if not torch.cuda.is_available():
         print("specmd bench: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
               "run it on the GPU machine", file=sys.stderr)
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the benchmark matrix on a GPU (configs/bench/*.yaml)")
     bench.add_argument("config", help="bench config YAML, e.g. configs/bench/default.yaml")
     bench.add_argument("--out", help="results folder (default benchmarks/results/<date>-<gpu>/)")
+    bench.add_argument("--budgets", help="run these budgets instead of the config's (comma list, e.g. 5%%,10%%): "
+                                         "one part of a long matrix; benchmarks/merge_bench.py joins the parts")
+    bench.add_argument("--baselines", help="run these baselines instead of the config's (comma list, or none)")
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%",

@@ -58,6 +58,22 @@ def test_bench_with_a_bad_config_exits_naming_the_key(tmp_path):
     assert run.returncode == 2 and "'warmup'" in run.stderr
 
 
+def test_a_part_of_the_matrix_overrides_budgets_and_baselines():
+    """`specmd bench CONFIG --budgets 10% --baselines none`: one part of a matrix too long for one device call;
+    what the part names is validated as the config's own keys are."""
+    config = BenchConfig.load("configs/bench/default.yaml")
+    part = config.overridden("default.yaml", budgets="10%, 20%", baselines="full-gpu-grouped-mm")
+    assert part.budgets == ("10%", "20%") and part.baselines == ("full-gpu-grouped-mm",)
+    assert part.presets == config.presets and part.routing == config.routing
+    assert config.overridden("default.yaml", baselines="none").baselines == ()
+    with pytest.raises(ValueError, match="budgets"):
+        config.overridden("default.yaml", budgets="lots")
+    with pytest.raises(ValueError, match="unknown 'fastest'"):
+        config.overridden("default.yaml", baselines="fastest")
+    with pytest.raises(ValueError, match="at least one budget"):
+        config.overridden("default.yaml", budgets=" , ")
+
+
 TINY_SPEC = """family: olmoe
 config: {vocab_size: 256, hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4,
          num_key_value_heads: 2, num_experts: 8, num_experts_per_tok: 2, max_position_embeddings: 128,

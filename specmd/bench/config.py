@@ -4,7 +4,7 @@ This module holds the configuration and its validation; ``runner.py`` runs it on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -80,6 +80,21 @@ class BenchConfig:
             values[f.name] = tuple(value)
         config = cls(**values)
         config._check(str(path))
+        return config
+
+    def overridden(self, where: str, budgets: str | None = None, baselines: str | None = None) -> "BenchConfig":
+        """This matrix with its budgets and/or baselines replaced (comma lists; baselines ``none`` for none),
+        validated: one part of a matrix too long for one run (``benchmarks/merge_bench.py`` joins the parts)."""
+        changes = {}
+        if budgets is not None:
+            changes["budgets"] = tuple(b.strip() for b in budgets.split(",") if b.strip())
+            if not changes["budgets"]:
+                raise ValueError(f"{where}: --budgets: give at least one budget, e.g. 5%,10%")
+        if baselines is not None:
+            changes["baselines"] = () if baselines.strip() == "none" else \
+                tuple(b.strip() for b in baselines.split(",") if b.strip())
+        config = replace(self, **changes)
+        config._check(where)
         return config
 
     def _check(self, where: str) -> None:

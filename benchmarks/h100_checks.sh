@@ -8,6 +8,8 @@
 #   bash benchmarks/h100_checks.sh graph16-high | graph16-low | graph512-high | graph512-low | replay-low |
 #       replay-high |
 #       prefetch | prefetch-d2 | families | load  # the issues' GPU figures, one call each
+#   bash benchmarks/h100_checks.sh bench-default-5 | bench-default-10 | bench-default-20 | bench-prefetch-5 |
+#       bench-prefetch-25   # the bench matrices on learned routing, one budget a call (merge_bench.py joins them)
 # On a two-GPU machine, run a timed part on one GPU and an untimed one (tests, sanitizers) on the other:
 #   (CUDA_VISIBLE_DEVICES=0 bash benchmarks/h100_checks.sh graph16-high &); CUDA_VISIBLE_DEVICES=1 bash ... tests
 # (the host's CPUs are shared: timed rows read higher then; say so with their figures). $OUT returns at most 8
@@ -82,6 +84,15 @@ if [[ " $parts " == *" load "* ]]; then
     timeout 580 python3 benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out "$out/load" > "$out/load.log" 2>&1
     echo "load: exit $?"; tail -n 12 "$out/load.log"
 fi
+# The headline matrices replay the learned trace: about 20 minutes each in all, so one budget a call (6-8 min)
+declare -A part_baselines=([default-5]=full-gpu,full-gpu-grouped-mm,device-map-auto [default-10]=device-map-auto
+    [default-20]=on-demand,device-map-auto [prefetch-5]=full-gpu-grouped-mm [prefetch-25]=none)
+for part in default-5 default-10 default-20 prefetch-5 prefetch-25; do
+    [[ " $parts " == *" bench-$part "* ]] || continue
+    timeout 580 python3 -m specmd.cli bench "configs/bench/${part%-*}.yaml" --budgets "${part##*-}%" \
+        --baselines "${part_baselines[$part]}" --out "$out/bench-$part" > "$out/bench-$part.log" 2>&1
+    echo "bench $part: exit $?"; tail -n 12 "$out/bench-$part.log"
+done
 if [[ " $parts " == *" bench "* ]]; then
     python3 benchmarks/calibrate_link.py 2>&1 | tee "$out/calibrate.log"
     timeout 240 python3 -m specmd.cli bench configs/bench/smoke.yaml --out "$out/smoke" > "$out/smoke.log" 2>&1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from specmd.bench.runner import ON_DEMAND
 from specmd.config import OffloadConfig, preset_path
 from specmd.study.graph_sim import simulate_graph
 from specmd.study.sim import simulate
@@ -19,7 +20,6 @@ from specmd.study.trace import load_trace
 
 COUNTS = ("accesses", "hits", "misses_cold", "misses_capacity", "misses_collision", "evictions", "prefetches",
           "prefetch_hits")
-ON_DEMAND = {"eviction": "fifo", "prefetch": "none"}  # the runner's on-demand row (no preset)
 
 
 def settings(name: str) -> tuple[str, str, str, int, int | None]:

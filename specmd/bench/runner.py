@@ -35,6 +35,7 @@ from .timing import Timed, calibrate_link, copy_gbps, measure, replay_seconds, s
 
 SPECMD_WARMUP_TOKENS = 8
 FULL_GPU = (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager"))  # (baseline, experts implementation)
+ON_DEMAND = {"eviction": "fifo", "prefetch": "none"}  # the on-demand baseline: one layer's top-k slots, nothing kept
 
 
 def _prompts(config: BenchConfig, vocab: int, device: torch.device) -> dict[tuple[int, int], torch.Tensor]:
@@ -199,8 +200,7 @@ class ModelBench:
             if "on-demand" in config.baselines:
                 top_k = self.model.config.num_experts_per_tok
                 for link in self.links:
-                    self.specmd_run("on-demand", top_k * self.expert_bytes, link, None, bar, eviction="fifo",
-                                    prefetch="none")
+                    self.specmd_run("on-demand", top_k * self.expert_bytes, link, None, bar, **ON_DEMAND)
             bar.close()
             if "device-map-auto" in config.baselines and self.on_device:
                 if self.cuda:

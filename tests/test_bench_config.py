@@ -58,8 +58,8 @@ def test_bench_with_a_bad_config_exits_naming_the_key(tmp_path):
     assert run.returncode == 2 and "'warmup'" in run.stderr
 
 
-def test_a_part_of_the_matrix_overrides_budgets_and_baselines():
-    """`specmd bench CONFIG --budgets 10% --baselines none`: one part of a matrix too long for one device call;
+def test_a_part_of_the_matrix_overrides_budgets_baselines_and_presets():
+    """`specmd bench CONFIG --budgets 10% --baselines none --presets lru-topk`: one part of a matrix too long for one device call;
     what the part names is validated as the config's own keys are."""
     config = BenchConfig.load("configs/bench/default.yaml")
     part = config.overridden("default.yaml", budgets="10%, 20%", baselines="full-gpu-grouped-mm")
@@ -72,6 +72,12 @@ def test_a_part_of_the_matrix_overrides_budgets_and_baselines():
         config.overridden("default.yaml", baselines="fastest")
     with pytest.raises(ValueError, match="at least one budget"):
         config.overridden("default.yaml", budgets=" , ")
+    assert config.overridden("default.yaml", presets="lru-topk, lru-noprefetch").presets == \
+        ("lru-topk", "lru-noprefetch")
+    with pytest.raises(ValueError, match="no-such-preset"):
+        config.overridden("default.yaml", presets="no-such-preset")
+    with pytest.raises(ValueError, match="at least one preset"):
+        config.overridden("default.yaml", presets=",")
 
 
 TINY_SPEC = """family: olmoe

@@ -182,6 +182,59 @@ def test_prefetch_keeps_the_tokens_and_counts_its_copies(prefetch, lookahead, ev
     assert total.bytes_copied == (total.misses + total.prefetches) * expert == total.prefetch_bytes + total.misses * expert
 
 
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])  # gpt_oss: routers with a bias
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_the_side_stream_scores_as_the_predictor_ranks(lookahead, family, device):
+    """A compiled one-token step makes its top-k predictions on the prefetch side stream, into persistent
+    buffers (``gather._score``): the candidates are the predictor's own, layer by layer."""
+    from specmd.runtime.gather import _score
+    from specmd.runtime.prefetch import Predictor, PrefetchConfig
+
+    model = tiny_model(family, num_hidden_layers=4).to(device)
+    layers = find_moe_layers(model)
+    routers = [layer.router for layer in layers]
+    predictor = Predictor(PrefetchConfig("topk", lookahead=lookahead), routers, 2)
+    buffers = graph._score_buffers(predictor, torch.device(device))
+    hidden = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(device)
+    for layer in range(len(layers)):
+        targets = predictor.targets(layer)
+        held = torch.full((3, model.config.num_experts), -1, dtype=torch.int64, device=device)
+        buffers[0].copy_(hidden.reshape(-1))
+        biases = [routers[t].bias for t in targets] if getattr(routers[0], "bias", None) is not None else []
+        _score([routers[t].weight for t in targets], biases, buffers, held[:len(targets), :predictor.candidates])
+        want = predictor.predict(layer, hidden, stacked=False)
+        assert torch.equal(held[:len(targets), :predictor.candidates], want), layer
+        assert (held[len(targets):] == -1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream runs in a compiled step on CUDA")
+@pytest.mark.parametrize("lookahead", [1, 2])
+def test_a_compiled_one_token_step_predicts_on_the_side_stream(lookahead, compiled_generate):
+    """One sequence: the compiled step scores on the side stream (the model's stream only copies the input);
+    its tokens are the unpatched model's and its cache decisions those of the uncompiled step, which predicts
+    on the model's stream."""
+    device = "cuda"
+    ref = tiny_model("olmoe", num_hidden_layers=4).to(device)
+    ref.set_experts_implementation("batched_mm")
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(2)).to(device)
+    want = generate(ref, ids, 10)
+    top_k, expert = ref.config.num_experts_per_tok, find_moe_layers(ref)[0].layout.expert_bytes
+    runs = {}
+    for name, compiled in [("uncompiled", False), ("compiled", True)]:
+        torch._dynamo.reset()
+        specmd.offload(ref, top_k * (lookahead + 1) * expert, "lru", device, engine="graph", lookahead=lookahead,
+                       prefetch="topk")
+        assert ref.specmd.engine._score_buffers is not None
+        kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        kwargs.update(compiled_generate if compiled else {"disable_compile": True})
+        assert torch.equal(ref.generate(ids, **kwargs), want), name
+        runs[name] = ref.specmd.stats()
+        ref.specmd.close()
+        ref.generation_config.cache_implementation = None
+    assert runs["uncompiled"].total.prefetches > 0
+    assert [vars(s) for s in runs["compiled"].layers] == [vars(s) for s in runs["uncompiled"].layers]
+
+
 def test_prefetch_is_off_where_every_expert_stays_resident(device, caplog):
     """At a budget that holds every expert a prefetch could copy nothing: the engine runs no predictor (no
     router products, no prefetch calls), says so in one line, and the tokens and counts are those without

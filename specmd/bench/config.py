@@ -82,9 +82,11 @@ class BenchConfig:
         config._check(str(path))
         return config
 
-    def overridden(self, where: str, budgets: str | None = None, baselines: str | None = None) -> "BenchConfig":
-        """This matrix with its budgets and/or baselines replaced (comma lists; baselines ``none`` for none),
-        validated: one part of a matrix too long for one run (``benchmarks/merge_bench.py`` joins the parts)."""
+    def overridden(self, where: str, budgets: str | None = None, baselines: str | None = None,
+                   presets: str | None = None) -> "BenchConfig":
+        """This matrix with its budgets, baselines and/or presets replaced (comma lists; baselines ``none`` for
+        none), validated: one part of a matrix too long for one run (``benchmarks/merge_bench.py`` joins the
+        parts)."""
         changes = {}
         if budgets is not None:
             changes["budgets"] = tuple(b.strip() for b in budgets.split(",") if b.strip())
@@ -93,6 +95,10 @@ class BenchConfig:
         if baselines is not None:
             changes["baselines"] = () if baselines.strip() == "none" else \
                 tuple(b.strip() for b in baselines.split(",") if b.strip())
+        if presets is not None:
+            changes["presets"] = tuple(p.strip() for p in presets.split(",") if p.strip())
+            if not changes["presets"]:
+                raise ValueError(f"{where}: --presets: give at least one preset, e.g. lru-noprefetch")
         config = replace(self, **changes)
         config._check(where)
         return config

@@ -49,8 +49,8 @@ class Gather(Protocol):
         the pool with it)."""
 
     def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None, begin: bool,
-             predicted: torch.Tensor | None, targets: Sequence[int], fork: bool) -> torch.Tensor:
-        """``DeviceCache.step`` in one op."""
+             predicted: torch.Tensor | None, targets: Sequence[int], fork: bool, scoring=None) -> torch.Tensor:
+        """``DeviceCache.step`` in one op (``scoring``: ``gather.Scoring``)."""
 
     def join(self) -> None:
         """Wait for copies still running on another stream."""
@@ -196,15 +196,19 @@ class DeviceCache:
         return misses
 
     def step(self, layer: int, ids: torch.Tensor, after: torch.Tensor | None = None, begin: bool = False,
-             predicted: torch.Tensor | None = None, targets: Sequence[int] = (), fork: bool = False) -> torch.Tensor:
+             predicted: torch.Tensor | None = None, targets: Sequence[int] = (), fork: bool = False,
+             scoring=None) -> torch.Tensor:
         """A decode step's call: make the experts routed in ``ids`` resident (after ``begin_pass`` when
         ``begin``) and copy the misses through the gather; returns the layer's slots [E] after the copies, for
         the compute to index the pool with. Then prefetch: for each of ``targets`` (later layers), a prefetch
         call (``access``'s ``protect``) of the experts in that row of ``predicted`` [D, C] (-1: none); ``fork``
-        runs them on a side stream (CUDA; see ``gather.cache_step``). On CUDA the gather's fused op; else
+        runs them on a side stream (CUDA; see ``gather.cache_step``), and with ``scoring`` (``gather.Scoring``,
+        in place of ``predicted``) makes the predictions there too. On CUDA the gather's fused op; else
         ``access`` calls."""
         if self._gather is not None and self._gather.fused:
-            return self._gather.step(self, layer, ids, after, begin, predicted, targets, fork)
+            return self._gather.step(self, layer, ids, after, begin, predicted, targets, fork, scoring)
+        if scoring is not None:
+            raise ValueError("scoring on the side stream needs the fused CUDA step; pass the predictions")
         if begin:
             self.begin_pass()
         needed = self._mask(ids)

@@ -10,6 +10,7 @@ as a CUDA graph (it skips graphs that read CPU tensors).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -76,7 +77,8 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
                store: torch.Tensor, pool: torch.Tensor, after: torch.Tensor | None, dims: list[int],
                predicted: torch.Tensor | None, targets: list[int], prefetch_state: list[torch.Tensor],
                prefetch_found: list[torch.Tensor], prefetch_stores: list[torch.Tensor], fork: bool,
-               prefetch_programs: int) -> torch.Tensor:
+               prefetch_programs: int, score_weights: list[torch.Tensor], score_biases: list[torch.Tensor],
+               score_buffers: list[torch.Tensor], score_k: int) -> torch.Tensor:
     """A whole cache call of ``layer`` on CUDA, no sync: ``kernels/cache_access.py`` decides hits, misses and
     victims for the routed ``ids`` and updates the cache's ``state`` (``DeviceCache.kernel_state``; ``found``:
     where it leaves the misses), then ``kernels/miss_gather.py`` copies the misses from ``store`` into
@@ -88,6 +90,11 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
     on a side stream that starts after this layer's copies and that the next call waits for (``_SideStream``):
     they overlap this layer's compute, and a CUDA graph captured around the calls keeps both (fork and join).
     Their gathers run on ``prefetch_programs`` programs (0: the full grid), leaving SMs to that compute.
+    With ``score_weights`` (the targets' router weights; ``score_biases`` theirs, or empty) and no
+    ``predicted``, the predictions are made there too: each router scores the layer's one-token input
+    (``after``) and its ``score_k`` best experts are the candidates, as ``Predictor.predict`` ranks them; so
+    the routers' products and top-k leave the model's stream, which only copies the input into
+    ``score_buffers`` ([H] input, [D, E] logits, [D, E] their values).
 
     Declared as mutating nothing, like ``gather_misses`` and for the same reasons: the state and the pool
     are only ever read and written by these ops, the pool read through the returned slots (so after the
@@ -102,14 +109,21 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
                                   num_experts, num_slots, policy)
     width = min(experts.shape[0], ids.numel())  # the gather's grid: at most tokens x top-k misses
     kernel("miss_gather").gather_misses(store, pool.view(torch.int32), experts[:width], victims[:width], count)
-    if predicted is None or not targets:
+    if (predicted is None and not score_weights) or not targets:
         return slots
     # The side stream must read persistent memory only: a tensor freed here could be reused by the
-    # model's stream while the side stream still reads it. So the predictions are copied into the cache's.
+    # model's stream while the side stream still reads it. So the predictions (or the input they are made
+    # from) are copied into the cache's.
     *found_prefetch, prefetch_slots, held = prefetch_found
-    held = held[:predicted.shape[0], :predicted.shape[1]]
-    held.copy_(predicted)
+    if predicted is not None:
+        held = held[:predicted.shape[0], :predicted.shape[1]]
+        held.copy_(predicted)
+    else:
+        held = held[:len(score_weights), :score_k]
+        score_buffers[0].copy_(after.reshape(-1))
     with side.fork() if fork else contextlib.nullcontext():
+        if predicted is None:
+            _score(score_weights, score_biases, score_buffers, held)
         p_experts, p_victims, p_count = found_prefetch
         for j, target in enumerate(targets):
             kernel("cache_access").access(held[j], target, False, prefetch_state,
@@ -123,8 +137,25 @@ def cache_step(ids: torch.Tensor, layer: int, begin: bool, state: list[torch.Ten
 
 @cache_step.register_fake
 def _(ids, layer, begin, state, found, store, pool, after, dims, predicted, targets, prefetch_state, prefetch_found,
-      prefetch_stores, fork, prefetch_programs):
+      prefetch_stores, fork, prefetch_programs, score_weights, score_biases, score_buffers, score_k):
     return ids.new_empty(dims[1])
+
+
+def _score(weights: list[torch.Tensor], biases: list[torch.Tensor], buffers: list[torch.Tensor],
+           held: torch.Tensor) -> None:
+    """``held[j]`` = the ids of the ``held.shape[1]`` highest logits of router j on the input in ``buffers[0]``
+    (``cache_step``); into the buffers only, so it allocates nothing and runs on any stream."""
+    hidden, logits, values = buffers
+    k = held.shape[1]
+    with torch.no_grad():  # predictions, never trained through
+        for j, weight in enumerate(weights):
+            # the products F.linear makes (Predictor's), so the candidates round the same
+            x, out = hidden.view(1, -1), logits[j].view(1, -1)
+            if biases:
+                torch.addmm(biases[j], x, weight.t(), out=out)
+            else:
+                torch.mm(x, weight.t(), out=out)
+            torch.topk(logits[j], k, out=(values[j, :k], held[j]))
 
 
 class _SideStream:
@@ -169,6 +200,15 @@ class _SideStream:
             self.pending = False
 
 
+class Scoring(NamedTuple):
+    """What ``cache_step`` needs to make a step's predictions on the side stream (``score_*``)."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    k: int
+
+
 class MissGather:
     """``gather(layer, misses, after)``: copy ``misses`` of ``layer`` into the pool, ordered after ``after``, on
     the current stream; returns ``misses.layer_slots`` after the copies (``gather_misses``)."""
@@ -199,13 +239,17 @@ class MissGather:
         return self._pool.data.is_cuda
 
     def step(self, cache: DeviceCache, layer: int, ids: torch.Tensor, after: torch.Tensor | None, begin: bool,
-             predicted: torch.Tensor | None = None, targets: list[int] = (), fork: bool = False) -> torch.Tensor:
+             predicted: torch.Tensor | None = None, targets: list[int] = (), fork: bool = False,
+             scoring: Scoring | None = None) -> torch.Tensor:
         """``cache_step``: make the experts routed in ``ids`` resident in ``cache`` and copy the misses, then
-        prefetch ``predicted`` for ``targets``; the layer's slots after the copies."""
+        prefetch ``predicted`` (or what ``scoring`` predicts on the side stream) for ``targets``; the layer's
+        slots after the copies."""
         dims = [cache.num_layers, cache.num_experts, cache.num_slots, cache.policy.kernel_id]
+        weights, biases, buffers, k = scoring if scoring is not None else ([], [], [], 0)
         return cache_step(ids, layer, begin, cache.kernel_state(), cache.found, self._sources[layer],
                           self._pool.data, after, dims, predicted, list(targets), cache.kernel_state(prefetch=True),
-                          cache.found_prefetch, [self._sources[t] for t in targets], fork, self.prefetch_programs)
+                          cache.found_prefetch, [self._sources[t] for t in targets], fork, self.prefetch_programs,
+                          weights, biases, buffers, k)
 
     def join(self) -> None:
         """The current stream waits for prefetches still running on the side stream (CUDA)."""

@@ -58,6 +58,7 @@ from ..compute import (
 )
 from ..copier import SlotPool
 from ..device_cache import DeviceCache
+from ..gather import Scoring
 from ..metrics import Stats
 from ..prefetch import Predictor
 from ..store import layout_views
@@ -129,8 +130,11 @@ class GraphEngine:
         self.replay: DeviceRoutingSource | None = None  # set_replay (OffloadHandle.replay_routing)
         # CUDA: each layer's device step is captured as a CUDA graph and replayed (graphs.py)
         self._graphs = LayerGraphs(self._device_step) if pool.data.is_cuda else None
+        # [H] a step's input, [D, E] the routers' logits on it and [D, E] their values: what the side stream
+        # scores in (CUDA, top-k prediction only; ``_side_scoring``)
+        self._score_buffers = _score_buffers(self.predictor, pool.data.device) if pool.data.is_cuda else None
         if pool.data.is_cuda:  # the pool, the cache's state, the store as the kernel reads it
-            _mark_static([pool.data, *cache.static_tensors()])
+            _mark_static([pool.data, *cache.static_tensors(), *(self._score_buffers or [])])
         self._warned: set[int] = set()
 
     def run_layer(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -225,10 +229,11 @@ class GraphEngine:
         prefetches on a side stream when ``fork``. [T, H] out."""
         num_tokens, top_k = top_k_index.shape
         flat_ids, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # [T*k]
-        predicted, targets = self._predictions(layer, hidden_states)
+        scoring = self._side_scoring(layer, hidden_states) if fork else None
+        predicted, targets = self._predictions(layer, hidden_states, scored=scoring is not None)
         # after=hidden_states: the copies wait for the previous layer's output, so for its reads of the pool
         layer_slots = self.cache.step(layer, flat_ids, after=hidden_states, begin=begin, predicted=predicted,
-                                      targets=targets, fork=fork)
+                                      targets=targets, fork=fork, scoring=scoring)
         x = hidden_states.unsqueeze(1).expand(-1, top_k, -1).reshape(num_tokens * top_k, -1)  # [T*k, H] as flat_ids
         row_slots = layer_slots[flat_ids]  # [T*k]
         # Views made here, not the pool's own: to torch.compile, views made outside are inputs aliasing the
@@ -251,20 +256,39 @@ class GraphEngine:
                             layer_slots[flat_ids], weights, None, flat_ids.shape[0], out)
         return sum_over_k(out, num_tokens, top_k, hidden_states.dtype)
 
-    def _predictions(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+    def _predictions(self, layer: int, hidden_states: torch.Tensor,
+                     scored: bool = False) -> tuple[torch.Tensor | None, list[int]]:
         """([D, C] predicted ids, -1 for none, of the looked-ahead layers later in this pass; those layers) or
-        (None, [])."""
+        (None, []). ``scored``: the side stream makes them (``_side_scoring``), so (None, those layers)."""
         if self.predictor is None:
             return None, []
         targets = [t for t in self.predictor.targets(layer) if t > layer]  # nearest first: the later ones lead
-        if not targets:
-            return None, []
+        if not targets or scored:
+            return None, targets
         if self.replay is not None and self.replay.candidates is not None:
             # the trace's predictor, not this model's; read on the device, so a captured step keeps it (decode
             # steps only: a prompt's prefill has no candidates there)
             return self.replay.step_candidates(layer)[:len(targets)], targets
         # one product per router: the stacked routers' cache is Python state a compiled step would guard on
         return self.predictor.predict(layer, hidden_states, stacked=False)[:len(targets)], targets
+
+    def _side_scoring(self, layer: int, hidden_states: torch.Tensor) -> Scoring | None:
+        """The routers of the layers ahead, to score a forked one-token step's input on the side stream
+        (``gather.cache_step``), or None where the model's stream must predict: no predictor, the trace's
+        candidates, a policy other than top-k, more than one token, no layer ahead, or routers whose
+        weights are not on the buffers' device in their dtype."""
+        predictor, buffers = self.predictor, self._score_buffers
+        if predictor is None or buffers is None or hidden_states.shape[0] != 1 or \
+                (self.replay is not None and self.replay.candidates is not None):
+            return None
+        routers = [self.predictor.routers[t] for t in predictor.targets(layer) if t > layer]
+        hidden = buffers[0]
+        if not routers or any(r.weight.device != hidden.device or r.weight.dtype != hidden.dtype
+                              or r.weight.shape[1] != hidden.shape[0] for r in routers):
+            return None
+        biases = [getattr(r, "bias", None) for r in routers]
+        return Scoring([r.weight for r in routers], biases if all(b is not None for b in biases) else [],
+                       buffers, predictor.candidates)
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
                  weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:
@@ -305,6 +329,22 @@ class GraphEngine:
             self.pool.free()
             if self._graphs is not None:
                 self._graphs.clear()
+
+
+def _score_buffers(predictor: Predictor | None, device: torch.device) -> list[torch.Tensor] | None:
+    """Persistent buffers for scoring on the side stream, in the routers' dtype, or None (no top-k predictor,
+    or routers of different shapes or dtypes: the model's stream predicts)."""
+    if predictor is None or predictor.config.policy != "topk":
+        return None
+    weights = [r.weight for r in predictor.routers]
+    if len({(w.shape, w.dtype) for w in weights}) != 1:
+        return None
+    (num_experts, hidden), dtype = weights[0].shape, weights[0].dtype
+    depth = max(len(predictor.targets(layer)) for layer in range(len(weights)))
+    with torch.inference_mode(False):  # updated in place by every later step
+        return [torch.zeros(hidden, dtype=dtype, device=device),
+                torch.zeros(depth, num_experts, dtype=dtype, device=device),
+                torch.zeros(depth, num_experts, dtype=dtype, device=device)]
 
 
 def _mark_static(tensors: list[torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ was measured live (README, "Third H200 session").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,16 +33,20 @@ def main() -> None:
     parser.add_argument("--prefetch", nargs="+", default=["none", "1:2", "1:4", "1:6", "1:8", "2:4", "2:8"],
                         help="none, or LOOKAHEAD:K (the trace's first K candidates)")
     parser.add_argument("--link", default="h200-graph-measured")
-    parser.add_argument("--full-tpot-ms", type=float, default=4.60,
-                        help="the compiled full-GPU TPOT (ms); / layers: a layer's compute")
+    parser.add_argument("--full-tpot-ms", type=float, default=None,
+                        help="a compiled full-GPU TPOT (ms); / layers: a layer's compute in place of the profile's")
     parser.add_argument("--counts-only", action="store_true",
                         help="hits and copies alone (the cost model was fitted on OLMoE-1B-7B shapes only)")
     args = parser.parse_args()
     args.prefetch = ["none"] + [p for p in args.prefetch if p != "none"]  # the baseline of the copies column
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
-    timing = None if args.counts_only else GraphTiming(
-        GraphLink.load(args.link), ModelTiming("olmoe", OLMOE.expert_bytes, args.full_tpot_ms / trace.num_layers))
+    link = GraphLink.load(args.link)
+    if args.full_tpot_ms is not None:
+        link = dataclasses.replace(link, model=OLMOE.name, step_layer_ms=args.full_tpot_ms / trace.num_layers)
+    elif link.step_layer_ms is None and not args.counts_only:
+        parser.error(f"{args.link} has no step_layer_ms: give --full-tpot-ms (a compiled full-GPU step, ms)")
+    timing = None if args.counts_only else GraphTiming(link, OLMOE)
     rows = []
     with open(f"{args.out}.jsonl", "w") as out:
         for budget in args.budgets:
@@ -57,7 +62,7 @@ def main() -> None:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
     what = "hit %, copies against no prefetch" if timing is None else (
-        f"cost model `{args.link}`, compute {args.full_tpot_ms} ms a step: estimated TPOT ms (hit %, copies against "
+        f"cost model `{args.link}`, compute {link.step_layer_ms * trace.num_layers:.2f} ms a step: estimated TPOT ms (hit %, copies against "
         "no prefetch); the best of each budget in bold")
     lines = [f"Graph schedule on `{Path(args.trace).name}`, {what}.", "",
              "| budget | eviction | " + " | ".join("no prefetch" if p == "none" else f"d{p.replace(':', ' top-')}"

@@ -6,20 +6,23 @@ same trace through the graph engine's own device cache at the same budget, evict
 row did: a warm-up replay, the counted one (counts, TPOT), then the prompts' prefills alone (TTFT). Prints, per
 row: whether every per-layer count equals the live one
 (hits, misses by kind, prefetch hits, prefetches, evictions, wasted prefetches), and live against estimated
-TPOT and TTFT. The estimate is the graph cost model (``graph_sim.GraphTiming``) with the gather rates of a
-``GraphLink`` profile and a layer's compute = the compiled full-GPU decode step of a run on the same machine
-/ MoE layers (``--full-tpot-ms``; the replayed runs time no full-GPU row).
+TPOT and TTFT. The estimate is the graph cost model (``graph_sim.GraphTiming``) with a ``GraphLink`` profile's
+gather rates and compute (``--full-tpot-ms``: a layer's compute = that compiled full-GPU step / MoE layers
+instead of the profile's).
 
-``--fit`` searches the link's three constants (miss gather GB/s, prefetch gather GB/s, overhead per layer)
-and a layer's compute (a fraction of ``--full-tpot-ms`` / layers: the rows' processes time no full-GPU step,
-and one measured in another process moved 3.9-5.6 ms) for the smallest worst TPOT error over the given rows,
-prints them, and prices the rows with them.
+``--fit`` searches the decode step's constants (miss gather GB/s, prefetch gather GB/s, overhead per layer, a
+layer's compute: a fraction of ``--full-tpot-ms`` / layers, default 4.6 ms) for the smallest worst TPOT error
+over the given rows, then the prefill's (a layer call's fixed cost, its cost per token, a chunked call's
+extra) for the smallest worst TTFT error with the fitted gather rate, prints them, prices the rows with
+them, and with ``--profile-out`` writes them as a graph link profile (to check on rows not in the fit).
 
-    python benchmarks/sim_vs_live.py RESULT.json [...] --trace T --full-tpot-ms 4.6 [--link NAME] [--fit] [--out F]
+    python benchmarks/sim_vs_live.py RESULT.json [...] --trace T [--link NAME] [--full-tpot-ms MS] [--fit
+        [--profile-out F.yaml]] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import re
@@ -28,7 +31,7 @@ from statistics import mean
 import numpy as np
 
 from specmd.study.costmodel import GraphLink, ModelTiming
-from specmd.study.graph_sim import GraphSchedule, GraphTiming, simulate_graph
+from specmd.study.graph_sim import CallPath, GraphSchedule, GraphTiming, simulate_graph
 from specmd.study.trace import load_trace
 
 OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the replayed model's shapes: its expert's bytes
@@ -58,14 +61,15 @@ def counts_equal(live: dict, sim) -> bool:
 
 
 class _Recorder(GraphTiming):
-    """Records each layer call's (tokens, demand copies, prefetched) instead of pricing it, for ``--fit``."""
+    """Records each layer call's (tokens, demand copies, prefetched, chunked) instead of pricing it, for
+    ``--fit``."""
 
     def __init__(self, model: ModelTiming) -> None:
         super().__init__(GraphLink("recording", 1.0, 1.0), model)
         object.__setattr__(self, "calls", [])
 
-    def layer(self, tokens: int, demand: int, prefetched: int) -> float:
-        self.calls.append((tokens, demand, prefetched))
+    def layer(self, tokens: int, demand: int, prefetched: int, path: CallPath = CallPath.STEP) -> float:
+        self.calls.append((tokens, demand, prefetched, path is CallPath.CHUNKED))
         return 0.0
 
 
@@ -74,7 +78,7 @@ def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelT
     """The link constants and a layer's compute on a grid (0.5 GB/s, 1 GB/s, 5 us, 2% of ``model``'s) with the
     smallest worst TPOT error over ``rows``: (live row, its counted decode steps' layer calls). Returns (link,
     layer compute ms, worst error). ``GraphTiming.layer``, vectorised over the calls."""
-    calls = [(live["tpot_ms"], len(steps), np.array([c for step in steps for c in step], dtype=float).T)
+    calls = [(live["tpot_ms"], len(steps), np.array([c[:3] for step in steps for c in step], dtype=float).T)
              for live, steps in rows]
     gb = model.expert_bytes / 1e9 * 1e3  # ms at 1 GB/s per expert
     best = None
@@ -92,42 +96,86 @@ def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelT
     return best
 
 
+def fit_prefill(rows: list[tuple[dict, list[list[tuple[int, int, int, bool]]]]], link: GraphLink,
+                expert_bytes: int) -> tuple[GraphLink, float]:
+    """The prefill's constants on a grid (50 us a layer, 0.5 us a token, 0.25 ms a chunked call) with the
+    smallest worst TTFT error over ``rows``: (live row, its prompts' prefill layer calls), the copies at
+    ``link``'s gather rate. Returns (``link`` with them, worst error)."""
+    gb = expert_bytes / 1e9 * 1e3
+    sums = np.array([[sum(c[1] for p in prompts for c in p) * gb / link.gather_gbps / len(prompts),
+                      sum(len(p) for p in prompts) / len(prompts),
+                      sum(c[0] for p in prompts for c in p) / len(prompts),
+                      sum(c[3] for p in prompts for c in p) / len(prompts)] for _, prompts in rows]).T
+    ttft = np.array([live["ttft_ms"] for live, _ in rows])
+    copies, calls, tokens, chunked = sums
+    best = None
+    for per_token, per_chunked in itertools.product([0.0005 * i for i in range(21)], [0.25 * i for i in range(25)]):
+        rest = copies + tokens * per_token + chunked * per_chunked
+        for per_layer in [0.05 * i for i in range(61)]:
+            worst = float(np.max(np.abs((rest + calls * per_layer) / ttft - 1)))
+            if best is None or worst < best[1]:
+                best = (dataclasses.replace(link, prefill_layer_ms=round(per_layer, 3),
+                                            prefill_token_ms=round(per_token, 4),
+                                            chunked_layer_ms=round(per_chunked, 2)), worst)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+")
     parser.add_argument("--trace", required=True)
-    parser.add_argument("--full-tpot-ms", type=float, required=True,
-                        help="the compiled full-GPU TPOT of a run on the same machine (ms)")
-    parser.add_argument("--prefill-ms-per-token", type=float, default=0.0099,
-                        help="a prefill layer's compute per token (ms; default: the smallest worst TTFT error over "
-                             "the 8 rows of the fit; TTFT is not modelled within 10%%)")
+    parser.add_argument("--full-tpot-ms", type=float, default=None,
+                        help="a compiled full-GPU TPOT of the same machine (ms): / MoE layers, a layer's compute "
+                             "in place of the profile's (with --fit: the scale of the search; default 4.6)")
     parser.add_argument("--link", default="h200-graph-measured",
-                        help="a GraphLink profile: a name in configs/hardware/")
-    parser.add_argument("--fit", action="store_true", help="fit the link's constants to these rows first")
+                        help="a GraphLink profile: a name in configs/hardware/ or a YAML path")
+    parser.add_argument("--fit", action="store_true", help="fit the profile's constants to these rows first")
+    parser.add_argument("--profile-out", default=None, help="with --fit: write the fitted profile (YAML) here")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     trace = load_trace(args.trace)
     total = trace.num_layers * trace.num_experts
-    model = ModelTiming("olmoe", OLMOE.expert_bytes, args.full_tpot_ms / trace.num_layers, args.prefill_ms_per_token)
     live_rows = [live for path in args.results for live in json.load(open(path))["rows"]
                  if "replayed trace" in live.get("name", "") and "error" not in live]
     settings = {id(live): row_settings(live["name"]) for live in live_rows}
-    link = GraphLink.load(args.link)
+    link = dataclasses.replace(GraphLink.load(args.link), model=OLMOE.name)
+    model = OLMOE
+    if args.full_tpot_ms is not None:
+        link = dataclasses.replace(link, step_layer_ms=args.full_tpot_ms / trace.num_layers)
+    elif link.step_layer_ms is None and not args.fit:
+        parser.error(f"{args.link} has no step_layer_ms: give --full-tpot-ms (a compiled full-GPU step, ms)")
     if args.fit:
-        recorded = []
+        scale = ModelTiming(OLMOE.name, OLMOE.expert_bytes, (args.full_tpot_ms or 4.6) / trace.num_layers)
+        decode, prefill = [], []
+        prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is no decode step
         for live in live_rows:
             eviction, budget, prefetch, depth, _, k = settings[id(live)]
-            recorder = _Recorder(model)
-            simulate_graph(trace, int(total * budget / 100), eviction, prefetch, depth, k, warm=True, timing=recorder)
-            calls = recorder.calls[len(recorder.calls) // 2:]  # the counted replay's
-            steps = [calls[i:i + trace.num_layers] for i in range(0, len(calls), trace.num_layers)]
-            prefills = set(trace.prefill_passes)  # a one-token prompt's prefill is no decode step
-            recorded.append((live, [s for p, s in enumerate(steps) if p not in prefills and s[0][0] == 1]))
-        link, compute, worst = fit(recorded, model)
-        model = ModelTiming("olmoe", OLMOE.expert_bytes, compute, args.prefill_ms_per_token)
-        print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%):\n"
-              f"gather_gbps: {link.gather_gbps}\nprefetch_gbps: {link.prefetch_gbps}\n"
-              f"overhead_ms: {link.overhead_ms:.3f}\nlayer compute: {compute:.4f} ms")
+            recorder = _Recorder(OLMOE)
+            schedule = GraphSchedule(trace.num_layers, trace.num_experts, trace.top_k, int(total * budget / 100),
+                                     eviction, prefetch, depth, k, timing=recorder)
+            schedule.replay(trace)  # the warm-up
+            recorder.calls.clear()
+            schedule.replay(trace)  # the counted replay: its decode steps
+            steps = [recorder.calls[i:i + trace.num_layers] for i in range(0, len(recorder.calls), trace.num_layers)]
+            decode.append((live, [s for p, s in enumerate(steps) if p not in prefills and s[0][0] == 1]))
+            recorder.calls.clear()
+            schedule.replay(trace.prefills())  # the prompts' prefills after it, as graph_h100 times them
+            prefill.append((live, [recorder.calls[i:i + trace.num_layers]
+                                   for i in range(0, len(recorder.calls), trace.num_layers)]))
+        fitted, compute, worst = fit(decode, scale)
+        link = dataclasses.replace(link, gather_gbps=fitted.gather_gbps, prefetch_gbps=fitted.prefetch_gbps,
+                                   overhead_ms=fitted.overhead_ms, step_layer_ms=round(compute, 4))
+        link, worst_ttft = fit_prefill(prefill, link, OLMOE.expert_bytes)
+        print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%, worst TTFT error "
+              f"{100 * worst_ttft:.1f}%):")
+        fitted_fields = {f: getattr(link, f) for f in ("gather_gbps", "prefetch_gbps", "overhead_ms", "model",
+                                                       "step_layer_ms", "prefill_layer_ms", "prefill_token_ms",
+                                                       "chunked_layer_ms")}
+        print("\n".join(f"{key}: {value}" for key, value in fitted_fields.items()))
+        if args.profile_out:
+            with open(args.profile_out, "w") as f:
+                f.write(f"# sim_vs_live.py --fit over {len(live_rows)} rows of {', '.join(args.results)}\n")
+                f.write("".join(f"{key}: {value}\n" for key, value in fitted_fields.items()))
     timing = GraphTiming(link, model)
     rows = []
     for live in live_rows:
@@ -145,13 +193,11 @@ def main() -> None:
                      "ttft_error": sim_ttft / live["ttft_ms"] - 1, "hit_rate": sim.hit_rate})
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"trace": args.trace, "full_tpot_ms": args.full_tpot_ms, "layer_compute_ms": model.decode_layer_ms,
-                       "link": vars(link),
-                       "prefill_ms_per_token": args.prefill_ms_per_token, "rows": rows}, f, indent=1)
+            json.dump({"trace": args.trace, "link": vars(link), "rows": rows}, f, indent=1)
     print(f"link {link.name}: gather {link.gather_gbps} GB/s, prefetch {link.prefetch_gbps} GB/s, "
-          f"{link.overhead_ms} ms per layer; layer compute {model.decode_layer_ms:.3f} ms "
-          f"({model.decode_layer_ms * trace.num_layers / args.full_tpot_ms:.2f} x the compiled full-GPU "
-          f"{args.full_tpot_ms} ms / {trace.num_layers})")
+          f"{link.overhead_ms} ms per layer; a step's layer compute {timing.layer(1, 0, 0) - link.overhead_ms:.3f} "
+          f"ms; a prefill's layer call {link.prefill_layer_ms} ms + {link.prefill_token_ms} ms a token (+ "
+          f"{link.chunked_layer_ms} ms chunked)")
     print(f"{'row':<72}{'counts':>7}{'hit %':>7}{'TPOT live':>10}{'sim':>7}{'error':>8}{'TTFT live':>10}{'sim':>7}"
           f"{'error':>8}")
     for r in rows:

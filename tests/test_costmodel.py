@@ -41,6 +41,32 @@ def test_the_graph_cost_model_prices_a_layer_by_its_copies():
     assert GraphLink.load("h200-graph-measured").gather_gbps > 0
 
 
+def test_a_graph_link_with_compute_prices_steps_and_prefills_with_its_own():
+    """A profile fitted with its model's compute: a compiled step's layer takes ``step_layer_ms`` (not the
+    model file's eager layer time); a prefill's call its copies + a fixed cost + a cost per token, + a host
+    sync's cost when chunked; no prefetch overlap there. Another model's compute is refused by name."""
+    from specmd.study.graph_sim import CallPath
+
+    link = GraphLink("fit", gather_gbps=10.0, prefetch_gbps=5.0, overhead_ms=0.5, model="test", step_layer_ms=0.25,
+                     prefill_layer_ms=1.5, prefill_token_ms=0.125, chunked_layer_ms=3.0)
+    timing = GraphTiming(link, MODEL)
+    assert timing.layer(1, 2, 0) == pytest.approx(2 * 1.0 + 0.25 + 0.5)
+    assert timing.layer(1, 0, 1) == pytest.approx(2.0 + 0.5)  # the prefetch's copy outlasts the compute
+    assert timing.layer(8, 3, 0, CallPath.GROUPED) == pytest.approx(3 * 1.0 + 1.5 + 8 * 0.125)
+    assert timing.layer(8, 3, 0, CallPath.CHUNKED) == pytest.approx(3 * 1.0 + 1.5 + 8 * 0.125 + 3.0)
+    # without prefill constants a prefill is priced as a step of its tokens (the gathers-only profiles)
+    plain = GraphTiming(GraphLink("gathers", 10.0, 5.0, 0.5), MODEL)
+    assert plain.layer(5, 0, 0, CallPath.CHUNKED) == pytest.approx(MODEL.layer_ms(5) + 0.5)
+    with pytest.raises(ValueError, match="carries the compute of test.*--model-timing test"):
+        GraphTiming(link, ModelTiming("other", 1, 1.0))
+    with pytest.raises(ValueError, match="name it with 'model:"):
+        GraphLink("nameless", 10.0, 5.0, step_layer_ms=0.2)
+    with pytest.raises(ValueError, match=">= 0"):
+        GraphLink("negative", 10.0, 5.0, model="test", prefill_layer_ms=-1.0)
+    measured = GraphLink.load("h200-graph-measured")
+    assert measured.model == "olmoe-1b-7b-0924" and measured.step_layer_ms < ModelTiming.load(measured.model).decode_layer_ms
+
+
 def test_the_graph_schedule_estimates_time_from_its_own_counts():
     """Two layers routing two experts each, a one-token prompt and two decode steps. Two slots (lru): every
     pass misses all four, so a step is four copies and two computes. Four slots with a perfect predictor one

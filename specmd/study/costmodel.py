@@ -56,16 +56,41 @@ class GraphLink:
     """Host -> device rates of the graph engine's Triton gathers, which read the pinned store directly (no
     copy engine, one launch per layer): the miss gather's, the bounded prefetch gather's, and a fixed cost
     per MoE layer (its cache calls' launches, the prefetch's fork and join). Fitted to live replays
-    (``benchmarks/sim_vs_live.py --fit``); the file says on which."""
+    (``benchmarks/sim_vs_live.py --fit``); the file says on which.
+
+    Optionally the compute fitted with them, for the ``model`` of those replays (a compiled step's layer is
+    not the eager layer time of ``ModelTiming``; unset: ``ModelTiming.layer_ms``): ``step_layer_ms``, one
+    MoE layer of a compiled one-token step, attention included; a prefill's layer call (uncompiled, eager
+    launches) ``prefill_layer_ms`` + ``prefill_token_ms`` per token, + ``chunked_layer_ms`` when it runs
+    the main loop's chunks (a host sync)."""
 
     name: str
     gather_gbps: float
     prefetch_gbps: float
     overhead_ms: float = 0.0
+    model: str | None = None
+    step_layer_ms: float | None = None
+    prefill_layer_ms: float | None = None
+    prefill_token_ms: float = 0.0
+    chunked_layer_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gather_gbps <= 0 or self.prefetch_gbps <= 0 or self.overhead_ms < 0:
             raise ValueError(f"graph link {self.name}: gather_gbps and prefetch_gbps must be > 0, overhead_ms >= 0")
+        if any(v is not None and v < 0 for v in (self.step_layer_ms, self.prefill_layer_ms, self.prefill_token_ms,
+                                                 self.chunked_layer_ms)):
+            raise ValueError(f"graph link {self.name}: step_layer_ms, prefill_layer_ms, prefill_token_ms and "
+                             "chunked_layer_ms must be >= 0")
+        if (self.step_layer_ms is not None or self.prefill_layer_ms is not None) and self.model is None:
+            raise ValueError(f"graph link {self.name}: compute (step_layer_ms, prefill_layer_ms) is a model's: "
+                             "name it with 'model: <configs/models name>'")
+
+    def check_model(self, model: str) -> None:
+        """Refuse to price ``model`` with another model's fitted compute."""
+        if self.model is not None and model != self.model:
+            raise ValueError(f"graph link {self.name} carries the compute of {self.model}, not {model}: pass "
+                             f"--model-timing {self.model}, or a graph link profile without compute (the "
+                             "gathers alone) or fitted to this model")
 
     @classmethod
     def load(cls, path: str | Path) -> "GraphLink":

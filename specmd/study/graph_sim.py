@@ -38,22 +38,34 @@ _PREFETCHES = COUNTERS.index("prefetches")
 @dataclass(frozen=True)
 class GraphTiming:
     """The graph engine's compiled step, per MoE layer: the demand copies (``link.gather_gbps``), then the
-    layer's compute (``model.layer_ms``) beside the prefetch copies it forked on the side stream
-    (``link.prefetch_gbps``), which the next layer's cache call joins; plus ``link.overhead_ms``. A link-bound
-    step is priced by its bytes: every wasted prefetch costs a whole copy, overlapped or not. (Uncompiled
-    steps run their prefetch calls on the model's stream, after the demand call: optimistic there.)"""
+    layer's compute (``link.step_layer_ms``, else ``model.layer_ms``) beside the prefetch copies it forked on
+    the side stream (``link.prefetch_gbps``), which the next layer's cache call joins; plus
+    ``link.overhead_ms``. A link-bound step is priced by its bytes: every wasted prefetch costs a whole copy,
+    overlapped or not. (Uncompiled steps run their prefetch calls on the model's stream, after the demand
+    call: optimistic there.) A prefill's call (grouped or chunked; no prefetch): its copies at the same rate,
+    then the link's prefill compute (``prefill_layer_ms`` and per token, + ``chunked_layer_ms`` chunked), or
+    where the link has none, the step's formula."""
 
     link: GraphLink
     model: ModelTiming
 
+    def __post_init__(self) -> None:
+        self.link.check_model(self.model.name)
+
     def copy_ms(self, experts: int, gbps: float) -> float:
         return experts * self.model.expert_bytes / (gbps * 1e9) * 1e3
 
-    def layer(self, tokens: int, demand: int, prefetched: int) -> float:
-        """Milliseconds of one layer's call of ``tokens`` tokens that copied ``demand`` experts and forked
-        ``prefetched``."""
-        overlapped = max(self.model.layer_ms(tokens), self.copy_ms(prefetched, self.link.prefetch_gbps))
-        return self.copy_ms(demand, self.link.gather_gbps) + overlapped + self.link.overhead_ms
+    def layer(self, tokens: int, demand: int, prefetched: int, path: CallPath = CallPath.STEP) -> float:
+        """Milliseconds of one layer's call of ``tokens`` tokens on ``path`` that copied ``demand`` experts
+        and forked ``prefetched``."""
+        link = self.link
+        copies = self.copy_ms(demand, link.gather_gbps)
+        if path is not CallPath.STEP and link.prefill_layer_ms is not None:
+            chunked = link.chunked_layer_ms if path is CallPath.CHUNKED else 0.0
+            return copies + link.prefill_layer_ms + tokens * link.prefill_token_ms + chunked
+        compute = self.model.layer_ms(tokens) if link.step_layer_ms is None else \
+            link.step_layer_ms + (tokens - 1) * link.prefill_token_ms
+        return copies + max(compute, self.copy_ms(prefetched, link.prefetch_gbps)) + link.overhead_ms
 
 
 class GraphSchedule:
@@ -125,7 +137,7 @@ class GraphSchedule:
                 if timing:
                     after = cache.counters.sum(1).tolist()
                     demand = sum(after[i] - before[i] for i in _MISSES)
-                    elapsed += timing.layer(tokens, demand, after[_PREFETCHES] - before[_PREFETCHES])
+                    elapsed += timing.layer(tokens, demand, after[_PREFETCHES] - before[_PREFETCHES], path)
             if timing:
                 (decode_ms if decode else prefill_ms).append(elapsed)
         return prefill_ms, decode_ms

@@ -31,7 +31,7 @@ from statistics import mean
 import numpy as np
 
 from specmd.study.costmodel import GraphLink, ModelTiming
-from specmd.study.graph_sim import CallPath, GraphSchedule, GraphTiming, simulate_graph
+from specmd.study.graph_sim import CallPath, GraphSchedule, GraphTiming
 from specmd.study.trace import load_trace
 
 OLMOE = ModelTiming.load("olmoe-1b-7b-0924")  # the replayed model's shapes: its expert's bytes

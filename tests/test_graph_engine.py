@@ -145,6 +145,23 @@ def test_stats_and_reset(device):
     assert model.specmd.stats().total.accesses == again.total.accesses
 
 
+def graph_runs(model, ids, want, budget, eviction, lookahead, compiled_generate, variants, check=None) -> dict:
+    """{name: stats} of a 10-token generate per (name, offload options, compiled) in ``variants``, each through
+    a fresh graph engine, asserting its tokens are ``want`` (and ``check(model)`` once offloaded)."""
+    runs = {}
+    for name, options, compiled in variants:
+        torch._dynamo.reset()
+        specmd.offload(model, budget, eviction, ids.device.type, engine="graph", lookahead=lookahead, **options)
+        assert check is None or check(model), name
+        kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        kwargs.update(compiled_generate if compiled else {"disable_compile": True})
+        assert torch.equal(model.generate(ids, **kwargs), want), name
+        runs[name] = model.specmd.stats()
+        model.specmd.close()
+        model.generation_config.cache_implementation = None
+    return runs
+
+
 @pytest.mark.parametrize("prefetch,lookahead", [("topk", 1), ("topk", 2), ("top-p", 1)])
 @pytest.mark.parametrize("eviction", ["lru", "least-stale"])
 def test_prefetch_keeps_the_tokens_and_counts_its_copies(prefetch, lookahead, eviction, device, compiled_generate):
@@ -158,17 +175,9 @@ def test_prefetch_keeps_the_tokens_and_counts_its_copies(prefetch, lookahead, ev
     want = generate(ref, ids, 10)
     top_k, expert = ref.config.num_experts_per_tok, find_moe_layers(ref)[0].layout.expert_bytes
     budget = 2 * top_k * (lookahead + 1) * expert  # batch 2: a decode step and its prefetches fit
-    runs = {}
-    for name, options, compiled in [("none", {}, False), ("uncompiled", {"prefetch": prefetch}, False),
-                                    ("compiled", {"prefetch": prefetch}, True)]:
-        torch._dynamo.reset()
-        specmd.offload(ref, budget, eviction, device, engine="graph", lookahead=lookahead, **options)
-        kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        kwargs.update(compiled_generate if compiled else {"disable_compile": True})
-        assert torch.equal(ref.generate(ids, **kwargs), want), name
-        runs[name] = ref.specmd.stats()
-        ref.specmd.close()
-        ref.generation_config.cache_implementation = None
+    runs = graph_runs(ref, ids, want, budget, eviction, lookahead, compiled_generate,
+                      [("none", {}, False), ("uncompiled", {"prefetch": prefetch}, False),
+                       ("compiled", {"prefetch": prefetch}, True)])
     assert runs["none"].total.prefetches == 0 < runs["uncompiled"].total.prefetches
     assert runs["uncompiled"].total.accesses == runs["none"].total.accesses
     assert [vars(s) for s in runs["compiled"].layers] == [vars(s) for s in runs["uncompiled"].layers]
@@ -219,18 +228,10 @@ def test_a_compiled_one_token_step_predicts_on_the_side_stream(lookahead, compil
     ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(2)).to(device)
     want = generate(ref, ids, 10)
     top_k, expert = ref.config.num_experts_per_tok, find_moe_layers(ref)[0].layout.expert_bytes
-    runs = {}
-    for name, compiled in [("uncompiled", False), ("compiled", True)]:
-        torch._dynamo.reset()
-        specmd.offload(ref, top_k * (lookahead + 1) * expert, "lru", device, engine="graph", lookahead=lookahead,
-                       prefetch="topk")
-        assert ref.specmd.engine._score_buffers is not None
-        kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        kwargs.update(compiled_generate if compiled else {"disable_compile": True})
-        assert torch.equal(ref.generate(ids, **kwargs), want), name
-        runs[name] = ref.specmd.stats()
-        ref.specmd.close()
-        ref.generation_config.cache_implementation = None
+    runs = graph_runs(ref, ids, want, top_k * (lookahead + 1) * expert, "lru", lookahead, compiled_generate,
+                      [(name, {"prefetch": "topk"}, compiled) for name, compiled in [("uncompiled", False),
+                                                                                  ("compiled", True)]],
+                      check=lambda model: model.specmd.engine._score_buffers is not None)
     assert runs["uncompiled"].total.prefetches > 0
     assert [vars(s) for s in runs["compiled"].layers] == [vars(s) for s in runs["uncompiled"].layers]
 

@@ -84,7 +84,9 @@ if [[ " $parts " == *" load "* ]]; then
     timeout 580 python3 benchmarks/load_h100.py --dir /tmp/olmoe-ckpt --out "$out/load" > "$out/load.log" 2>&1
     echo "load: exit $?"; tail -n 12 "$out/load.log"
 fi
-# The headline matrices replay the learned trace: about 20 minutes each in all, so one budget a call (6-8 min)
+# The headline matrices replay the learned trace: about 20 minutes each in all, so one budget a call (6-8 min).
+# On two GPUs a budget splits further by preset (`specmd bench ... --presets lru-noprefetch,lru-topk,...`), as
+# benchmarks/results/2026-11-30-h200/session6/commands.sh ran the prefetch matrix (3-4 min a part)
 declare -A part_baselines=([default-5]=full-gpu,full-gpu-grouped-mm,device-map-auto [default-10]=device-map-auto
     [default-20]=on-demand,device-map-auto [prefetch-5]=full-gpu-grouped-mm [prefetch-25]=none)
 for part in default-5 default-10 default-20 prefetch-5 prefetch-25; do

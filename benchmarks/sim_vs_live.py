@@ -138,7 +138,9 @@ def main() -> None:
     live_rows = [live for path in args.results for live in json.load(open(path))["rows"]
                  if "replayed trace" in live.get("name", "") and "error" not in live]
     settings = {id(live): row_settings(live["name"]) for live in live_rows}
-    link = dataclasses.replace(GraphLink.load(args.link), model=OLMOE.name)
+    link = GraphLink.load(args.link)
+    if link.model is None:  # a gathers-only profile: the replayed model's compute comes from the arguments
+        link = dataclasses.replace(link, model=OLMOE.name)
     model = OLMOE
     if args.full_tpot_ms is not None:
         link = dataclasses.replace(link, step_layer_ms=args.full_tpot_ms / trace.num_layers)
@@ -158,13 +160,17 @@ def main() -> None:
             schedule.replay(trace)  # the counted replay: its decode steps
             steps = [recorder.calls[i:i + trace.num_layers] for i in range(0, len(recorder.calls), trace.num_layers)]
             decode.append((live, [s for p, s in enumerate(steps) if p not in prefills and s[0][0] == 1]))
+            if any(call[3] for step in decode[-1][1] for call in step):
+                parser.error(f"{live['name']}: its decode steps run chunked (fewer slots than top-k); --fit "
+                             "prices decode steps as device steps: leave the row out")
             recorder.calls.clear()
             schedule.replay(trace.prefills())  # the prompts' prefills after it, as graph_h100 times them
             prefill.append((live, [recorder.calls[i:i + trace.num_layers]
                                    for i in range(0, len(recorder.calls), trace.num_layers)]))
         fitted, compute, worst = fit(decode, scale)
-        link = dataclasses.replace(link, gather_gbps=fitted.gather_gbps, prefetch_gbps=fitted.prefetch_gbps,
-                                   overhead_ms=fitted.overhead_ms, step_layer_ms=round(compute, 4))
+        link = dataclasses.replace(link, name="fit", gather_gbps=fitted.gather_gbps,
+                                   prefetch_gbps=fitted.prefetch_gbps, overhead_ms=fitted.overhead_ms,
+                                   step_layer_ms=round(compute, 4))
         link, worst_ttft = fit_prefill(prefill, link, OLMOE.expert_bytes)
         print(f"fitted over {len(live_rows)} rows (worst TPOT error {100 * worst:.1f}%, worst TTFT error "
               f"{100 * worst_ttft:.1f}%):")

@@ -214,6 +214,18 @@ def test_the_side_stream_scores_as_the_predictor_ranks(lookahead, family, device
         want = predictor.predict(layer, hidden, stacked=False)
         assert torch.equal(held[:len(targets), :predictor.candidates], want), layer
         assert (held[len(targets):] == -1).all()
+    # what the engine hands the op: every target's router and bias, or no side scoring (the model's stream
+    # predicts) where the step is not one token or the routers' biases are mixed
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(predictor=predictor, _score_buffers=buffers, replay=None)
+    scoring = GraphEngine._side_scoring(engine, 0, hidden)
+    assert [w is routers[t].weight for w, t in zip(scoring.weights, predictor.targets(0))] == [True] * lookahead
+    assert len(scoring.biases) == (lookahead if family == "gpt_oss" else 0) and scoring.k == predictor.candidates
+    assert GraphEngine._side_scoring(engine, 0, hidden.expand(2, -1)) is None
+    if family == "gpt_oss" and lookahead > 1:
+        routers[predictor.targets(0)[1]].bias = None
+        assert GraphEngine._side_scoring(engine, 0, hidden) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream runs in a compiled step on CUDA")

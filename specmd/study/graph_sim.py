@@ -60,11 +60,14 @@ class GraphTiming:
         and forked ``prefetched``."""
         link = self.link
         copies = self.copy_ms(demand, link.gather_gbps)
-        if path is not CallPath.STEP and link.prefill_layer_ms is not None:
-            chunked = link.chunked_layer_ms if path is CallPath.CHUNKED else 0.0
-            return copies + link.prefill_layer_ms + tokens * link.prefill_token_ms + chunked
+        if path is not CallPath.STEP:
+            if link.prefill_layer_ms is not None:
+                chunked = link.chunked_layer_ms if path is CallPath.CHUNKED else 0.0
+                return copies + link.prefill_layer_ms + tokens * link.prefill_token_ms + chunked
+            return copies + self.model.layer_ms(tokens) + link.overhead_ms
+        # a step of more tokens (a batch) adds the model's per-token time: the link's is the eager prefill's
         compute = self.model.layer_ms(tokens) if link.step_layer_ms is None else \
-            link.step_layer_ms + (tokens - 1) * link.prefill_token_ms
+            link.step_layer_ms + (tokens - 1) * self.model.prefill_ms_per_token
         return copies + max(compute, self.copy_ms(prefetched, link.prefetch_gbps)) + link.overhead_ms
 
 

@@ -287,8 +287,10 @@ class GraphEngine:
                               or r.weight.shape[1] != hidden.shape[0] for r in routers):
             return None
         biases = [getattr(r, "bias", None) for r in routers]
-        return Scoring([r.weight for r in routers], biases if all(b is not None for b in biases) else [],
-                       buffers, predictor.candidates)
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            return None  # the op takes biases for all routers or none
+        return Scoring([r.weight for r in routers], biases if biases[0] is not None else [], buffers,
+                       predictor.candidates)
 
     def _chunked(self, layer: int, module: nn.Module, hidden_states: torch.Tensor, flat_ids: torch.Tensor,
                  weights: torch.Tensor, kernel: Kernel) -> torch.Tensor:

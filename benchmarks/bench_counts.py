@@ -5,7 +5,10 @@ schedule without prefetch is deterministic, so those rows must be equal, and so 
 row (``graph_sim.simulate_graph``); with prefetch the watchdog's copies
 land when the link delivers them, so the live counts are printed beside the simulator's inline ones.
 
-    python benchmarks/bench_counts.py RESULT.json --trace T [--out F]
+With ``--hardware`` (a threaded link profile, e.g. ``h200-threaded-measured``) the threaded rows on the
+machine's own link are also priced by the simulator's timeline and printed against their live TPOT and TTFT.
+
+    python benchmarks/bench_counts.py RESULT.json --trace T [--hardware PROFILE] [--out F]
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 
 from specmd.bench.runner import ON_DEMAND
 from specmd.config import OffloadConfig, preset_path
+from specmd.study.costmodel import LinkProfile, ModelTiming
 from specmd.study.graph_sim import simulate_graph
 from specmd.study.sim import simulate
 from specmd.study.trace import load_trace
@@ -35,31 +39,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("result", help="a specmd bench result JSON whose specmd rows replayed --trace")
     parser.add_argument("--trace", required=True)
+    parser.add_argument("--hardware", help="a link profile (configs/hardware/) to price the native threaded rows")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     trace, rows, done = load_trace(args.trace), [], {}
+    timing = (LinkProfile.load(args.hardware), ModelTiming.load("olmoe-1b-7b-0924")) if args.hardware else None
     print(f"{'row':<24}{'budget':>7} {'link':<14}{'slots':>6}  counts  "
-          + " ".join(f"{c} live/sim" for c in ("hits", "collisions", "prefetch hits")))
+          + " ".join(f"{c} live/sim" for c in ("hits", "collisions", "prefetch hits"))
+          + ("  TPOT live/sim  TTFT live/sim" if timing else ""))
     for r in json.load(open(args.result))["rows"]:
         if r["kind"] != "specmd" and r["name"] != "on-demand":
             continue
         engine, eviction, prefetch, lookahead, k = settings(r["name"])
-        key = (engine, r["num_slots"], eviction, prefetch, lookahead, k)
+        priced = timing is not None and r.get("link") == "native"  # an emulated link is another link
+        key = (engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
         if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
-            done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True).layers
+            done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)
         elif key not in done:
             done[key] = simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k,
-                                 warm=True).layers
-        sim = [{c: getattr(layer, c) for c in COUNTS} for layer in done[key]]
+                                 warm=True, timing=timing if priced else None)
+        stats = done[key]
+        sim = [{c: getattr(layer, c) for c in COUNTS} for layer in stats.layers]
         live = [{c: layer[c] for c in COUNTS} for layer in r["stats"]["layers"]]
         total = {c: (sum(x[c] for x in live), sum(x[c] for x in sim)) for c in COUNTS}
         equal = live == sim
-        rows.append({"name": r["name"], "budget": r.get("budget"), "link": r.get("link"), "slots": r["num_slots"],
-                     "prefetch": prefetch, "counts_equal": equal, "live_sim": total})
+        row = {"name": r["name"], "budget": r.get("budget"), "link": r.get("link"), "slots": r["num_slots"],
+               "prefetch": prefetch, "counts_equal": equal, "live_sim": total}
+        times = ""
+        if priced and engine == "threaded" and stats.estimated_ttft_ms is not None:
+            row.update(live_tpot_ms=r["tpot_ms"], sim_tpot_ms=stats.estimated_tpot_ms, live_ttft_ms=r["ttft_ms"],
+                       sim_ttft_ms=stats.estimated_ttft_ms)
+            times = "".join(f"  {live:.1f}/{est:.1f} ({100 * (est / live - 1):+.1f}%)" for live, est in
+                            [(r["tpot_ms"], stats.estimated_tpot_ms), (r["ttft_ms"], stats.estimated_ttft_ms)])
+        rows.append(row)
         budget = "-" if r["name"] == "on-demand" else r.get("budget") or "-"  # on-demand's is its 8 slots' bytes
         print(f"{r['name']:<24}{budget:>7} {r.get('link', '-'):<14}{r['num_slots']:>6}  "
               f"{'equal ' if equal else 'DIFFER'}  " + "  ".join(f"{total[c][0]}/{total[c][1]}" for c in
-                                                                  ("hits", "misses_collision", "prefetch_hits")))
+                                                                  ("hits", "misses_collision", "prefetch_hits"))
+              + times)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

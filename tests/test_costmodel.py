@@ -27,6 +27,31 @@ def test_timeline_serialises_copies_and_overlaps_compute():
     assert t.copy_busy_ms == pytest.approx(3.3)
 
 
+def test_a_host_bound_layer_overlaps_its_copies():
+    """A threaded profile with the engine's host time: a layer takes its host time from its start beside its
+    copies, then its tail of compute once they are in: max(now + host, ready + tail); the stall is what the
+    copies add to the longer of the two. Without host time, the old timeline."""
+    link = LinkProfile("host", link_gbps=10.0, copy_overhead_us=0.0, model="test", host_layer_ms=3.0,
+                       tail_layer_ms=0.5, prefill_token_ms=0.25)
+    assert link.layer_ms(MODEL, 1) == (0.5, 3.0) and link.layer_ms(MODEL, 5) == (0.5 + 4 * 0.25, 3.0)
+    assert LINK.layer_ms(MODEL, 5) == (MODEL.layer_ms(5), 0.0)
+    t = Timeline(link, MODEL)
+    t.load((0, 0))  # 1 ms: ready at 1
+    assert t.compute([(0, 0)], 0.5, 3.0) == 0.0 and t.now == pytest.approx(3.0)  # the host is longer
+    for e in range(4):
+        t.load((1, e))  # 4 ms of copies from 3: ready at 7
+    assert t.compute([(1, e) for e in range(4)], 0.5, 3.0) == pytest.approx(1.5)  # 7.5 - 3 - 3
+    assert t.now == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="name it with 'model:"):
+        LinkProfile("nameless", 10.0, host_layer_ms=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        LinkProfile("negative", 10.0, model="test", tail_layer_ms=-1.0)
+    with pytest.raises(ValueError, match="carries the times of test"):
+        Timeline(link, ModelTiming("other", 1, 1.0))
+    measured = LinkProfile.load("h200-threaded-measured")
+    assert measured.model == "olmoe-1b-7b-0924" and measured.host_layer_ms > measured.tail_layer_ms
+
+
 def test_the_graph_cost_model_prices_a_layer_by_its_copies():
     """A layer call of the graph engine: its demand copies, then its compute beside the copies it forked
     (the longer of the two), then the fixed overhead; a wasted prefetch costs its copy all the same."""
@@ -57,7 +82,7 @@ def test_a_graph_link_with_compute_prices_steps_and_prefills_with_its_own():
     # without prefill constants a prefill is priced as a step of its tokens (the gathers-only profiles)
     plain = GraphTiming(GraphLink("gathers", 10.0, 5.0, 0.5), MODEL)
     assert plain.layer(5, 0, 0, CallPath.CHUNKED) == pytest.approx(MODEL.layer_ms(5) + 0.5)
-    with pytest.raises(ValueError, match="carries the compute of test.*--model-timing test"):
+    with pytest.raises(ValueError, match="carries the times of test.*--model-timing test"):
         GraphTiming(link, ModelTiming("other", 1, 1.0))
     with pytest.raises(ValueError, match="name it with 'model:"):
         GraphLink("nameless", 10.0, 5.0, step_layer_ms=0.2)

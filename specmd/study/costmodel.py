@@ -30,17 +30,49 @@ def _load(cls, path: str | Path, folder: str):
     return cls(**{"name": candidate.stem, **data})
 
 
+def _check_model(profile: str, fitted: str | None, model: str) -> None:
+    if fitted is not None and model != fitted:
+        raise ValueError(f"profile {profile} carries the times of {fitted}, not {model}: pass --model-timing "
+                         f"{fitted}, or a profile without them (the link alone) or fitted to this model")
+
+
 @dataclass(frozen=True)
 class LinkProfile:
-    """Host -> device link: achieved rate for expert-sized pinned copies, and a fixed cost per copy."""
+    """Host -> device link: achieved rate for expert-sized pinned copies, and a fixed cost per copy.
+
+    Optionally the threaded engine's host on that machine, fitted to live rows of ``model``: each MoE layer
+    takes ``host_layer_ms`` of host time from its start, beside its copies, and ``tail_layer_ms`` of compute
+    once its copies are in (in place of the model file's layer time; ``prefill_token_ms`` more per further
+    token of a pass). Unset: a layer's compute starts when its copies are in and takes ``ModelTiming``'s."""
 
     name: str
     link_gbps: float  # 1e9 bytes per second
     copy_overhead_us: float = 10.0
+    model: str | None = None
+    host_layer_ms: float = 0.0
+    tail_layer_ms: float | None = None
+    prefill_token_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.link_gbps <= 0 or self.copy_overhead_us < 0:
             raise ValueError(f"link profile {self.name}: link_gbps must be > 0 and copy_overhead_us >= 0")
+        if any(v is not None and v < 0 for v in (self.host_layer_ms, self.tail_layer_ms, self.prefill_token_ms)):
+            raise ValueError(f"link profile {self.name}: host_layer_ms, tail_layer_ms and prefill_token_ms must "
+                             "be >= 0")
+        if (self.host_layer_ms or self.tail_layer_ms is not None) and self.model is None:
+            raise ValueError(f"link profile {self.name}: host and tail times are a model's: name it with "
+                             "'model: <configs/models name>'")
+
+    def check_model(self, model: str) -> None:
+        """Refuse to price ``model`` with another model's fitted times."""
+        _check_model(self.name, self.model, model)
+
+    def layer_ms(self, model: ModelTiming, tokens: int) -> tuple[float, float]:
+        """(compute once the copies are in, host time beside them) of a layer call of ``tokens`` tokens."""
+        if self.tail_layer_ms is None:
+            return model.layer_ms(tokens), self.host_layer_ms
+        per_token = model.prefill_ms_per_token if self.prefill_token_ms is None else self.prefill_token_ms
+        return self.tail_layer_ms + max(0, tokens - 1) * per_token, self.host_layer_ms
 
     @classmethod
     def load(cls, path: str | Path) -> "LinkProfile":
@@ -87,10 +119,7 @@ class GraphLink:
 
     def check_model(self, model: str) -> None:
         """Refuse to price ``model`` with another model's fitted compute."""
-        if self.model is not None and model != self.model:
-            raise ValueError(f"graph link {self.name} carries the compute of {self.model}, not {model}: pass "
-                             f"--model-timing {self.model}, or a graph link profile without compute (the "
-                             "gathers alone) or fitted to this model")
+        _check_model(self.name, self.model, model)
 
     @classmethod
     def load(cls, path: str | Path) -> "GraphLink":
@@ -154,7 +183,9 @@ class Timeline:
     """Simulated clocks of the copy engine and the compute stream (milliseconds)."""
 
     def __init__(self, link: LinkProfile, model: ModelTiming) -> None:
+        link.check_model(model.name)
         self.copy_ms = link.copy_ms(model.expert_bytes)
+        self.link = link
         self.model = model
         self.now = 0.0  # compute stream
         self.copy_free = 0.0  # copy engine
@@ -168,8 +199,12 @@ class Timeline:
         self.copy_busy_ms += self.copy_ms
         self._ready[key] = self.copy_free
 
-    def compute(self, keys: list[tuple[int, int]], ms: float) -> float:
-        """Run ``ms`` of compute reading ``keys``; returns how long the compute stream waited for copies."""
+    def compute(self, keys: list[tuple[int, int]], ms: float, host_ms: float = 0.0) -> float:
+        """Run ``ms`` of compute reading ``keys`` once they are in, beside ``host_ms`` of host time from now;
+        returns how long that waited for copies."""
         start = max([self.now] + [self._ready.get(k, 0.0) for k in keys])
-        stall, self.now = start - self.now, start + ms
+        end = max(self.now + host_ms, start + ms)
+        # host_ms <= ms: the compute alone is the longer, so the wait is its start's delay (exactly, as before)
+        stall = start - self.now if host_ms <= ms else max(0.0, end - self.now - host_ms)
+        self.now = end
         return stall

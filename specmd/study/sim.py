@@ -38,8 +38,8 @@ class _TimelineCopier(Copier):
         if self.timeline is not None:
             self.timeline.load(key)
 
-    def compute(self, layer: int, keys: list[Key], ms: float) -> None:
-        self._stalls[layer] = self._stalls.get(layer, 0.0) + self.timeline.compute(keys, ms)
+    def compute(self, layer: int, keys: list[Key], ms: float, host_ms: float = 0.0) -> None:
+        self._stalls[layer] = self._stalls.get(layer, 0.0) + self.timeline.compute(keys, ms, host_ms)
 
     def drain(self, block: bool) -> tuple[float, dict[int, float]]:
         busy = self.timeline.copy_busy_ms if self.timeline is not None else 0.0
@@ -146,7 +146,8 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
                 def compute(chunk: Sequence[int], slots: list[int], layer=layer, experts=experts) -> None:
                     if timeline is not None:
                         share = len(chunk) / len(experts)
-                        copier.compute(layer, [(layer, e) for e in chunk], share * timeline.model.layer_ms(tokens))
+                        ms, host_ms = timeline.link.layer_ms(timeline.model, tokens)
+                        copier.compute(layer, [(layer, e) for e in chunk], share * ms, share * host_ms)
 
                 loop.run(layer, experts, requests, compute)
             if timeline is not None:

@@ -1,8 +1,9 @@
 """A probe, not part of the simulator: does a host-bound layer explain the threaded engine's live TPOT on the H200?
 Model per decode layer: max(H, copies x expert / rate + T), the host's layer time H overlapping the layer's copies,
 T the GPU's work after the last copy; copies from the threaded schedule (``simulate``, warm, the row's settings),
-rate the row's measured native rate. Grid-fits H and T to the rows without prefetch (worst error), then prices
-every native row of the learned-routing bench results. Run from the repository root:
+at the rate the rows' copies achieved (52.3-52.8 GB/s, ``copy_gbps_achieved``). Grid-fits H and T to this
+session's rows without prefetch (worst error), then prices every native row of the learned-routing bench
+results, the fifth session's held out. Run from the repository root:
     PYTHONPATH=. python benchmarks/results/2026-11-30-h200/session6/threaded-time-probe.py
 """
 import json
@@ -21,6 +22,7 @@ R = "benchmarks/results/2026-11-30-h200/"
 trace = load_trace("benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz")
 model = ModelTiming.load("olmoe-1b-7b-0924")
 loads: list[int] = []
+RATE = 52.6
 
 
 class Counting(Timeline):
@@ -50,7 +52,7 @@ for path in [R + "session6/bench-prefetch/prefetch.json", R + "session5/bench-de
         sim.simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k, warm=True,
                      timing=(LinkProfile("x", 52.0, 0.0), model))
         per_layer = np.array(loads[P * trace.num_layers:]).reshape(P, trace.num_layers)[decode]
-        copy_ms = model.expert_bytes / (r["link_gbps_measured"] * 1e9) * 1e3
+        copy_ms = model.expert_bytes / (RATE * 1e9) * 1e3
         rows.append((f"{r['name']} @ {r['budget']} ({path.split('/')[-3]})", prefetch, r["tpot_ms"],
                      per_layer * copy_ms))
 
@@ -59,10 +61,11 @@ def estimate(H, T, copies):
     return np.maximum(H, copies + T).sum(1).mean()
 
 
-best = min(((max(abs(estimate(H, T, c) / tpot - 1) for _, pf, tpot, c in rows if pf == "none"), H, T)
+fitted = [r for r in rows if r[1] == "none" and "session6" in r[0]]
+best = min(((max(abs(estimate(H, T, c) / tpot - 1) for _, _, tpot, c in fitted), H, T)
             for H in np.arange(0.8, 2.0, 0.01) for T in np.arange(0.0, 1.5, 0.01)))
 worst, H, T = best
-print(f"fitted to the rows without prefetch: H {H:.2f} ms, T {T:.2f} ms, worst error {100 * worst:.1f}%")
+print(f"fitted to session 6's rows without prefetch: H {H:.2f} ms, T {T:.2f} ms, worst error {100 * worst:.1f}%")
 for name, prefetch, tpot, copies in rows:
     est = estimate(H, T, copies)
     print(f"{name:<48}{prefetch:>6}{tpot:8.1f}{est:8.1f}{100 * (est / tpot - 1):+7.1f}%")

@@ -43,21 +43,22 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     trace, rows, done = load_trace(args.trace), [], {}
-    timing = (LinkProfile.load(args.hardware), ModelTiming.load("olmoe-1b-7b-0924")) if args.hardware else None
+    link = LinkProfile.load(args.hardware) if args.hardware else None
     print(f"{'row':<24}{'budget':>7} {'link':<14}{'slots':>6}  counts  "
           + " ".join(f"{c} live/sim" for c in ("hits", "collisions", "prefetch hits"))
-          + ("  TPOT live/sim  TTFT live/sim" if timing else ""))
+          + ("  TPOT live/sim  TTFT live/sim" if link else ""))
     for r in json.load(open(args.result))["rows"]:
         if r["kind"] != "specmd" and r["name"] != "on-demand":
             continue
         engine, eviction, prefetch, lookahead, k = settings(r["name"])
-        priced = timing is not None and r.get("link") == "native"  # an emulated link is another link
+        priced = link is not None and r.get("link") == "native"  # an emulated link is another link
+        timing = (link, ModelTiming.load(r["model"])) if priced else None  # the row's model: its expert's bytes
         key = (engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
         if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
             done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)
         elif key not in done:
             done[key] = simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k,
-                                 warm=True, timing=timing if priced else None)
+                                 warm=True, timing=timing)
         stats = done[key]
         sim = [{c: getattr(layer, c) for c in COUNTS} for layer in stats.layers]
         live = [{c: layer[c] for c in COUNTS} for layer in r["stats"]["layers"]]

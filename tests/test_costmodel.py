@@ -126,6 +126,18 @@ def test_simulated_times():
     assert "estimated_tpot_ms" in perfect.to_dict() and "estimated_tpot_ms" not in simulate(trace, 2, "lru").to_dict()
 
 
+def test_simulated_times_with_the_hosts_time_per_layer():
+    """The threaded schedule priced with a host profile: each decode layer misses its 2 experts (2 ms of
+    copies issued at its start), so it takes max(host, 2 ms + tail): the host's time when longer, else the
+    copies and the tail."""
+    trace = cyclic_trace()
+    for host, per_layer in [(3.0, 3.0), (1.0, 2.5)]:
+        link = LinkProfile("host", 10.0, 0.0, model="test", host_layer_ms=host, tail_layer_ms=0.5)
+        stats = simulate(trace, 2, "lru", timing=(link, MODEL))
+        assert stats.estimated_tpot_ms == pytest.approx(3 * per_layer), host
+        assert stats.stall_ms == pytest.approx(sum(s.stall_ms for s in stats.layers))
+
+
 def test_profiles_load_by_name_and_name_their_errors(tmp_path):
     assert LinkProfile.load("h100-pcie-gen5-measured").link_gbps == 43.5
     assert ModelTiming.load("olmoe-1b-7b-0924").expert_bytes == 12 * 2**20

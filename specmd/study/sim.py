@@ -107,8 +107,8 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
     the engine's inline mode, submitted after a layer's first chunk: ``topk`` takes the first ``k`` (default
     top-k) candidates the trace recorded for the next ``lookahead`` layers; ``perfect`` the ids those layers
     really route to. With ``timing`` (a link profile and a model's timing) the cost model
-    (``costmodel.Timeline``) also estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer
-    stall and copy-engine busy time. ``warm``: replay the trace once uncounted first, as a live bench row warms
+    (``costmodel.Timeline``; a profile's host time per layer beside its copies when it carries one) also
+    estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer stall and copy-engine busy time. ``warm``: replay the trace once uncounted first, as a live bench row warms
     up with a whole replay before its counted one (``rewind_replay``), so the counted replay starts from the
     cache the first one left.
     """

@@ -47,3 +47,18 @@ fi
 for f in $OUT/*.log; do echo "== $f"; grep -E "^(configuration|graph|full)|exit|Error|error" $f | cut -c1-160 | tail -8; done
 for f in $OUT/bench-*.log; do tail -n 12 $f | cut -c1-200; done
 cd $OUT && mkdir -p /tmp/keep && find . -name '*.json.gz' -exec mv {} /tmp/keep/ \; ; tar czf /tmp/all.tar.gz . && rm -rf $OUT/* && mv /tmp/all.tar.gz $OUT/; mv /tmp/keep/* $OUT/ 2>/dev/null; ls -la $OUT
+
+# On the CPU afterwards (no GPU), from the repository root:
+#   python benchmarks/merge_bench.py $S/callA/bench-p5-lru/prefetch.json $S/callA/bench-p5-ls/prefetch.json \
+#       $S/callA/bench-p25-lru/prefetch.json $S/callA/bench-p25-ls/prefetch.json --out $S/bench-prefetch --stem prefetch
+#   PYTHONPATH=. python $S/threaded-time-probe.py > $S/threaded-time-probe.log     # fits h200-threaded-measured
+#   python benchmarks/bench_counts.py $S/bench-prefetch/prefetch.json --trace $T --hardware h200-threaded-measured \
+#       --out $S/bench-counts.json > $S/bench-counts.log
+#   python benchmarks/bench_counts.py $R/session5/bench-default/default.json --trace $T --hardware \
+#       h200-threaded-measured --out $S/bench-counts-default-held-out.json > $S/bench-counts-default-held-out.log
+#   python benchmarks/sim_vs_live.py <the 7 result files of the fit log's header> --trace $T --full-tpot-ms 4.60 \
+#       --fit --profile-out F > $S/sim-vs-live-fit.log       # then h200-graph-measured = F
+#   python benchmarks/sim_vs_live.py $S/callC/ho-ld/graph.json $S/callC/ho-lru/graph.json --trace $T \
+#       --out $S/sim-vs-live-held-out.json > $S/sim-vs-live-held-out.log
+#   python benchmarks/graph_prefetch_study.py --trace $T --evictions lru layer-distance --out $S/graph-prefetch-study
+# (S=benchmarks/results/2026-11-30-h200/session6, R=benchmarks/results/2026-11-30-h200, T as above)

@@ -33,10 +33,10 @@ class Counting(Timeline):
         Counting.pending += 1
         super().load(key)
 
-    def compute(self, keys, ms):
+    def compute(self, keys, ms, host_ms=0.0):
         loads.append(Counting.pending)
         Counting.pending = 0
-        return super().compute(keys, ms)
+        return super().compute(keys, ms, host_ms)
 
 
 sim.Timeline = Counting

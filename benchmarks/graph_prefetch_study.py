@@ -62,8 +62,8 @@ def main() -> None:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
     what = "hit %, copies against no prefetch" if timing is None else (
-        f"cost model `{args.link}`, compute {link.step_layer_ms * trace.num_layers:.2f} ms a step: estimated TPOT ms (hit %, copies against "
-        "no prefetch); the best of each budget in bold")
+        f"cost model `{args.link}`, compute {link.step_layer_ms * trace.num_layers:.2f} ms a step: estimated TPOT "
+        "ms (hit %, copies against no prefetch); the best of each budget in bold")
     lines = [f"Graph schedule on `{Path(args.trace).name}`, {what}.", "",
              "| budget | eviction | " + " | ".join("no prefetch" if p == "none" else f"d{p.replace(':', ' top-')}"
                                                    for p in args.prefetch) + " |",

@@ -76,8 +76,8 @@ class _Recorder(GraphTiming):
 def fit(rows: list[tuple[dict, list[list[tuple[int, int, int]]]]], model: ModelTiming
         ) -> tuple[GraphLink, float, float]:
     """The link constants and a layer's compute on a grid (0.5 GB/s from 40, 1 GB/s, 5 us, 2% of ``model``'s)
-    with the smallest worst TPOT error over ``rows``: (live row, its counted decode steps' layer calls). Returns (link,
-    layer compute ms, worst error). ``GraphTiming.layer``, vectorised over the calls."""
+    with the smallest worst TPOT error over ``rows``: (live row, its counted decode steps' layer calls).
+    Returns (link, layer compute ms, worst error). ``GraphTiming.layer``, vectorised over the calls."""
     calls = [(live["tpot_ms"], len(steps), np.array([c[:3] for step in steps for c in step], dtype=float).T)
              for live, steps in rows]
     gb = model.expert_bytes / 1e9 * 1e3  # ms at 1 GB/s per expert

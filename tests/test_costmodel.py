@@ -89,7 +89,8 @@ def test_a_graph_link_with_compute_prices_steps_and_prefills_with_its_own():
     with pytest.raises(ValueError, match=">= 0"):
         GraphLink("negative", 10.0, 5.0, model="test", prefill_layer_ms=-1.0)
     measured = GraphLink.load("h200-graph-measured")
-    assert measured.model == "olmoe-1b-7b-0924" and measured.step_layer_ms < ModelTiming.load(measured.model).decode_layer_ms
+    assert measured.model == "olmoe-1b-7b-0924"
+    assert measured.step_layer_ms < ModelTiming.load(measured.model).decode_layer_ms
 
 
 def test_the_graph_schedule_estimates_time_from_its_own_counts():

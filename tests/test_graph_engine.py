@@ -218,7 +218,8 @@ def test_the_side_stream_scores_as_the_predictor_ranks(lookahead, family, device
     # predicts) where the step is not one token or the routers' biases are mixed
     from types import SimpleNamespace
 
-    engine = SimpleNamespace(predictor=predictor, _score_buffers=buffers, replay=None)
+    engine = SimpleNamespace(predictor=predictor, _score_buffers=buffers, replay=None, _trace_predicts=False)
+    engine._ahead = lambda layer: GraphEngine._ahead(engine, layer)
     scoring = GraphEngine._side_scoring(engine, 0, hidden)
     assert [w is routers[t].weight for w, t in zip(scoring.weights, predictor.targets(0))] == [True] * lookahead
     assert len(scoring.biases) == (lookahead if family == "gpt_oss" else 0) and scoring.k == predictor.candidates

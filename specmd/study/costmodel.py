@@ -5,10 +5,10 @@ Timeline (one copy engine, one compute stream, as the live engine): a copy start
 the copy engine is free, and takes expert_bytes / link rate + a per-copy overhead; a layer's compute
 starts when every expert it reads is ready and takes the model's layer time (with a link profile that
 carries the threaded engine's host: the layer ends at the later of its host time from its start and its
-tail of compute after its copies, and its stall is what the copies add beyond the longer of the two). Demand copies are issued
-when the layer starts, prefetches right after them, so prefetches never overtake demand but queue
-behind it (and ahead of later demand), as on the live copy stream. An estimate, not a measurement:
-compare it with a live run of the same trace before trusting it.
+tail of compute after its copies, and its stall is what the copies add beyond the longer of the two).
+Demand copies are issued when the layer starts, prefetches right after them, so prefetches never overtake
+demand but queue behind it (and ahead of later demand), as on the live copy stream. An estimate, not a
+measurement: compare it with a live run of the same trace before trusting it.
 """
 from __future__ import annotations
 

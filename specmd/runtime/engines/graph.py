@@ -260,17 +260,25 @@ class GraphEngine:
                      scored: bool = False) -> tuple[torch.Tensor | None, list[int]]:
         """([D, C] predicted ids, -1 for none, of the looked-ahead layers later in this pass; those layers) or
         (None, []). ``scored``: the side stream makes them (``_side_scoring``), so (None, those layers)."""
-        if self.predictor is None:
-            return None, []
-        targets = [t for t in self.predictor.targets(layer) if t > layer]  # nearest first: the later ones lead
+        targets = self._ahead(layer)
         if not targets or scored:
             return None, targets
-        if self.replay is not None and self.replay.candidates is not None:
+        if self._trace_predicts:
             # the trace's predictor, not this model's; read on the device, so a captured step keeps it (decode
             # steps only: a prompt's prefill has no candidates there)
             return self.replay.step_candidates(layer)[:len(targets)], targets
         # one product per router: the stacked routers' cache is Python state a compiled step would guard on
         return self.predictor.predict(layer, hidden_states, stacked=False)[:len(targets)], targets
+
+    def _ahead(self, layer: int) -> list[int]:
+        """The looked-ahead layers later in this pass, nearest first (none without a predictor): a captured step
+        must join all it forks, so the next pass's first layers are not predicted."""
+        return [] if self.predictor is None else [t for t in self.predictor.targets(layer) if t > layer]
+
+    @property
+    def _trace_predicts(self) -> bool:
+        """The replayed trace carries its predictor's candidates, which stand in for this model's routers."""
+        return self.replay is not None and self.replay.candidates is not None
 
     def _side_scoring(self, layer: int, hidden_states: torch.Tensor) -> Scoring | None:
         """The routers of the layers ahead, to score a forked one-token step's input on the side stream
@@ -278,10 +286,9 @@ class GraphEngine:
         candidates, a policy other than top-k, more than one token, no layer ahead, or routers whose
         weights are not on the buffers' device in their dtype."""
         predictor, buffers = self.predictor, self._score_buffers
-        if predictor is None or buffers is None or hidden_states.shape[0] != 1 or \
-                (self.replay is not None and self.replay.candidates is not None):
+        if buffers is None or hidden_states.shape[0] != 1 or self._trace_predicts:
             return None
-        routers = [self.predictor.routers[t] for t in predictor.targets(layer) if t > layer]
+        routers = [predictor.routers[t] for t in self._ahead(layer)]
         hidden = buffers[0]
         if not routers or any(r.weight.device != hidden.device or r.weight.dtype != hidden.dtype
                               or r.weight.shape[1] != hidden.shape[0] for r in routers):

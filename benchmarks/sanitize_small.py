@@ -2,7 +2,12 @@
 watchdog thread, in-flight bounds, link emulation's sleeps; the graph engine's device cache and Triton miss
 gather), for
 compute-sanitizer: `compute-sanitizer --tool memcheck python benchmarks/sanitize_small.py`.
-Exits non-zero if the tokens differ from the unpatched model's."""
+Exits non-zero if the tokens differ from the unpatched model's.
+
+`sanitize_small.py graph` runs the graph engine's rows alone (racecheck is slow on the threaded rows);
+`--rows 0-2` runs the selected engines' rows 0 to 2 only, so one racecheck can be split over two GPUs (the
+whole graph part needs more than the 10 minutes of one device call under racecheck)."""
+import argparse
 import os
 import sys
 
@@ -13,6 +18,13 @@ import specmd
 from specmd.runtime.adapters import find_moe_layers
 from specmd.tiny import tiny_model
 
+parser = argparse.ArgumentParser()
+parser.add_argument("engines", nargs="*", help="threaded and/or graph (default: both)")
+parser.add_argument("--rows", default=None, help="FIRST-LAST: of the selected engines' rows, these only")
+args = parser.parse_args()
+args.engines = args.engines or ["threaded", "graph"]
+if set(args.engines) - {"threaded", "graph"}:
+    parser.error(f"unknown engines {sorted(set(args.engines) - {'threaded', 'graph'})}: name threaded and/or graph")
 if not torch.cuda.is_available():
     raise SystemExit("sanitize_small.py needs a CUDA GPU")
 # Under compute-sanitizer (memcheck and racecheck alike, on the H200 2026-11-30) cudagraph trees' own check
@@ -30,9 +42,7 @@ ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 wants = [(x, model.generate(x, max_new_tokens=8, min_new_tokens=8, do_sample=False)) for x in (ids, ids[:1])]
 expert = find_moe_layers(model)[0].layout.expert_bytes
 ok = True
-# `sanitize_small.py graph` runs the graph engine's rows alone (racecheck is slow on the threaded rows)
-engines = sys.argv[1:] or ["threaded", "graph"]
-for budget, eviction, prefetch, lookahead, stretch, engine in [
+rows = [row for row in [
         (2 * expert, "lru", "topk", 2, 0, "threaded"),
         (6 * expert, "least-stale", "top-p", 1, 0, "threaded"),
         (4 * expert, "lru", "topk", 1, 20_000, "threaded"),
@@ -40,10 +50,13 @@ for budget, eviction, prefetch, lookahead, stretch, engine in [
         (16 * expert, "least-stale", "topk", 1, 0, "graph compiled"),  # prefetch on the side stream, captured
         (8 * expert, "lru", "none", 1, 0, "graph"),  # a decode step of batch 2 x top-4 fits: the device path
         (6 * expert, "lfu", "none", 1, 0, "graph"),  # batch 1 on the device, batch 2 chunked
-        (3 * expert, "least-stale", "none", 1, 0, "graph")]:  # chunked calls
+        (3 * expert, "least-stale", "none", 1, 0, "graph")]  # chunked calls
+        if row[-1].partition(" ")[0] in args.engines]
+if args.rows:
+    first, _, last = args.rows.partition("-")
+    rows = rows[int(first):int(last or first) + 1]
+for budget, eviction, prefetch, lookahead, stretch, engine in rows:
     engine, _, compiled = engine.partition(" ")
-    if engine not in engines:
-        continue
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead, engine=engine)
     if engine == "threaded":
         model.specmd.emulate_link(stretch)

@@ -167,3 +167,42 @@ def test_model_shapes_build_configs(name):
     spec = ModelSpec.load(name)
     config = spec.transformers_config()
     assert config.num_hidden_layers == spec.config["num_hidden_layers"]
+
+
+def test_a_prefetch_profile_charges_the_host_and_starts_prefetches_after_the_layer():
+    """The threaded engine's prefetch terms: host time per prefetch copy issued before a compute, and with
+    prefetch_after_layer those copies start when that compute ends (demand copies still start at once)."""
+    link = LinkProfile("pf", link_gbps=10.0, copy_overhead_us=0.0, model="test", host_layer_ms=1.0,
+                       tail_layer_ms=0.5, host_prefetch_ms=0.25, prefetch_after_layer=True)
+    t = Timeline(link, MODEL)
+    t.load((0, 0))  # demand: 0 -> 1
+    t.load((1, 0), prefetch=True)
+    t.load((1, 1), prefetch=True)
+    # host 1.0 + 2 x 0.25 beside the copy (in at 1) + tail 0.5: the copy and tail are longer
+    assert t.compute([(0, 0)], 0.5, 1.0) == pytest.approx(0.0) and t.now == pytest.approx(1.5)
+    assert t.copy_free == pytest.approx(3.5)  # the prefetches started at 1.5, not at 1.0
+    assert t.compute([(1, 0), (1, 1)], 0.5, 1.0) == pytest.approx(1.5)  # in at 3.5, + 0.5: 4.0 - 1.5 - host 1.0
+    assert t.now == pytest.approx(4.0)
+    eager = Timeline(LinkProfile("pf-now", 10.0, 0.0, model="test", host_layer_ms=1.0, tail_layer_ms=0.5), MODEL)
+    eager.load((0, 0))
+    eager.load((1, 0), prefetch=True)
+    eager.compute([(0, 0)], 0.5, 1.0)
+    assert eager.copy_free == pytest.approx(2.0)  # issued at once, behind the demand copy
+    with pytest.raises(ValueError, match="name it with 'model:"):
+        LinkProfile("nameless", 10.0, prefetch_after_layer=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        LinkProfile("negative", 10.0, model="test", host_predict_ms=-0.1)
+
+
+def test_simulated_prefetch_pays_the_predictors_host_time_per_looked_ahead_router():
+    """The same trace and prefetch, priced with and without host_predict_ms: a host-bound decode layer takes
+    host_predict_ms x lookahead longer; without prefetch nothing changes."""
+    trace = cyclic_trace()
+    base = dict(link_gbps=1000.0, copy_overhead_us=0.0, model="test", host_layer_ms=3.0, tail_layer_ms=0.1)
+    plain, predicting = LinkProfile("a", **base), LinkProfile("b", **base, host_predict_ms=0.5)
+    for lookahead in (1, 2):
+        runs = [simulate(trace, 4, "lru", prefetch="perfect", lookahead=lookahead, timing=(link, MODEL))
+                for link in (plain, predicting)]
+        assert runs[1].estimated_tpot_ms - runs[0].estimated_tpot_ms == pytest.approx(3 * 0.5 * lookahead)
+    assert simulate(trace, 4, "lru", timing=(predicting, MODEL)).estimated_tpot_ms == pytest.approx(
+        simulate(trace, 4, "lru", timing=(plain, MODEL)).estimated_tpot_ms)

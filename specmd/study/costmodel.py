@@ -7,7 +7,9 @@ starts when every expert it reads is ready and takes the model's layer time (wit
 carries the threaded engine's host: the layer ends at the later of its host time from its start and its
 tail of compute after its copies, and its stall is what the copies add beyond the longer of the two).
 Demand copies are issued when the layer starts, prefetches right after them, so prefetches never overtake
-demand but queue behind it (and ahead of later demand), as on the live copy stream. An estimate, not a
+demand but queue behind it (and ahead of later demand), as on the live copy stream; a profile fitted to the
+threaded engine's prefetch rows may instead start a layer's prefetch copies when its compute ends, and
+charge host time per looked-ahead router and per prefetch copy (``LinkProfile``). An estimate, not a
 measurement: compare it with a live run of the same trace before trusting it.
 """
 from __future__ import annotations
@@ -45,7 +47,14 @@ class LinkProfile:
     Optionally the threaded engine's host on that machine, fitted to live rows of ``model``: each MoE layer
     takes ``host_layer_ms`` of host time from its start, beside its copies, and ``tail_layer_ms`` of compute
     once its copies are in (in place of the model file's layer time; ``prefill_token_ms`` more per further
-    token of a pass). Unset: a layer's compute starts when its copies are in and takes ``ModelTiming``'s."""
+    token of a pass). Unset: a layer's compute starts when its copies are in and takes ``ModelTiming``'s.
+
+    With prefetch, that host pays ``host_predict_ms`` per looked-ahead router a layer scores and
+    ``host_prefetch_ms`` per prefetch copy it issues; with ``prefetch_after_layer`` a layer's prefetch
+    copies start when its compute ends, not when they are issued. That is how the live rows behave, not a
+    mechanism shown step by step: the copies the predictions ask for leave the host with the watchdog
+    thread's and the main loop's Python work between them, and start later than a copy engine free at once
+    would start them (fitted on the H200: ``configs/hardware/h200-threaded-measured.yaml``)."""
 
     name: str
     link_gbps: float  # 1e9 bytes per second
@@ -54,16 +63,22 @@ class LinkProfile:
     host_layer_ms: float = 0.0
     tail_layer_ms: float | None = None
     prefill_token_ms: float | None = None
+    host_predict_ms: float = 0.0
+    host_prefetch_ms: float = 0.0
+    prefetch_after_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.link_gbps <= 0 or self.copy_overhead_us < 0:
             raise ValueError(f"link profile {self.name}: link_gbps must be > 0 and copy_overhead_us >= 0")
-        if any(v is not None and v < 0 for v in (self.host_layer_ms, self.tail_layer_ms, self.prefill_token_ms)):
-            raise ValueError(f"link profile {self.name}: host_layer_ms, tail_layer_ms and prefill_token_ms must "
-                             "be >= 0")
-        if (self.host_layer_ms or self.tail_layer_ms is not None) and self.model is None:
-            raise ValueError(f"link profile {self.name}: host and tail times are a model's: name it with "
-                             "'model: <configs/models name>'")
+        host = (self.host_layer_ms, self.tail_layer_ms, self.prefill_token_ms, self.host_predict_ms,
+                self.host_prefetch_ms)
+        if any(v is not None and v < 0 for v in host):
+            raise ValueError(f"link profile {self.name}: host_layer_ms, tail_layer_ms, prefill_token_ms, "
+                             "host_predict_ms and host_prefetch_ms must be >= 0")
+        if any(v for v in host if v is not None) or self.tail_layer_ms is not None or self.prefetch_after_layer:
+            if self.model is None:
+                raise ValueError(f"link profile {self.name}: host and tail times are a model's: name it with "
+                                 "'model: <configs/models name>'")
 
     def check_model(self, model: str) -> None:
         """Refuse to price ``model`` with another model's fitted times."""
@@ -193,20 +208,35 @@ class Timeline:
         self.copy_free = 0.0  # copy engine
         self.copy_busy_ms = 0.0
         self._ready: dict[tuple[int, int], float] = {}
+        self._prefetches = 0  # prefetch copies issued since the last compute
+        self._after_layer: list[tuple[int, int]] = []  # prefetch copies that start when this compute ends
 
-    def load(self, key: tuple[int, int]) -> None:
-        """A copy of ``key`` is issued now."""
+    def load(self, key: tuple[int, int], prefetch: bool = False) -> None:
+        """A copy of ``key`` is issued now (a prefetch's: when the next compute ends, if the link says so)."""
+        if prefetch:
+            self._prefetches += 1
+            if self.link.prefetch_after_layer:
+                self._after_layer.append(key)
+                return
+        self._start(key)
+
+    def _start(self, key: tuple[int, int]) -> None:
         start = max(self.now, self.copy_free)
         self.copy_free = start + self.copy_ms
         self.copy_busy_ms += self.copy_ms
         self._ready[key] = self.copy_free
 
     def compute(self, keys: list[tuple[int, int]], ms: float, host_ms: float = 0.0) -> float:
-        """Run ``ms`` of compute reading ``keys`` once they are in, beside ``host_ms`` of host time from now;
-        returns how long that waited for copies."""
+        """Run ``ms`` of compute reading ``keys`` once they are in, beside ``host_ms`` of host time from now
+        (plus the link's host time per prefetch copy issued since the last compute); returns how long that
+        waited for copies."""
+        host_ms += self.link.host_prefetch_ms * self._prefetches
         start = max([self.now] + [self._ready.get(k, 0.0) for k in keys])
         end = max(self.now + host_ms, start + ms)
         # host_ms <= ms: the compute alone is the longer, so the wait is its start's delay (exactly, as before)
         stall = start - self.now if host_ms <= ms else max(0.0, end - self.now - host_ms)
         self.now = end
+        for key in self._after_layer:
+            self._start(key)
+        self._prefetches, self._after_layer = 0, []
         return stall

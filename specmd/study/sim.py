@@ -36,7 +36,7 @@ class _TimelineCopier(Copier):
 
     def copy(self, slot: int, key: Key, demand: bool) -> None:
         if self.timeline is not None:
-            self.timeline.load(key)
+            self.timeline.load(key, prefetch=not demand)
 
     def compute(self, layer: int, keys: list[Key], ms: float, host_ms: float = 0.0) -> None:
         self._stalls[layer] = self._stalls.get(layer, 0.0) + self.timeline.compute(keys, ms, host_ms)
@@ -107,8 +107,10 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
     the engine's inline mode, submitted after a layer's first chunk: ``topk`` takes the first ``k`` (default
     top-k) candidates the trace recorded for the next ``lookahead`` layers; ``perfect`` the ids those layers
     really route to. With ``timing`` (a link profile and a model's timing) the cost model
-    (``costmodel.Timeline``; a profile's host time per layer beside its copies when it carries one) also
-    estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer stall and copy-engine busy time. ``warm``: replay the trace once uncounted first, as a live bench row warms
+    (``costmodel.Timeline``; a profile's host time per layer beside its copies when it carries one, and its
+    prefetch terms: host time per looked-ahead router and per prefetch copy, prefetch copies after the
+    layer) also estimates TTFT (mean prefill pass), TPOT (mean decode pass), per-layer stall and copy-engine
+    busy time. ``warm``: replay the trace once uncounted first, as a live bench row warms
     up with a whole replay before its counted one (``rewind_replay``), so the counted replay starts from the
     cache the first one left.
     """
@@ -147,6 +149,8 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
                     if timeline is not None:
                         share = len(chunk) / len(experts)
                         ms, host_ms = timeline.link.layer_ms(timeline.model, tokens)
+                        if prefetch != "none":  # the predictor scores the next layers' routers on the host
+                            host_ms += timeline.link.host_predict_ms * lookahead
                         copier.compute(layer, [(layer, e) for e in chunk], share * ms, share * host_ms)
 
                 loop.run(layer, experts, requests, compute)

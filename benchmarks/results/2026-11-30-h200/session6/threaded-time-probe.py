@@ -29,9 +29,9 @@ class Counting(Timeline):
     """Counts the copies issued before each compute call (a layer's, prefetches included)."""
     pending = 0
 
-    def load(self, key):
+    def load(self, key, prefetch=False):  # prefetch: the simulator's flag since session 7 (unused here)
         Counting.pending += 1
-        super().load(key)
+        super().load(key, prefetch)
 
     def compute(self, keys, ms, host_ms=0.0):
         loads.append(Counting.pending)

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from gather_programs import EXPERT_WORDS, timed  # benchmarks/, the script's own folder
 
 from specmd.runtime.gather import host_words
 
-EXPERT_WORDS = 3 * 2048 * 1024 * 2 // 4  # OLMoE: gate, up, down of 2048 x 1024 bf16, as 32-bit words
 EXPERTS = [3, 17, 29, 31, 40, 44, 52, 60]
-REPEATS = 20
 
 
 @triton.jit
@@ -63,19 +61,6 @@ def _variant(store, pool, experts, slots, count, words_per_expert, WORDS: tl.con
                 tl.store(dst, words)
 
 
-def timed(fn) -> float:
-    """Median milliseconds of ``fn``'s work on the current stream."""
-    times = []
-    for _ in range(REPEATS + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[3:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
@@ -95,7 +80,7 @@ def main() -> None:
         for j, e in enumerate(EXPERTS):
             pool[j].copy_(host[e], non_blocking=True)
 
-    rows = [{"variant": "copy engine, 8 async copies", "ms": timed(engine)}]
+    rows = [{"variant": "copy engine, 8 async copies", "ms": timed(engine, [])}]
     pool.zero_()
 
     def run(words, warps, axis, load, store_mode, masked):
@@ -106,7 +91,7 @@ def main() -> None:
 
     def measure(words, warps, axis, load=0, store_mode=0, masked=True):
         pool.zero_()
-        ms = timed(lambda: run(words, warps, axis, load, store_mode, masked))
+        ms = timed(lambda: run(words, warps, axis, load, store_mode, masked), [])
         assert torch.equal(pool[:len(EXPERTS)], want), (words, warps, axis, load, store_mode, masked)
         row = {"variant": f"words {words}, warps {warps}, experts on axis {axis}, load {load}, store {store_mode}, "
                           f"masked {masked}", "words": words, "warps": warps, "axis": axis, "load": load,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# session 7 device calls (x2): GPU0 and GPU1 both timed ("shared"). Usage: bash commands.sh A|B|C|D|E (from the repo root)
+# session 7 device calls (x2): GPU0 and GPU1 both timed ("shared"). Usage: bash commands.sh A|B|C|D|E|F (from the repo root)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 T=benchmarks/traces/trace-olmoe-1b-7b-0924-stdlib.json.gz
 call=$1
@@ -62,6 +62,9 @@ if [[ $call == D ]]; then  # least-stale against lru with top-k, alternating in 
   (export CUDA_VISIBLE_DEVICES=1
    bench 330 alt10 10% lru-topk,least-stale-topk,lru-topk,least-stale-topk none) &
   wait
+fi
+if [[ $call == F ]]; then  # one-GPU host, alone: the gather sweep again after its timing helper moved
+  timeout 150 python3 benchmarks/gather_variants.py --out $OUT/gather-variants-rerun.json > $OUT/gather-variants-rerun.log 2>&1
 fi
 if [[ $call == E ]]; then  # the threaded engine's inline prefetch (deterministic) at full size, 5% and 20%
   (export CUDA_VISIBLE_DEVICES=0; bench 250 inline5 5% least-stale-topk-inline none) &

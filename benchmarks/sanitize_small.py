@@ -55,6 +55,8 @@ rows = [row for row in [
 if args.rows:
     first, _, last = args.rows.partition("-")
     rows = rows[int(first):int(last or first) + 1]
+if not rows:  # a run of nothing would read as a clean sanitizer run
+    parser.error(f"--rows {args.rows} selects none of the {' and '.join(args.engines)} rows")
 for budget, eviction, prefetch, lookahead, stretch, engine in rows:
     engine, _, compiled = engine.partition(" ")
     specmd.offload(model, budget, eviction, "cuda", prefetch=prefetch, lookahead=lookahead, engine=engine)

@@ -195,14 +195,37 @@ def test_a_prefetch_profile_charges_the_host_and_starts_prefetches_after_the_lay
 
 
 def test_simulated_prefetch_pays_the_predictors_host_time_per_looked_ahead_router():
-    """The same trace and prefetch, priced with and without host_predict_ms: a host-bound decode layer takes
-    host_predict_ms x lookahead longer; without prefetch nothing changes."""
-    trace = cyclic_trace()
+    """The same trace and top-k prefetch, priced with and without host_predict_ms: a host-bound decode layer
+    takes host_predict_ms x lookahead longer; without prefetch, or with the simulator's perfect prefetch (no
+    router scored), nothing changes."""
+    plain = cyclic_trace()
+    # the trace's candidates: the ids the next layers really route to (the predictor's own, at lookahead 2)
+    predicted = [[[plain.passes[p][(layer + j + 1) % 3] for j in range(2)] for layer in range(3)]
+                 for p in range(len(plain.passes))]
+    trace = RoutingTrace(3, 4, 2, plain.passes, prompts=plain.prompts, predicted=predicted)
     base = dict(link_gbps=1000.0, copy_overhead_us=0.0, model="test", host_layer_ms=3.0, tail_layer_ms=0.1)
-    plain, predicting = LinkProfile("a", **base), LinkProfile("b", **base, host_predict_ms=0.5)
+    without, predicting = LinkProfile("a", **base), LinkProfile("b", **base, host_predict_ms=0.5)
+
+    def tpot(link, **prefetch):
+        return simulate(trace, 4, "lru", timing=(link, MODEL), **prefetch).estimated_tpot_ms
+
     for lookahead in (1, 2):
-        runs = [simulate(trace, 4, "lru", prefetch="perfect", lookahead=lookahead, timing=(link, MODEL))
-                for link in (plain, predicting)]
-        assert runs[1].estimated_tpot_ms - runs[0].estimated_tpot_ms == pytest.approx(3 * 0.5 * lookahead)
-    assert simulate(trace, 4, "lru", timing=(predicting, MODEL)).estimated_tpot_ms == pytest.approx(
-        simulate(trace, 4, "lru", timing=(plain, MODEL)).estimated_tpot_ms)
+        topk = dict(prefetch="topk", lookahead=lookahead)
+        assert tpot(predicting, **topk) - tpot(without, **topk) == pytest.approx(3 * 0.5 * lookahead)
+    assert tpot(predicting, prefetch="perfect") == pytest.approx(tpot(without, prefetch="perfect"))
+    assert tpot(predicting) == pytest.approx(tpot(without))
+
+
+def test_prefetches_after_the_layer_are_all_copied_in_chunked_and_warm_replays():
+    """With prefetch_after_layer no prefetch is left unstarted: the copy engine's busy time is every demand
+    miss and every prefetch, in a cache too small for a layer (chunked) and over a warm replay."""
+    plain = cyclic_trace()
+    predicted = [[[plain.passes[p][(layer + 1) % 3]] for layer in range(3)] for p in range(len(plain.passes))]
+    trace = RoutingTrace(3, 4, 2, plain.passes, prompts=plain.prompts, predicted=predicted)
+    link = LinkProfile("after", 10.0, 0.0, model="test", host_layer_ms=1.0, tail_layer_ms=0.5,
+                       host_prefetch_ms=0.1, prefetch_after_layer=True)
+    for capacity, warm in ((1, False), (3, True), (4, True)):
+        stats = simulate(trace, capacity, "lru", prefetch="topk", timing=(link, MODEL), warm=warm)
+        copies = stats.total.misses + stats.total.prefetches
+        assert stats.copy_busy_ms == pytest.approx(copies * 1.0), (capacity, warm)
+        assert (capacity == 1) or stats.total.prefetches > 0

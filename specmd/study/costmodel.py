@@ -49,12 +49,13 @@ class LinkProfile:
     once its copies are in (in place of the model file's layer time; ``prefill_token_ms`` more per further
     token of a pass). Unset: a layer's compute starts when its copies are in and takes ``ModelTiming``'s.
 
-    With prefetch, that host pays ``host_predict_ms`` per looked-ahead router a layer scores and
+    With prefetch, that host pays ``host_predict_ms`` per looked-ahead router a layer scores (top-k) and
     ``host_prefetch_ms`` per prefetch copy it issues; with ``prefetch_after_layer`` a layer's prefetch
-    copies start when its compute ends, not when they are issued. That is how the live rows behave, not a
-    mechanism shown step by step: the copies the predictions ask for leave the host with the watchdog
-    thread's and the main loop's Python work between them, and start later than a copy engine free at once
-    would start them (fitted on the H200: ``configs/hardware/h200-threaded-measured.yaml``)."""
+    copies start when the compute they were issued before ends (a chunked layer's first chunk), not at
+    once. That is how the live rows behave, not a mechanism shown step by step: the copies the predictions
+    ask for leave the host with the watchdog thread's and the main loop's Python work between them, and
+    start later than a copy engine free at once would start them (fitted on the H200:
+    ``configs/hardware/h200-threaded-measured.yaml``)."""
 
     name: str
     link_gbps: float  # 1e9 bytes per second
@@ -77,8 +78,8 @@ class LinkProfile:
                              "host_predict_ms and host_prefetch_ms must be >= 0")
         if any(v for v in host if v is not None) or self.tail_layer_ms is not None or self.prefetch_after_layer:
             if self.model is None:
-                raise ValueError(f"link profile {self.name}: host and tail times are a model's: name it with "
-                                 "'model: <configs/models name>'")
+                raise ValueError(f"link profile {self.name}: host, tail and prefetch times are a model's: name it "
+                                 "with 'model: <configs/models name>'")
 
     def check_model(self, model: str) -> None:
         """Refuse to price ``model`` with another model's fitted times."""
@@ -212,7 +213,8 @@ class Timeline:
         self._after_layer: list[tuple[int, int]] = []  # prefetch copies that start when this compute ends
 
     def load(self, key: tuple[int, int], prefetch: bool = False) -> None:
-        """A copy of ``key`` is issued now (a prefetch's: when the next compute ends, if the link says so)."""
+        """A copy of ``key`` is issued now; a prefetch's, with ``prefetch_after_layer``, starts when the next
+        ``compute`` ends (the simulator computes after every submission, so none is left unstarted)."""
         if prefetch:
             self._prefetches += 1
             if self.link.prefetch_after_layer:

@@ -149,7 +149,7 @@ def simulate(trace: RoutingTrace, capacity: int, eviction: str, seed: int = 0, p
                     if timeline is not None:
                         share = len(chunk) / len(experts)
                         ms, host_ms = timeline.link.layer_ms(timeline.model, tokens)
-                        if prefetch != "none":  # the predictor scores the next layers' routers on the host
+                        if prefetch == "topk":  # the live predictor scores the next layers' routers
                             host_ms += timeline.link.host_predict_ms * lookahead
                         copier.compute(layer, [(layer, e) for e in chunk], share * ms, share * host_ms)
 

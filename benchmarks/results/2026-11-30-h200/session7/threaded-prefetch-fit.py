@@ -51,7 +51,7 @@ def profile(predict, per_copy, after):
     return dataclasses.replace(base, host_predict_ms=predict, host_prefetch_ms=per_copy, prefetch_after_layer=after)
 
 
-GRIDS = {True: [(p, c) for p in (0.05, 0.10, 0.15) for c in (0.06, 0.08, 0.10)],
+GRIDS = {True: [(p, c) for p in (0.05, 0.10, 0.15, 0.20, 0.25) for c in (0.06, 0.08, 0.10)],
          False: [(p, c) for p in (0.10, 0.15, 0.20, 0.25) for c in (0.08, 0.10, 0.12, 0.14, 0.16)]}
 fitted = [i for i, row in enumerate(rows) if row[0] == "session6"]
 if __name__ == "__main__":

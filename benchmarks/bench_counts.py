@@ -78,6 +78,14 @@ def main() -> None:
               f"{'equal ' if equal else 'DIFFER'}  " + "  ".join(f"{total[c][0]}/{total[c][1]}" for c in
                                                                   ("hits", "misses_collision", "prefetch_hits"))
               + times)
+    priced = [r for r in rows if "sim_tpot_ms" in r]
+
+    def within(kind: str) -> int:  # the bar: an estimate within 10% of live
+        return sum(abs(r[f"sim_{kind}_ms"] / r[f"live_{kind}_ms"] - 1) <= 0.1 for r in priced)
+
+    print(f"counts equal in {sum(r['counts_equal'] for r in rows)} of {len(rows)} rows" + (
+        f"; within 10% of live: TPOT {within('tpot')} of {len(priced)} priced rows, TTFT {within('ttft')}"
+        if priced else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

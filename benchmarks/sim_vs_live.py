@@ -210,6 +210,9 @@ def main() -> None:
         print(f"{r['name']:<72}{'equal' if r['counts_equal'] else 'DIFFER':>7}{100 * r['hit_rate']:>7.1f}"
               f"{r['live_tpot_ms']:>10.2f}{r['sim_tpot_ms']:>7.2f}{100 * r['tpot_error']:>+7.1f}%"
               f"{r['live_ttft_ms']:>10.1f}{r['sim_ttft_ms']:>7.1f}{100 * r['ttft_error']:>+7.1f}%")
+    # the bar: every row's estimate within 10% of live
+    print(f"within 10%: TPOT {sum(abs(r['tpot_error']) <= 0.1 for r in rows)} of {len(rows)} rows, TTFT "
+          f"{sum(abs(r['ttft_error']) <= 0.1 for r in rows)}; counts equal in {sum(r['counts_equal'] for r in rows)}")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,13 @@ def cyclic_trace():
                         prompts=((3, 6),))
 
 
+def predicted_cyclic_trace(depth):
+    """``cyclic_trace`` with candidates ``depth`` layers ahead: the ids those layers really route to."""
+    plain = cyclic_trace()
+    predicted = [[[ids[(layer + j + 1) % 3] for j in range(depth)] for layer in range(3)] for ids in plain.passes]
+    return RoutingTrace(3, 4, 2, plain.passes, prompts=plain.prompts, predicted=predicted)
+
+
 def test_simulated_times():
     trace = cyclic_trace()
     demand = simulate(trace, 2, "lru", timing=(LINK, MODEL))
@@ -198,11 +205,7 @@ def test_simulated_prefetch_pays_the_predictors_host_time_per_looked_ahead_route
     """The same trace and top-k prefetch, priced with and without host_predict_ms: a host-bound decode layer
     takes host_predict_ms x lookahead longer; without prefetch, or with the simulator's perfect prefetch (no
     router scored), nothing changes."""
-    plain = cyclic_trace()
-    # the trace's candidates: the ids the next layers really route to (the predictor's own, at lookahead 2)
-    predicted = [[[plain.passes[p][(layer + j + 1) % 3] for j in range(2)] for layer in range(3)]
-                 for p in range(len(plain.passes))]
-    trace = RoutingTrace(3, 4, 2, plain.passes, prompts=plain.prompts, predicted=predicted)
+    trace = predicted_cyclic_trace(2)
     base = dict(link_gbps=1000.0, copy_overhead_us=0.0, model="test", host_layer_ms=3.0, tail_layer_ms=0.1)
     without, predicting = LinkProfile("a", **base), LinkProfile("b", **base, host_predict_ms=0.5)
 
@@ -219,9 +222,7 @@ def test_simulated_prefetch_pays_the_predictors_host_time_per_looked_ahead_route
 def test_prefetches_after_the_layer_are_all_copied_in_chunked_and_warm_replays():
     """With prefetch_after_layer no prefetch is left unstarted: the copy engine's busy time is every demand
     miss and every prefetch, in a cache too small for a layer (chunked) and over a warm replay."""
-    plain = cyclic_trace()
-    predicted = [[[plain.passes[p][(layer + 1) % 3]] for layer in range(3)] for p in range(len(plain.passes))]
-    trace = RoutingTrace(3, 4, 2, plain.passes, prompts=plain.prompts, predicted=predicted)
+    trace = predicted_cyclic_trace(1)
     link = LinkProfile("after", 10.0, 0.0, model="test", host_layer_ms=1.0, tail_layer_ms=0.5,
                        host_prefetch_ms=0.1, prefetch_after_layer=True)
     for capacity, warm in ((1, False), (3, True), (4, True)):

@@ -205,8 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.config import BenchConfig
 
     config = BenchConfig.load(args.config)  # a malformed config fails first, naming the key
-    if any(part is not None for part in (args.budgets, args.baselines, args.presets)):
-        config = config.overridden(args.config, args.budgets, args.baselines, args.presets)
+    if any(part is not None for part in (args.budgets, args.baselines, args.presets, args.models)):
+        config = config.overridden(args.config, args.budgets, args.baselines, args.presets, args.models)
     if not torch.cuda.is_available():
         print("specmd bench: needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False); "
               "run it on the GPU machine", file=sys.stderr)
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "one part of a long matrix; benchmarks/merge_bench.py joins the parts")
     bench.add_argument("--baselines", help="run these baselines instead of the config's (comma list, or none)")
     bench.add_argument("--presets", help="run these presets instead of the config's (comma list)")
+    bench.add_argument("--models", help="run only these of the config's models (comma list)")
     sim = sub.add_parser("sim", help="replay a routing trace through the cache policies")
     sim.add_argument("trace", help="routing trace file (see README)")
     sim.add_argument("--budget", default="5%,10%,25%,50%",

@@ -80,6 +80,21 @@ def test_a_part_of_the_matrix_overrides_budgets_baselines_and_presets():
         config.overridden("default.yaml", presets=",")
 
 
+def test_a_part_of_the_matrix_narrows_the_models_and_their_routing():
+    """`--models qwen3-30b-a3b`: one model of large-models.yaml, still on its own trace; a model the config does
+    not have is refused, naming those it has."""
+    config = BenchConfig.load("configs/bench/large-models.yaml")
+    part = config.overridden("large-models.yaml", models="qwen3-30b-a3b")
+    assert part.models == ("qwen3-30b-a3b",)
+    assert part.routing == {"qwen3-30b-a3b": config.routing["qwen3-30b-a3b"]}
+    assert part.trace_path("qwen3-30b-a3b") == config.trace_path("qwen3-30b-a3b")
+    assert part.budgets == config.budgets and part.presets == config.presets
+    with pytest.raises(ValueError, match="'mixtral' is not one of the config's models .*qwen3-30b-a3b"):
+        config.overridden("large-models.yaml", models="mixtral")
+    with pytest.raises(ValueError, match="at least one of"):
+        config.overridden("large-models.yaml", models=" ,")
+
+
 TINY_SPEC = """family: olmoe
 config: {vocab_size: 256, hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4,
          num_key_value_heads: 2, num_experts: 8, num_experts_per_tok: 2, max_position_embeddings: 128,

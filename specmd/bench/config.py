@@ -83,11 +83,21 @@ class BenchConfig:
         return config
 
     def overridden(self, where: str, budgets: str | None = None, baselines: str | None = None,
-                   presets: str | None = None) -> "BenchConfig":
+                   presets: str | None = None, models: str | None = None) -> "BenchConfig":
         """This matrix with its budgets, baselines and/or presets replaced (comma lists; baselines ``none`` for
-        none), validated: one part of a matrix too long for one run (``benchmarks/merge_bench.py`` joins the
-        parts)."""
+        none), or narrowed to some of its models, validated: one part of a matrix too long for one run
+        (``benchmarks/merge_bench.py`` joins the parts)."""
         changes = {}
+        if models is not None:
+            chosen = tuple(m.strip() for m in models.split(",") if m.strip())
+            if not chosen:
+                raise ValueError(f"{where}: --models: give at least one of {', '.join(self.models)}")
+            if unknown := [m for m in chosen if m not in self.models]:
+                raise ValueError(f"{where}: --models: {unknown[0]!r} is not one of the config's models "
+                                 f"({', '.join(self.models)})")
+            changes["models"] = chosen
+            if isinstance(self.routing, dict):  # a model left out keeps no routing entry
+                changes["routing"] = {m: spec for m, spec in self.routing.items() if m in chosen}
         if budgets is not None:
             changes["budgets"] = tuple(b.strip() for b in budgets.split(",") if b.strip())
             if not changes["budgets"]:

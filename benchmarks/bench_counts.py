@@ -7,12 +7,15 @@ land when the link delivers them, so the live counts are printed beside the simu
 
 With ``--hardware`` (a threaded link profile, e.g. ``h200-threaded-measured``) the threaded rows on the
 machine's own link are also priced by the simulator's timeline and printed against their live TPOT and TTFT.
+A profile fitted to another model is refused unless ``--transfer``: then its host times price this model's rows
+as they stand (with the row model's expert bytes), a held-out check of how far the fit carries.
 
-    python benchmarks/bench_counts.py RESULT.json --trace T [--hardware PROFILE] [--out F]
+    python benchmarks/bench_counts.py RESULT.json --trace T [--hardware PROFILE [--transfer]] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from specmd.bench.runner import ON_DEMAND
@@ -40,8 +43,12 @@ def main() -> None:
     parser.add_argument("result", help="a specmd bench result JSON whose specmd rows replayed --trace")
     parser.add_argument("--trace", required=True)
     parser.add_argument("--hardware", help="a link profile (configs/hardware/) to price the native threaded rows")
+    parser.add_argument("--transfer", action="store_true",
+                        help="price with --hardware's host times even when they were fitted to another model")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.transfer and not args.hardware:
+        parser.error("--transfer carries a profile's fit to another model: give the profile with --hardware")
     trace, rows, done = load_trace(args.trace), [], {}
     link = LinkProfile.load(args.hardware) if args.hardware else None
     print(f"{'row':<24}{'budget':>7} {'link':<14}{'slots':>6}  counts  "
@@ -52,7 +59,8 @@ def main() -> None:
             continue
         engine, eviction, prefetch, lookahead, k = settings(r["name"])
         priced = link is not None and r.get("link") == "native"  # an emulated link is another link
-        timing = (link, ModelTiming.load(r["model"])) if priced else None  # the row's model: its expert's bytes
+        row_link = dataclasses.replace(link, model=r["model"]) if priced and args.transfer else link
+        timing = (row_link, ModelTiming.load(r["model"])) if priced else None  # the row's model: its expert's bytes
         key = (engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
         if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
             done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)

@@ -244,6 +244,30 @@ def test_parts_of_a_matrix_merge_into_one_result():
         merge_results([])
 
 
+def test_parts_running_different_models_merge_with_each_models_entries():
+    """large-models.yaml run a model per device call (`--models`): the merged result lists every model, its
+    routing, placement and copy rate, and each model's full-GPU baseline once."""
+    from specmd.bench.results import merge_results
+
+    def part(model, gbps):
+        rows = [{"model": model, "kind": "baseline", "name": "full-gpu-grouped-mm", "prompt": 16, "batch": 1,
+                 "budget": None},
+                {"model": model, "kind": "specmd", "name": "lru-noprefetch", "prompt": 320, "batch": 1, "budget": "5%"}]
+        config = {"models": [model], "budgets": ["5%"], "baselines": ["full-gpu-grouped-mm"],
+                  "presets": ["lru-noprefetch"], "links": ["native"], "routing": {model: f"replay {model}.json"}}
+        return {"machine": {}, "config": config, "rows": rows, "skipped": [], "native_gbps": {model: gbps},
+                "placement": {model: "device"}, "routing": {model: f"replay {model}.json"}}
+
+    merged = merge_results([part("a", 50.0), part("b", 53.0), part("a", 51.0)])
+    assert merged["config"]["models"] == ["a", "b"]
+    assert merged["config"]["routing"] == {"a": "replay a.json", "b": "replay b.json"}
+    assert merged["native_gbps"] == {"a": 50.0, "b": 53.0}  # a model's first part, as its baseline
+    assert merged["placement"] == {"a": "device", "b": "device"}
+    assert [(r["model"], r["name"]) for r in merged["rows"]] == [
+        ("a", "full-gpu-grouped-mm"), ("a", "lru-noprefetch"), ("b", "full-gpu-grouped-mm"), ("b", "lru-noprefetch"),
+        ("a", "lru-noprefetch")]
+
+
 @pytest.mark.parametrize("routing,match", [
     ("fast", "'random' or a mapping"),
     ("{elsewhere: random}", "not one of the models"),

@@ -9,6 +9,8 @@ from .config import BenchConfig
 from .machine import machine_info
 from .timing import Timed
 
+PER_MODEL = ("placement", "reference", "routing", "native_gbps")  # the document's entries keyed by model
+
 
 def stats_fields(stats) -> dict:
     """The counters of a specmd row (``Stats``), flat, plus the whole snapshot."""
@@ -48,22 +50,29 @@ class Results:
         self.doc["skipped"].append(why)
 
     def per_model(self, key: str, model_name: str, value) -> None:
+        assert key in PER_MODEL, key
         self.doc.setdefault(key, {})[model_name] = value
 
 
 def merge_results(parts: list[dict]) -> dict:
     """One result document from the parts of a matrix run as separate processes (a device call's time limit
     cuts a long matrix by budget): every part's rows, a baseline without a budget (full GPU) once, from the
-    first part that measured it; the config's lists joined; each part's run (start, native copy rate,
-    budgets) kept under ``parts``, since their machines' states differ."""
+    first part that measured it; the config's lists and per-model entries joined (parts may run different
+    models); each part's run (start, native copy rate, budgets) kept under ``parts``, since their machines'
+    states differ."""
     if not parts:
         raise ValueError("merge_results needs at least one result document")
     merged = {key: value for key, value in parts[0].items() if key not in ("rows", "skipped")}
     merged["config"] = dict(parts[0]["config"])
     merged["rows"], merged["skipped"], seen = [], [], set()
     for part in parts:
-        for key in ("budgets", "baselines", "presets", "links"):
-            merged["config"][key] = list(dict.fromkeys([*merged["config"][key], *part["config"][key]]))
+        for key in ("models", "budgets", "baselines", "presets", "links"):
+            merged["config"][key] = list(dict.fromkeys([*merged["config"].get(key, []), *part["config"].get(key, [])]))
+        if isinstance(part["config"].get("routing"), dict):
+            merged["config"]["routing"] = {**part["config"]["routing"], **merged["config"]["routing"]}
+        for key in PER_MODEL:
+            if isinstance(part.get(key), dict):
+                merged[key] = {**part[key], **merged.get(key, {})}
         for r in part["rows"]:
             once = (r["model"], r["name"], r["prompt"], r["batch"]) if r["kind"] == "baseline" and not r.get("budget") \
                 else None

@@ -1,12 +1,13 @@
-"""One compact table of several policy studies (``trace_study.py``'s sim-*.json): per trace and prefetch,
+"""One compact table of several policy studies (``trace_study.py``'s sim-*.json.gz): per trace and prefetch,
 the best online policy at each budget by hit rate and by estimated TPOT (one figure when the same policies
 win both), and least-stale against lru.
 
-    python benchmarks/policy_summary.py benchmarks/results/2026-11-30-cpu-learned-traces/*/sim-*.json
+    python benchmarks/policy_summary.py benchmarks/results/2026-11-30-cpu-learned-traces/*/sim-*.json.gz
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def names(policies: list[str]) -> str:
 
 
 def summary(path: Path, prefetches) -> list[str]:
-    rows = json.loads(path.read_text())
-    name = path.stem.removeprefix("sim-")
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
+        rows = json.load(f)
+    name = path.name.removeprefix("sim-").removesuffix(".gz").removesuffix(".json")
     lines = []
     for prefetch, lookahead in prefetches:
         label = prefetch if prefetch == "none" else f"{prefetch} d{lookahead}"
@@ -52,7 +54,8 @@ def summary(path: Path, prefetches) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("studies", nargs="+", type=Path, help="sim-*.json files of trace_study.py")
+    parser.add_argument("studies", nargs="+", type=Path,
+                        help="sim-*.json.gz files of trace_study.py (or plain sim-*.json)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--prefetch", default=None, help="only these, e.g. none,topk-d1 (default: every one)")
     args = parser.parse_args()

@@ -17,6 +17,7 @@ a measured ``timing`` section can still be timed with ``--layer-times-from MODEL
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import lzma
 from pathlib import Path
@@ -104,7 +105,8 @@ def main() -> None:
                                  lookahead=lookahead, timing=timing)
                 rows.append({"budget": f"{budget}%", "eviction": eviction, "prefetch": prefetch,
                              "lookahead": lookahead, **stats.to_dict()})
-    (out / f"sim-{args.name}.json").write_text(json.dumps(rows, indent=1))
+    with gzip.open(out / f"sim-{args.name}.json.gz", "wt") as f:  # compact: every row's per-layer counters
+        json.dump(rows, f)
     tables = []
     for prefetch, lookahead in prefetches:
         subset = [r for r in rows if (r["prefetch"], r["lookahead"]) == (prefetch, lookahead)]

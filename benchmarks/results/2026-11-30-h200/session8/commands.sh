@@ -33,6 +33,11 @@ if [[ $call == D ]]; then  # the study's estimate: layer-distance without prefet
   (export CUDA_VISIBLE_DEVICES=1; bench 400 ld10 10% lru-noprefetch,layer-distance-noprefetch,lru-noprefetch none) &
   wait
 fi
+if [[ $call == E ]]; then  # the graph engine through specmd bench on two more shapes (the device time left: ~5 min)
+  (export CUDA_VISIBLE_DEVICES=0; large 260 graph-qwen15 qwen1.5-moe-a2.7b 5% lru-graph full-gpu-grouped-mm) &
+  (export CUDA_VISIBLE_DEVICES=1; large 260 graph-deepseek deepseek-v2-lite 5% lru-graph full-gpu-grouped-mm) &
+  wait
+fi
 for f in $OUT/*.log; do echo "== $f"; grep -vE "it/s\]|s/it\]" $f | tail -n 14 | cut -c1-220; done
 cd $OUT && mkdir -p /tmp/keep && find . -name '*.json.gz' -exec mv {} /tmp/keep/ \; ; tar czf /tmp/all.tar.gz . && rm -rf $OUT/* && mv /tmp/all.tar.gz $OUT/; mv /tmp/keep/* $OUT/ 2>/dev/null; ls -la $OUT
 

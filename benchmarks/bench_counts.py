@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from specmd.bench.runner import ON_DEMAND
 from specmd.config import OffloadConfig, preset_path
@@ -54,14 +55,22 @@ def main() -> None:
     print(f"{'row':<24}{'budget':>7} {'link':<14}{'slots':>6}  counts  "
           + " ".join(f"{c} live/sim" for c in ("hits", "collisions", "prefetch hits"))
           + ("  TPOT live/sim  TTFT live/sim" if link else ""))
-    for r in json.load(open(args.result))["rows"]:
+    result = json.load(open(args.result))
+    for r in result["rows"]:
         if r["kind"] != "specmd" and r["name"] != "on-demand":
+            continue
+        replayed = r.get("routing") or result.get("routing", {}).get(r["model"], "")
+        if Path(args.trace).name not in replayed:  # a merged result holds other models' rows, on their traces
+            print(f"{r['model']}: {r['name']} at {r.get('budget')} left out: it replayed {replayed or 'nothing'}")
             continue
         engine, eviction, prefetch, lookahead, k = settings(r["name"])
         priced = link is not None and r.get("link") == "native"  # an emulated link is another link
+        if priced and link.model not in (None, r["model"]) and not args.transfer:
+            parser.error(f"{args.hardware} carries the host times fitted to {link.model}, not {r['model']}: pass "
+                         "--transfer to price this model's rows with them anyway, or a profile fitted to it")
         row_link = dataclasses.replace(link, model=r["model"]) if priced and args.transfer else link
         timing = (row_link, ModelTiming.load(r["model"])) if priced else None  # the row's model: its expert's bytes
-        key = (engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
+        key = (r["model"], engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
         if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
             done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)
         elif key not in done:

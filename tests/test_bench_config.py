@@ -93,6 +93,8 @@ def test_a_part_of_the_matrix_narrows_the_models_and_their_routing():
         config.overridden("large-models.yaml", models="mixtral")
     with pytest.raises(ValueError, match="at least one of"):
         config.overridden("large-models.yaml", models=" ,")
+    with pytest.raises(ValueError, match="'qwen3-30b-a3b' is named twice"):
+        config.overridden("large-models.yaml", models="qwen3-30b-a3b,qwen3-30b-a3b")
 
 
 TINY_SPEC = """family: olmoe
@@ -261,6 +263,10 @@ def test_parts_running_different_models_merge_with_each_models_entries():
     merged = merge_results([part("a", 50.0), part("b", 53.0), part("a", 51.0)])
     assert merged["config"]["models"] == ["a", "b"]
     assert merged["config"]["routing"] == {"a": "replay a.json", "b": "replay b.json"}
+    on_own_routers = part("c", 49.0)
+    on_own_routers["config"]["routing"] = "random"  # one setting for the part's every model, not a mapping
+    assert merge_results([on_own_routers, part("a", 50.0)])["config"]["routing"] == {"c": "random",
+                                                                                     "a": "replay a.json"}
     assert merged["native_gbps"] == {"a": 50.0, "b": 53.0}  # a model's first part, as its baseline
     assert merged["placement"] == {"a": "device", "b": "device"}
     assert [(r["model"], r["name"]) for r in merged["rows"]] == [

@@ -92,6 +92,8 @@ class BenchConfig:
             chosen = tuple(m.strip() for m in models.split(",") if m.strip())
             if not chosen:
                 raise ValueError(f"{where}: --models: give at least one of {', '.join(self.models)}")
+            if repeated := [m for m in chosen if chosen.count(m) > 1]:
+                raise ValueError(f"{where}: --models: {repeated[0]!r} is named twice; name each model once")
             if unknown := [m for m in chosen if m not in self.models]:
                 raise ValueError(f"{where}: --models: {unknown[0]!r} is not one of the config's models "
                                  f"({', '.join(self.models)})")

@@ -54,6 +54,15 @@ class Results:
         self.doc.setdefault(key, {})[model_name] = value
 
 
+def _routing_of(config: dict) -> dict:
+    """A config's routing per model: its mapping, or its one setting (e.g. "random") for each of its models;
+    a model the mapping leaves out runs on its own routers."""
+    routing = config.get("routing")
+    if isinstance(routing, dict):
+        return dict(routing)
+    return {model: routing for model in config.get("models", [])} if routing is not None else {}
+
+
 def merge_results(parts: list[dict]) -> dict:
     """One result document from the parts of a matrix run as separate processes (a device call's time limit
     cuts a long matrix by budget): every part's rows, a baseline without a budget (full GPU) once, from the
@@ -68,8 +77,8 @@ def merge_results(parts: list[dict]) -> dict:
     for part in parts:
         for key in ("models", "budgets", "baselines", "presets", "links"):
             merged["config"][key] = list(dict.fromkeys([*merged["config"].get(key, []), *part["config"].get(key, [])]))
-        if isinstance(part["config"].get("routing"), dict):
-            merged["config"]["routing"] = {**part["config"]["routing"], **merged["config"]["routing"]}
+        if "routing" in part["config"]:  # per model, a model's first part first
+            merged["config"]["routing"] = {**_routing_of(part["config"]), **_routing_of(merged["config"])}
         for key in PER_MODEL:
             if isinstance(part.get(key), dict):
                 merged[key] = {**part[key], **merged.get(key, {})}
@@ -82,6 +91,6 @@ def merge_results(parts: list[dict]) -> dict:
                 seen.add(once)
             merged["rows"].append(r)
         merged["skipped"] += part["skipped"]
-    merged["parts"] = [{"started": p.get("started"), "budgets": p["config"]["budgets"],
+    merged["parts"] = [{"started": p.get("started"), "budgets": p["config"].get("budgets", []),
                         "native_gbps": p.get("native_gbps")} for p in parts]
     return merged

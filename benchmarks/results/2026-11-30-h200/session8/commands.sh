@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# session 8 (the seventh H200 session) device calls (x2): GPU0 and GPU1 both timed ("shared"). Usage: bash commands.sh A|B|... (from the repo root)
+# session 8 (the seventh H200 session) device calls (x2): GPU0 and GPU1 both timed ("shared").
+# Usage: SPECMD_COMMIT=<commit> bash commands.sh A|B|... from the repo root. Call E set it; A-D did not, so
+# their result files name the previous commit (the device's copy of the tree carried stale git metadata).
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 call=$1
 large() {  # $1 timeout, $2 name, $3 models, $4 budgets, $5 presets, $6 baselines

@@ -33,6 +33,7 @@ import torch._dynamo
 from torch.profiler import ProfilerActivity, profile
 
 import specmd
+from specmd.bench.compiled import decode_mode, fresh_compile
 from specmd.bench.models import build_model
 from specmd.bench.timing import copy_gbps, measure, replay_seconds
 from specmd.runtime.adapters import find_moe_layers
@@ -79,21 +80,6 @@ def host_calls_per_step(model, ids: torch.Tensor) -> dict:
     extra decode steps (the prefill and generate's set-up cancel out)."""
     short, long = _host_calls(model, ids, 9), _host_calls(model, ids, 17)
     return {name: (long[name] - short[name]) / 8 for name in short}
-
-
-def decode_mode(model, compiled: bool) -> None:
-    """Compiled: generate with a static cache, which makes it compile the decode step; else uncompiled, with
-    the dynamic cache of the uncompiled full-GPU row (like with like)."""
-    model.generation_config.cache_implementation = "static" if compiled else None
-    model.generation_config.disable_compile = not compiled
-
-
-def fresh_compile(model) -> None:
-    """Forget every compiled graph: a new offload must not count against dynamo's recompile limit."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model.__dict__.pop("_compiled_call", None)
-    model.__dict__.pop("_cache", None)
 
 
 def families(compiled: bool) -> dict:

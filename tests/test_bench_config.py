@@ -104,6 +104,25 @@ config: {vocab_size: 256, hidden_size: 64, intermediate_size: 32, num_hidden_lay
 """
 
 
+def test_graph_rows_check_tokens_in_their_own_mode(tmp_path):
+    """A graph-engine row's tokens are checked like with like: on a CPU its steps run uncompiled, so against the
+    uncompiled full-GPU model, and the row says so; the compiled full-GPU baseline needs CUDA and says so."""
+    from specmd.bench.runner import run
+
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['50%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
+                    "presets: [lru-graph, lru-noprefetch]\nbaselines: [full-gpu-grouped-mm, full-gpu-compiled]\n")
+    results = run(BenchConfig.load(path), torch.device("cpu"), progress=False, log=lambda _: None)
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"full-gpu-grouped-mm", "lru-graph", "lru-noprefetch"}
+    assert rows["lru-graph"]["identical_tokens"] and rows["lru-graph"]["token_check"] == "uncompiled"
+    assert rows["lru-noprefetch"]["identical_tokens"]
+    assert results["skipped"] == [f"{spec.stem}: full-gpu-compiled skipped: transformers compiles the decode step "
+                                  "(CUDA graphs) on CUDA only"]
+
+
 def test_runner_end_to_end_on_cpu_writes_json_table_and_plots(tmp_path):
     """The runner's plumbing on a tiny model (CPU timings are never reported: the CLI refuses without CUDA)."""
     import json

@@ -12,7 +12,10 @@ import yaml
 from ..config import Budget, preset_path
 from ..study.costmodel import LinkProfile, ModelSpec
 
-BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")
+BASELINES = ("full-gpu", "full-gpu-grouped-mm", "device-map-auto", "on-demand")  # a config's default
+# Also measured on request: full GPU with transformers' compiled decode step (CUDA graphs), the graph engine's
+# like (runner.py measures it anyway, as that engine's token reference, when a graph preset runs on CUDA).
+KNOWN_BASELINES = (*BASELINES, "full-gpu-compiled")
 RANDOM_ROUTING = "random"  # the model's own routers (random weights: degenerate routing, labelled so)
 REPLAY = "replay"  # "replay PATH": the routers' choices replaced by a learned trace's (``replay_routing``)
 NATIVE_LINK = "native"  # the machine's own link, measured before each run
@@ -127,8 +130,8 @@ class BenchConfig:
         each("budgets", self.budgets, _fixed_budget)
         each("links", [link for link in self.links if link != NATIVE_LINK], LinkProfile.load, f" (or '{NATIVE_LINK}')")
         each("presets", self.presets, preset_path)
-        if bad := [b for b in self.baselines if b not in BASELINES]:
-            raise ValueError(f"{where}: baselines: unknown {bad[0]!r}; choose from {', '.join(BASELINES)}")
+        if bad := [b for b in self.baselines if b not in KNOWN_BASELINES]:
+            raise ValueError(f"{where}: baselines: unknown {bad[0]!r}; choose from {', '.join(KNOWN_BASELINES)}")
         for key in ("prompts", "batch"):
             if bad := [v for v in getattr(self, key) if not isinstance(v, int) or isinstance(v, bool) or v < 1]:
                 raise ValueError(f"{where}: {key!r}: {bad[0]!r} is not a positive integer")

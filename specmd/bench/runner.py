@@ -4,7 +4,9 @@ Per model of the config (random weights, built on the GPU when the whole model f
 straight into place by ``specmd.from_config``, non-expert weights on the GPU and experts in the host
 store, when those fit; else skipped with a message): the full-GPU baselines when the model fits
 (transformers' eager experts and its default grouped_mm; the latter's tokens are the reference, else the
-first specmd configuration's are), then every budget x link x preset x prompt x batch through specmd,
+first specmd configuration's are; on CUDA with a graph preset, or when asked, also grouped_mm with transformers'
+compiled decode step, the reference of rows whose decode steps are CUDA graphs: ``compiled.py``), then every
+budget x link x preset x prompt x batch through specmd,
 then on-demand loading (one layer's top-k slots, nothing reused) per link, and last
 ``device_map="auto"`` with ``max_memory`` equal to specmd's VRAM (non-expert weights + expert budget),
 which rebuilds the model's placement and so ends its use.
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Budget
+from ..config import Budget, OffloadConfig, preset_path
 from ..runtime.adapters import find_moe_layers
 from ..study.costmodel import LinkProfile, ModelSpec
 from ..study.trace import RoutingTrace, load_trace
 from .baselines import device_map_auto
+from .compiled import captures_decode, decode_mode, default_decode_mode, fresh_compile
 from .config import NATIVE_LINK, RANDOM_ROUTING, REPLAY, BenchConfig
 from .models import FIT_HEADROOM_BYTES, Skip, build_model
 from .results import Results, row, stats_fields
@@ -35,6 +38,7 @@ from .timing import Timed, calibrate_link, copy_gbps, measure, replay_seconds, s
 
 SPECMD_WARMUP_TOKENS = 8
 FULL_GPU = (("full-gpu-grouped-mm", "grouped_mm"), ("full-gpu", "eager"))  # (baseline, experts implementation)
+FULL_GPU_COMPILED = "full-gpu-compiled"  # grouped_mm with transformers' compiled decode step (static cache)
 ON_DEMAND = {"eviction": "fifo", "prefetch": "none"}  # the on-demand baseline: one layer's top-k slots, nothing kept
 
 
@@ -67,6 +71,8 @@ class ModelBench:
                                                                      (1, self.replay_workload[0]), generator=gen).to(device)
         self.routing = f"{REPLAY} {Path(trace.source).name}" if trace is not None else RANDOM_ROUTING
         self.reference: dict = {}  # workload -> the tokens every other configuration must reproduce
+        self.compiled_reference: dict = {}  # workload -> those of rows whose decode steps are CUDA graphs
+        self.graph_presets = any(OffloadConfig.from_yaml(preset_path(p)).engine == "graph" for p in config.presets)
         self.links = {}  # name -> target GB/s (None: the machine's own)
         for link in config.links:
             if link != NATIVE_LINK and not self.cuda:
@@ -87,6 +93,36 @@ class ModelBench:
                                          self.reference[workload], experts_implementation=implementation,
                                          routing=RANDOM_ROUTING))
         self.model.set_experts_implementation("grouped_mm")
+        if self.cuda and (self.graph_presets or FULL_GPU_COMPILED in self.config.baselines):
+            self.compiled_full_gpu()
+        elif FULL_GPU_COMPILED in self.config.baselines:
+            self.results.skip(f"{self.name}: {FULL_GPU_COMPILED} skipped: transformers compiles the decode step "
+                              "(CUDA graphs) on CUDA only")
+
+    def compiled_full_gpu(self) -> None:
+        """The reference of the rows whose decode steps run as CUDA graphs (the graph engine on CUDA): the same
+        model with transformers' compiled decode step, whose bf16 rounding differs from the eager step's; a
+        baseline row of its own when the config names it, its tokens compared with the uncompiled model's."""
+        decode_mode(self.model, compiled=True)
+        try:
+            for workload, ids in self.workloads.items():
+                timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats)
+                self.compiled_reference[workload] = timed.tokens
+                if FULL_GPU_COMPILED in self.config.baselines:
+                    self.results.add(row(self.name, "baseline", FULL_GPU_COMPILED, workload, self.config.new_tokens,
+                                         timed, self.reference[workload], experts_implementation="grouped_mm",
+                                         routing=RANDOM_ROUTING, token_check="against the uncompiled full-GPU model"))
+        finally:
+            default_decode_mode(self.model)
+            fresh_compile(self.model)  # the offloaded model compiles afresh, within dynamo's recompile limit
+
+    def _reference(self, workload: tuple[int, int]) -> tuple[torch.Tensor | None, str]:
+        """(the tokens this row's must equal, what they are): the compiled full-GPU model's when the row's decode
+        steps run as CUDA graphs and that model was measured, else the uncompiled reference."""
+        if captures_decode(self.model) and workload in self.compiled_reference:
+            return self.compiled_reference[workload], "compiled, against the compiled full-GPU model"
+        return self.reference.get(workload), "uncompiled" if not captures_decode(self.model) else \
+            "compiled, against the uncompiled reference (no compiled full-GPU run)"
 
     def _fits(self, name: str, budget) -> bool:
         if not self.cuda or self.on_device:  # a model that fit whole fits any pool: its experts left the device
@@ -119,6 +155,8 @@ class ModelBench:
             bar.update(len(self.workloads))
             return
         target_gbps, cycles, measured = self._link(link)
+        if self.cuda:
+            fresh_compile(self.model)  # a graph engine's offload compiles its own step
         specmd.offload(self.model, budget, device=str(self.device), preset=preset, progress=self.progress,
                        **offload_kwargs)
         handle = self.model.specmd
@@ -136,8 +174,9 @@ class ModelBench:
                 timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats,
                                 before_last=handle.reset_stats, warmup_tokens=SPECMD_WARMUP_TOKENS)
                 stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
+                reference, check = self._reference(workload)
                 self.results.add(row(self.name, "specmd" if preset else "baseline", name, workload,
-                                     self.config.new_tokens, timed, self.reference.get(workload),
+                                     self.config.new_tokens, timed, reference, token_check=check,
                                      budget_bytes=stats.budget_bytes, num_slots=handle.num_slots,
                                      routing=RANDOM_ROUTING, **link_fields, **stats_fields(stats)))
                 self.reference.setdefault(workload, timed.tokens)  # without full-GPU runs: the first one's
@@ -147,9 +186,10 @@ class ModelBench:
 
     def replay_run(self, name: str, preset: str | None, link_fields: dict) -> None:
         """One configuration on the trace's routing: a whole replay to warm up (kernels, compiled steps), then
-        a timed one, the same replay rewound, whose counters the row gets, then its prefills alone (each prompt with one new token):
-        TTFT = the prefills' mean, TPOT = (whole - prefills) / decode steps. Then the tokens under the model's
-        own routers, on the first workload, against the reference (outputs mean nothing under replay)."""
+        a timed one, the same replay rewound, whose counters the row gets, then its prefills alone (each prompt
+        with one new token): TTFT = the prefills' mean, TPOT = (whole - prefills) / decode steps. Then the tokens
+        under the model's own routers, on the first workload, against the reference of the row's mode
+        (``_reference``; outputs mean nothing under replay)."""
         handle, trace = self.model.specmd, self.trace
         try:
             handle.replay_routing(trace)
@@ -171,13 +211,14 @@ class ModelBench:
         workload, ids = next(iter(self.workloads.items()))  # the config's first prompt
         tokens = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.new_tokens,
                                      min_new_tokens=self.config.new_tokens, do_sample=False)
+        reference, check = self._reference(workload)
         decode_steps = sum(decode for _, decode in trace.prompts)
         timed = Timed(prefills / len(trace.prompts) * 1e3, (whole - prefills) / max(1, decode_steps) * 1e3, tokens,
                       peak)
         self.results.add(row(self.name, "specmd" if preset else "baseline", name, self.replay_workload,
-                             decode_steps // len(trace.prompts) + 1, timed, self.reference.get(workload),
+                             decode_steps // len(trace.prompts) + 1, timed, reference,
                              budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, routing=self.routing,
-                             token_check=f"own routers, prompt {workload[0]} x {workload[1]}", **link_fields,
+                             token_check=f"own routers, prompt {workload[0]} x {workload[1]}, {check}", **link_fields,
                              **stats_fields(stats)))
         self.reference.setdefault(workload, tokens)
 

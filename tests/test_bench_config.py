@@ -177,7 +177,7 @@ def test_runner_builds_into_the_host_store_when_told(tmp_path):
     assert [r["name"] for r in rows] == ["lru-noprefetch", "least-stale-topk"] * 2 + ["on-demand"]
     assert rows[0]["identical_tokens"] is None and all(r["identical_tokens"] for r in rows[1:])
     assert results["placement"] == {spec.stem: "host"}
-    assert results["reference"] == {spec.stem: "the first specmd configuration"}
+    assert results["reference"] == {spec.stem: "the first specmd configuration of each mode"}
     assert len(results["skipped"]) == 3 and all("does not fit the device whole" in s for s in results["skipped"])
 
 

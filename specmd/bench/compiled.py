@@ -11,10 +11,12 @@ import torch
 import torch._dynamo
 
 
-def decode_mode(model, compiled: bool) -> None:
-    """Compiled: generate with a static cache, which makes it compile the decode step; else uncompiled, with
-    the dynamic cache of the uncompiled full-GPU row."""
+def decode_mode(model, compiled: bool, cache_len: int | None = None) -> None:
+    """Compiled: generate with a static cache (of ``cache_len`` positions at least, else sized by each call),
+    which makes it compile the decode step; else uncompiled, with the dynamic cache of the uncompiled full-GPU
+    row."""
     model.generation_config.cache_implementation = "static" if compiled else None
+    model.generation_config.max_cache_len = cache_len if compiled else None
     model.generation_config.disable_compile = not compiled
 
 
@@ -22,6 +24,7 @@ def default_decode_mode(model) -> None:
     """Back to what a fresh model does: no cache chosen, compilation allowed (so an offload with the graph engine
     may choose the static cache itself)."""
     model.generation_config.cache_implementation = None
+    model.generation_config.max_cache_len = None
     model.generation_config.disable_compile = False
 
 
@@ -31,6 +34,7 @@ def fresh_compile(model) -> None:
     torch._dynamo.utils.counters.clear()
     model.__dict__.pop("_compiled_call", None)
     model.__dict__.pop("_cache", None)
+    model.__dict__.pop("_previous_max_cache_length", None)  # the next static cache is sized afresh
 
 
 def captures_decode(model) -> bool:

@@ -73,6 +73,12 @@ class ModelBench:
         self.reference: dict = {}  # workload -> the tokens every other configuration must reproduce
         self.compiled_reference: dict = {}  # workload -> those of rows whose decode steps are CUDA graphs
         self.graph_presets = any(OffloadConfig.from_yaml(preset_path(p)).engine == "graph" for p in config.presets)
+        # One static cache length for every compiled generate, full GPU and graph rows alike: transformers
+        # otherwise sizes each by the longest call so far, so a token check would attend over another cache.
+        longest = [n + config.new_tokens for n, _ in self.workloads]
+        if trace is not None:
+            longest += [tokens + decode + 1 for tokens, decode in trace.prompts]
+        self.static_cache_len = max(longest)
         self.links = {}  # name -> target GB/s (None: the machine's own)
         for link in config.links:
             if link != NATIVE_LINK and not self.cuda:
@@ -103,15 +109,20 @@ class ModelBench:
         """The reference of the rows whose decode steps run as CUDA graphs (the graph engine on CUDA): the same
         model with transformers' compiled decode step, whose bf16 rounding differs from the eager step's; a
         baseline row of its own when the config names it, its tokens compared with the uncompiled model's."""
-        decode_mode(self.model, compiled=True)
+        decode_mode(self.model, compiled=True, cache_len=self.static_cache_len)
         try:
             for workload, ids in self.workloads.items():
+                fresh_compile(self.model)  # each workload's own static graph, not a recompiled dynamic one
                 timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats)
                 self.compiled_reference[workload] = timed.tokens
                 if FULL_GPU_COMPILED in self.config.baselines:
                     self.results.add(row(self.name, "baseline", FULL_GPU_COMPILED, workload, self.config.new_tokens,
                                          timed, self.reference[workload], experts_implementation="grouped_mm",
                                          routing=RANDOM_ROUTING, token_check="against the uncompiled full-GPU model"))
+        except Exception as err:  # e.g. inductor failing on an op: the rows keep the uncompiled check, labelled
+            self.compiled_reference.clear()
+            self.results.skip(f"{self.name}: {FULL_GPU_COMPILED} failed ({type(err).__name__}: {err}); rows whose "
+                              "decode steps are CUDA graphs are checked against the uncompiled model")
         finally:
             default_decode_mode(self.model)
             fresh_compile(self.model)  # the offloaded model compiles afresh, within dynamo's recompile limit
@@ -123,6 +134,10 @@ class ModelBench:
             return self.compiled_reference[workload], "compiled, against the compiled full-GPU model"
         return self.reference.get(workload), "uncompiled" if not captures_decode(self.model) else \
             "compiled, against the uncompiled reference (no compiled full-GPU run)"
+
+    def _keep_first(self, workload: tuple[int, int], tokens: torch.Tensor) -> None:
+        """Without full-GPU runs the first specmd row of each mode is the reference of that mode's rows."""
+        (self.compiled_reference if captures_decode(self.model) else self.reference).setdefault(workload, tokens)
 
     def _fits(self, name: str, budget) -> bool:
         if not self.cuda or self.on_device:  # a model that fit whole fits any pool: its experts left the device
@@ -160,6 +175,8 @@ class ModelBench:
         specmd.offload(self.model, budget, device=str(self.device), preset=preset, progress=self.progress,
                        **offload_kwargs)
         handle = self.model.specmd
+        if captures_decode(self.model):  # the engine chose the static cache: the compiled reference's length
+            self.model.generation_config.max_cache_len = self.static_cache_len
         if cycles:
             handle.emulate_link(cycles)
         link_fields = dict(budget=str(budget), link=link, link_gbps_target=target_gbps, link_gbps_measured=measured,
@@ -179,10 +196,11 @@ class ModelBench:
                                      self.config.new_tokens, timed, reference, token_check=check,
                                      budget_bytes=stats.budget_bytes, num_slots=handle.num_slots,
                                      routing=RANDOM_ROUTING, **link_fields, **stats_fields(stats)))
-                self.reference.setdefault(workload, timed.tokens)  # without full-GPU runs: the first one's
+                self._keep_first(workload, timed.tokens)  # without full-GPU runs: the first one's
                 bar.update(1)
         finally:
             handle.close()
+            self.model.generation_config.max_cache_len = None
 
     def replay_run(self, name: str, preset: str | None, link_fields: dict) -> None:
         """One configuration on the trace's routing: a whole replay to warm up (kernels, compiled steps), then
@@ -220,7 +238,7 @@ class ModelBench:
                              budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, routing=self.routing,
                              token_check=f"own routers, prompt {workload[0]} x {workload[1]}, {check}", **link_fields,
                              **stats_fields(stats)))
-        self.reference.setdefault(workload, tokens)
+        self._keep_first(workload, tokens)
 
     def run_all(self) -> None:
         """Baselines, the specmd matrix, on-demand, then device_map="auto" (which ends the model's use)."""
@@ -265,8 +283,8 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
             results.skip(str(why))
             continue
         results.per_model("placement", spec.name, placement)
-        results.per_model("reference", spec.name, "full-gpu-grouped-mm" if placement == "device"
-                          else "the first specmd configuration")
+        results.per_model("reference", spec.name, "full-gpu-grouped-mm (compiled decode step: full-gpu-compiled)"
+                          if placement == "device" else "the first specmd configuration of each mode")
         if placement != "device":
             for name in ("full-gpu-grouped-mm", "full-gpu", "device-map-auto"):
                 if name in config.baselines or name == "full-gpu-grouped-mm":

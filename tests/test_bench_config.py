@@ -321,3 +321,28 @@ def test_a_replay_timing_without_its_replay_is_refused():
     with pytest.raises(RuntimeError, match="replay_routing"):
         replay_seconds(model, ((4, 2),), 256, torch.device("cpu"))
     model.specmd.close()
+
+
+def test_compiled_decode_mode_and_its_undoing():
+    """The compiled full-GPU reference's settings: a static cache of one fixed length with compilation on; then
+    back to a fresh model's (no cache chosen, so a graph offload may choose the static cache) with the
+    remembered cache length and compiled call forgotten."""
+    from transformers import GenerationConfig
+
+    from specmd.bench.compiled import captures_decode, decode_mode, default_decode_mode, fresh_compile
+
+    class Model:
+        generation_config = GenerationConfig()
+
+    model = Model()
+    decode_mode(model, compiled=True, cache_len=96)
+    config = model.generation_config
+    assert (config.cache_implementation, config.max_cache_len, config.disable_compile) == ("static", 96, False)
+    decode_mode(model, compiled=False)
+    assert (config.cache_implementation, config.max_cache_len, config.disable_compile) == (None, None, True)
+    default_decode_mode(model)
+    assert (config.cache_implementation, config.max_cache_len, config.disable_compile) == (None, None, False)
+    model._previous_max_cache_length, model._compiled_call = 640, object()
+    fresh_compile(model)
+    assert not hasattr(model, "_previous_max_cache_length") and not hasattr(model, "_compiled_call")
+    assert not captures_decode(model)

@@ -130,10 +130,11 @@ class ModelBench:
     def _reference(self, workload: tuple[int, int]) -> tuple[torch.Tensor | None, str]:
         """(the tokens this row's must equal, what they are): the compiled full-GPU model's when the row's decode
         steps run as CUDA graphs and that model was measured, else the uncompiled reference."""
-        if captures_decode(self.model) and workload in self.compiled_reference:
+        if not captures_decode(self.model):
+            return self.reference.get(workload), "uncompiled"
+        if workload in self.compiled_reference:
             return self.compiled_reference[workload], "compiled, against the compiled full-GPU model"
-        return self.reference.get(workload), "uncompiled" if not captures_decode(self.model) else \
-            "compiled, against the uncompiled reference (no compiled full-GPU run)"
+        return self.reference.get(workload), "compiled, against the uncompiled reference (no compiled full-GPU run)"
 
     def _keep_first(self, workload: tuple[int, int], tokens: torch.Tensor) -> None:
         """Without full-GPU runs the first specmd row of each mode is the reference of that mode's rows."""

@@ -70,12 +70,14 @@ def main() -> None:
                          "--transfer to price this model's rows with them anyway, or a profile fitted to it")
         row_link = dataclasses.replace(link, model=r["model"]) if priced and args.transfer else link
         timing = (row_link, ModelTiming.load(r["model"])) if priced else None  # the row's model: its expert's bytes
-        key = (r["model"], engine, r["num_slots"], eviction, prefetch, lookahead, k, priced)
+        decode = r.get("replay_decode")  # the row replayed each prompt's first decode passes only
+        replayed_trace = trace.head(decode) if decode else trace
+        key = (r["model"], engine, r["num_slots"], eviction, prefetch, lookahead, k, priced, decode)
         if key not in done and engine == "graph":  # its own schedule (prefetch within the pass, on the device)
-            done[key] = simulate_graph(trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)
+            done[key] = simulate_graph(replayed_trace, r["num_slots"], eviction, prefetch, lookahead, k, warm=True)
         elif key not in done:
-            done[key] = simulate(trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead, k=k,
-                                 warm=True, timing=timing)
+            done[key] = simulate(replayed_trace, r["num_slots"], eviction, prefetch=prefetch, lookahead=lookahead,
+                                 k=k, warm=True, timing=timing)
         stats = done[key]
         sim = [{c: getattr(layer, c) for c in COUNTS} for layer in stats.layers]
         live = [{c: layer[c] for c in COUNTS} for layer in r["stats"]["layers"]]

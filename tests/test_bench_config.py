@@ -78,6 +78,10 @@ def test_a_part_of_the_matrix_overrides_budgets_baselines_and_presets():
         config.overridden("default.yaml", presets="no-such-preset")
     with pytest.raises(ValueError, match="at least one preset"):
         config.overridden("default.yaml", presets=",")
+    baselines_only = config.overridden("default.yaml", presets="none", baselines="on-demand")
+    assert baselines_only.presets == () and baselines_only.num_runs == 0
+    with pytest.raises(ValueError, match="nothing to run"):
+        config.overridden("default.yaml", presets="none", baselines="none")
 
 
 def test_a_part_of_the_matrix_narrows_the_models_and_their_routing():
@@ -95,6 +99,9 @@ def test_a_part_of_the_matrix_narrows_the_models_and_their_routing():
         config.overridden("large-models.yaml", models=" ,")
     with pytest.raises(ValueError, match="'qwen3-30b-a3b' is named twice"):
         config.overridden("large-models.yaml", models="qwen3-30b-a3b,qwen3-30b-a3b")
+    # Mixtral replays a shorter trace (22.5 GB copied a step at 5%); the others replay theirs whole
+    assert config.replay_decode_of("mixtral-8x7b") == 32 and part.replay_decode is None
+    assert config.overridden("large-models.yaml", models="mixtral-8x7b").replay_decode == {"mixtral-8x7b": 32}
 
 
 TINY_SPEC = """family: olmoe
@@ -308,6 +315,47 @@ def test_bad_routing_names_the_fix(tmp_path, routing, match):
     path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nrouting: {routing.replace('MODEL', str(spec))}\n")
     with pytest.raises(ValueError, match=match):
         BenchConfig.load(path)
+
+
+@pytest.mark.parametrize("cap,match", [
+    ("0", "replay_decode of .*: 0; give a positive number"),
+    ("{elsewhere: 8}", "replay_decode: 'elsewhere' is not one of the models"),
+    ("8\nrouting: random", "no model replays a trace"),
+])
+def test_bad_replay_decode_names_the_fix(tmp_path, cap, match):
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    trace = _recorded_trace(spec, tmp_path / "tiny-trace.json.gz")
+    routing = f"routing: {{{spec}: replay {trace}}}\n" if "routing" not in cap else ""
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\n{routing}replay_decode: {cap}\n")
+    with pytest.raises(ValueError, match=match):
+        BenchConfig.load(path)
+
+
+def test_a_shortened_replay_counts_what_the_simulator_counts_on_the_shortened_trace(tmp_path):
+    """replay_decode: N replays each prompt's prefill and first N decode passes; the row says so, and its
+    per-layer counts equal the simulator's on ``trace.head(N)`` (what bench_counts.py compares)."""
+    from specmd.bench.runner import run
+    from specmd.study.sim import simulate
+    from specmd.study.trace import load_trace
+
+    spec = tmp_path / "tiny-olmoe.yaml"
+    spec.write_text(TINY_SPEC)
+    trace = _recorded_trace(spec, tmp_path / "tiny-trace.json.gz")
+    path = tmp_path / "bench.yaml"
+    path.write_text(f"models: [{spec}]\nbudgets: ['25%']\nprompts: [5]\nnew_tokens: 3\nrepeats: 1\n"
+                    "presets: [lru-noprefetch]\nbaselines: [full-gpu-grouped-mm]\n"
+                    f"routing: {{{spec}: replay {trace}}}\nreplay_decode: {{{spec}: 2}}\n")
+    results = run(BenchConfig.load(path), torch.device("cpu"), progress=False, log=lambda _: None)
+    replayed = results["rows"][1]
+    assert replayed["replay_decode"] == 2 and replayed["identical_tokens"]
+    assert replayed["routing"] == "replay tiny-trace.json.gz (first 2 decode steps per prompt)"
+    assert replayed["stats"]["forward_passes"] == 2 + 2 + 2  # of the whole trace's 2 + 4 + 3
+    sim = simulate(load_trace(trace).head(2), replayed["num_slots"], "lru", prefetch="none", warm=True)
+    counts = ("hits", "misses_cold", "misses_capacity", "misses_collision", "evictions")
+    assert [{c: layer[c] for c in counts} for layer in replayed["stats"]["layers"]] == \
+        [{c: getattr(layer, c) for c in counts} for layer in sim.layers]
 
 
 def test_a_replay_timing_without_its_replay_is_refused():

@@ -114,3 +114,16 @@ def test_cli_records_and_simulates(tmp_path):
     assert rows[1]["hit_rate"] >= rows[0]["hit_rate"]
     bad = subprocess.run([sys.executable, "-m", "specmd.cli", "sim", str(prompts)], capture_output=True, text=True)
     assert bad.returncode == 2 and "specmd:" in bad.stderr
+
+
+def test_a_trace_head_keeps_every_prompt_with_its_first_decode_passes():
+    from specmd.study.trace import RoutingTrace
+
+    passes = [[[p]] for p in range(7)]  # prompt A: prefill 0, decode 1-3; prompt B: prefill 4, decode 5-6
+    trace = RoutingTrace(1, 8, 1, passes, "t.json", ((5, 3), (4, 2)), [[[[p + 1]]] for p in range(7)])
+    head = trace.head(2)
+    assert head.passes == [[[0]], [[1]], [[2]], [[4]], [[5]], [[6]]]
+    assert head.prompts == ((5, 2), (4, 2)) and head.predicted[3] == [[[5]]]
+    assert head.source == "t.json (first 2 decode steps per prompt)"
+    with pytest.raises(ValueError, match="at least one decode pass"):
+        trace.head(0)

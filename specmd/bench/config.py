@@ -46,6 +46,9 @@ class BenchConfig:
     # "random", or per model (its entry in ``models``): "random" or "replay PATH" (a learned trace of the
     # model's topology); models left out of the mapping run on their own routers
     routing: str | dict = RANDOM_ROUTING
+    # decode passes replayed per prompt (the trace's first ones), for every model or per model: a shorter
+    # replay where each step copies gigabytes; None replays each prompt whole
+    replay_decode: int | dict | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchConfig":
@@ -70,7 +73,7 @@ class BenchConfig:
                                      f"not {value!r}")
                 values[f.name] = value
                 continue
-            if f.name == "routing":
+            if f.name in ("routing", "replay_decode"):  # checked with the models they name (_check)
                 values[f.name] = value
                 continue
             if f.name in ("new_tokens", "repeats"):
@@ -101,8 +104,10 @@ class BenchConfig:
                 raise ValueError(f"{where}: --models: {unknown[0]!r} is not one of the config's models "
                                  f"({', '.join(self.models)})")
             changes["models"] = chosen
-            if isinstance(self.routing, dict):  # a model left out keeps no routing entry
+            if isinstance(self.routing, dict):  # a model left out keeps no entry
                 changes["routing"] = {m: spec for m, spec in self.routing.items() if m in chosen}
+            if isinstance(self.replay_decode, dict):
+                changes["replay_decode"] = {m: n for m, n in self.replay_decode.items() if m in chosen} or None
         if budgets is not None:
             changes["budgets"] = tuple(b.strip() for b in budgets.split(",") if b.strip())
             if not changes["budgets"]:
@@ -111,10 +116,14 @@ class BenchConfig:
             changes["baselines"] = () if baselines.strip() == "none" else \
                 tuple(b.strip() for b in baselines.split(",") if b.strip())
         if presets is not None:
-            changes["presets"] = tuple(p.strip() for p in presets.split(",") if p.strip())
-            if not changes["presets"]:
-                raise ValueError(f"{where}: --presets: give at least one preset, e.g. lru-noprefetch")
+            changes["presets"] = () if presets.strip() == "none" else \
+                tuple(p.strip() for p in presets.split(",") if p.strip())
+            if not changes["presets"] and presets.strip() != "none":
+                raise ValueError(f"{where}: --presets: give at least one preset, e.g. lru-noprefetch (or none: "
+                                 "the baselines alone)")
         config = replace(self, **changes)
+        if not config.presets and not config.baselines:
+            raise ValueError(f"{where}: --presets none with no baselines leaves nothing to run")
         config._check(where)
         return config
 
@@ -136,6 +145,26 @@ class BenchConfig:
             if bad := [v for v in getattr(self, key) if not isinstance(v, int) or isinstance(v, bool) or v < 1]:
                 raise ValueError(f"{where}: {key!r}: {bad[0]!r} is not a positive integer")
         self._check_routing(where)
+        self._check_replay_decode(where)
+
+    def _check_replay_decode(self, where: str) -> None:
+        cap = self.replay_decode
+        if cap is None:
+            return
+        caps = cap if isinstance(cap, dict) else {model: cap for model in self.models if self.trace_path(model)}
+        if not caps:
+            raise ValueError(f"{where}: replay_decode: no model replays a trace; give 'routing: {{MODEL: {REPLAY} "
+                             "PATH}' or drop replay_decode")
+        for model, steps in caps.items():
+            if model not in self.models:
+                raise ValueError(f"{where}: replay_decode: {model!r} is not one of the models "
+                                 f"({', '.join(self.models)})")
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"{where}: replay_decode of {model}: {steps!r}; give a positive number of decode "
+                                 "steps per prompt (or leave the key out to replay each prompt whole)")
+            if self.trace_path(model) is None:
+                raise ValueError(f"{where}: replay_decode of {model}: the model replays no trace; give it "
+                                 f"'routing: {{{model}: {REPLAY} PATH}}' or drop its replay_decode")
 
     def _check_routing(self, where: str) -> None:
         routing = self.routing
@@ -175,6 +204,11 @@ class BenchConfig:
         spec = self.routing.get(model, RANDOM_ROUTING) if isinstance(self.routing, dict) else self.routing
         kind, _, path = str(spec).partition(" ")
         return path.strip() if kind == REPLAY else None
+
+    def replay_decode_of(self, model: str) -> int | None:
+        """Decode passes replayed per prompt for ``model`` (None: each prompt whole)."""
+        cap = self.replay_decode
+        return cap.get(model) if isinstance(cap, dict) else cap
 
     @property
     def num_runs(self) -> int:

@@ -53,7 +53,7 @@ class ModelBench:
 
     def __init__(self, spec: ModelSpec, model, placement: str, config: BenchConfig, device: torch.device,
                  results: Results, cycles_per_second: float | None, progress: bool,
-                 trace: RoutingTrace | None = None) -> None:
+                 trace: RoutingTrace | None = None, replay_decode: int | None = None) -> None:
         self.name, self.model, self.config, self.device = spec.name, model, config, device
         self.results, self.cps, self.progress = results, cycles_per_second, progress
         self.cuda = device.type == "cuda"
@@ -63,6 +63,7 @@ class ModelBench:
         self.total_expert_bytes = layers[0].layout.layer_bytes * len(layers)
         self.workloads = _prompts(config, model.config.vocab_size, device)
         self.trace = trace  # None: the model's own routers; else every specmd run replays it (``replay_run``)
+        self.replay_decode = replay_decode  # the trace's decode passes cut to this many per prompt (None: whole)
         if trace is not None:  # the full-GPU baselines run the trace's prompt length too, the rows' reference
             self.replay_workload = (round(sum(t for t, _ in trace.prompts) / len(trace.prompts)), 1)
             if self.replay_workload not in self.workloads:
@@ -237,6 +238,7 @@ class ModelBench:
         self.results.add(row(self.name, "specmd" if preset else "baseline", name, self.replay_workload,
                              decode_steps // len(trace.prompts) + 1, timed, reference,
                              budget_bytes=stats.budget_bytes, num_slots=handle.num_slots, routing=self.routing,
+                             replay_decode=self.replay_decode,
                              token_check=f"own routers, prompt {workload[0]} x {workload[1]}, {check}", **link_fields,
                              **stats_fields(stats)))
         self._keep_first(workload, tokens)
@@ -293,7 +295,10 @@ def run(config: BenchConfig, device: torch.device, progress: bool = True, log=pr
                                  "into the host store); tokens are checked against the first specmd configuration")
         trace_path = config.trace_path(model_path)
         trace = load_trace(trace_path) if trace_path else None
-        bench = ModelBench(spec, model, placement, config, device, results, cps, progress, trace)
+        replay_decode = config.replay_decode_of(model_path) if trace is not None else None
+        if replay_decode is not None:
+            trace = trace.head(replay_decode)
+        bench = ModelBench(spec, model, placement, config, device, results, cps, progress, trace, replay_decode)
         results.per_model("routing", spec.name, bench.routing)
         native = copy_gbps(bench.expert_bytes, device) if bench.cuda else None
         results.per_model("native_gbps", spec.name, native)

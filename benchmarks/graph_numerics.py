@@ -1,0 +1,117 @@
+"""Why a graph-engine row's tokens differ from the full-GPU model's on a large shape: the engine, or compilation?
+
+For each model shape (random bf16 weights, whole on the GPU), greedy tokens and per-step logits of:
+- the full-GPU model, uncompiled (dynamic cache) and compiled (static cache, transformers' reduce-overhead
+  decode step), the compiled one generated twice (is it deterministic run to run?);
+- the graph engine at each budget, uncompiled (per-layer CUDA graphs) against the uncompiled model, and
+  compiled against the compiled model.
+Each comparison gives the first differing token, the largest logit difference at the prefill (step 0) and at
+the first decode steps, and the reference's top-1 minus top-2 logit where the tokens part (a small margin
+means a rounding flip, not a wrong expert).
+
+    python benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b olmoe-1b-7b-0924 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import specmd
+from specmd.bench.compiled import decode_mode, fresh_compile
+from specmd.bench.models import build_model
+from specmd.study.costmodel import ModelSpec
+
+NEW_TOKENS = 64
+
+
+def greedy(model, ids: torch.Tensor) -> dict:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    return {"tokens": out.sequences[0, ids.shape[1]:].cpu(), "scores": torch.stack(out.logits)[:, 0].float().cpu()}
+
+
+def compare(run: dict, reference: dict) -> dict:
+    """Where ``run`` leaves ``reference``: first differing token, logit differences, the reference's margin."""
+    differs = (run["tokens"] != reference["tokens"]).nonzero()
+    first = int(differs[0]) if len(differs) else None
+    # Logits compare only while both runs have seen the same tokens: up to and including the first parting.
+    upto = NEW_TOKENS if first is None else first + 1
+    diff = (run["scores"][:upto] - reference["scores"][:upto]).abs().amax(dim=-1)
+    out = {"same": first is None, "first_differing_token": first,
+           "max_logit_diff_prefill": float(diff[0]),
+           "max_logit_diff_decode_1_3": [float(d) for d in diff[1:4]],
+           "max_logit_diff_until_parting": float(diff.max())}
+    if first is not None:
+        top2 = reference["scores"][first].topk(2).values
+        out["reference_margin_at_parting"] = float(top2[0] - top2[1])
+        out["run_logit_diff_at_parting"] = float(diff[first])
+    return out
+
+
+def one_model(name: str, budgets: list[str], device: torch.device) -> list[dict]:
+    model = build_model(ModelSpec.load(name), device, place="device")[0]
+    model.set_experts_implementation("grouped_mm")
+    ids = torch.randint(10, min(50000, model.config.vocab_size), (1, 16),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+
+    def add(label: str, run: dict, reference: dict, against: str) -> None:
+        row = {"model": name, "run": label, "against": against, **compare(run, reference)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    with torch.inference_mode():
+        fresh_compile(model)
+        decode_mode(model, compiled=False)
+        eager = greedy(model, ids)
+        fresh_compile(model)
+        decode_mode(model, compiled=True)
+        compiled = greedy(model, ids)
+        add("full GPU compiled", compiled, eager, "full GPU uncompiled")
+        add("full GPU compiled, second generate", greedy(model, ids), compiled, "full GPU compiled")
+        for budget in budgets:
+            fresh_compile(model)
+            specmd.offload(model, budget, "lru", str(device), engine="graph", progress=False)
+            try:
+                decode_mode(model, compiled=False)
+                add(f"graph lru @ {budget}, per-layer graphs", greedy(model, ids), eager, "full GPU uncompiled")
+                fresh_compile(model)
+                decode_mode(model, compiled=True)
+                greedy(model, ids)  # compiles the engine's step; the second generate is the one compared
+                add(f"graph lru @ {budget}, compiled", greedy(model, ids), compiled, "full GPU compiled")
+            finally:
+                model.specmd.close()
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["qwen1.5-moe-a2.7b"])
+    parser.add_argument("--budgets", nargs="+", default=["5%", "100%"])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("graph_numerics.py measures CUDA graphs and compiled steps: run it on a GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        rows += one_model(name, args.budgets, torch.device("cuda", 0))
+        (out / "graph-numerics.json").write_text(json.dumps({"new_tokens": NEW_TOKENS, "rows": rows}, indent=1))
+    print(f"{'model':<20}{'run':<38}{'against':<22}{'first diff':>11}{'dlogit prefill':>15}{'dlogit step1':>13}"
+          f"{'margin':>8}")
+    for r in rows:
+        first = "-" if r["first_differing_token"] is None else r["first_differing_token"]
+        margin = f"{r['reference_margin_at_parting']:.3f}" if "reference_margin_at_parting" in r else "-"
+        step1 = r["max_logit_diff_decode_1_3"][0] if r["max_logit_diff_decode_1_3"] else float("nan")
+        print(f"{r['model']:<20}{r['run']:<38}{r['against']:<22}{first:>11}{r['max_logit_diff_prefill']:>15.4f}"
+              f"{step1:>13.4f}{margin:>8}")
+
+
+if __name__ == "__main__":
+    main()

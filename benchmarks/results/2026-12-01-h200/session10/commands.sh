@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# session 10 (the ninth H200 session) device calls, one H200 (nothing else on the host: figures not shared).
+# Usage: SPECMD_COMMIT=<commit> bash benchmarks/results/2026-12-01-h200/session10/commands.sh A|B|C from the repo root.
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+call=$1
+large() {  # $1 timeout, $2 name, $3 models, $4 budgets, $5 presets, $6 baselines
+  timeout $1 python3 -m specmd.cli bench configs/bench/large-models.yaml --models $3 --budgets $4 --presets $5 \
+      --baselines $6 --out $OUT/large-$2 > $OUT/large-$2.log 2>&1
+  echo "large $2 exit $? at $(date +%T)"
+}
+date +%T
+if [[ $call == A ]]; then  # the graph engine's tokens on Qwen1.5: engine or compilation? OLMoE as the control
+  timeout 570 python3 benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b olmoe-1b-7b-0924 --budgets 5% 100% \
+      --out $OUT/numerics > $OUT/numerics.log 2>&1
+  echo "numerics exit $?"
+fi
+if [[ $call == B ]]; then  # Qwen3-30B-A3B's on-demand and device_map="auto" baselines
+  large 570 base-qwen3 qwen3-30b-a3b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
+fi
+if [[ $call == C ]]; then  # GPT-OSS-20B's
+  large 570 base-gptoss gpt-oss-20b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
+fi
+for f in $OUT/*.log; do echo "== $f"; grep -vE "it/s\]|s/it\]|layer/s\]|s/layer\]" $f | tail -n 16 | cut -c1-240; done

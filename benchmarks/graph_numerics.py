@@ -7,7 +7,9 @@ For each model shape (random bf16 weights, whole on the GPU), greedy tokens and 
   compiled against the compiled model.
 Each comparison gives the first differing token, the largest logit difference at the prefill (step 0) and at
 the first decode steps, and the reference's top-1 minus top-2 logit where the tokens part (a small margin
-means a rounding flip, not a wrong expert).
+means a rounding flip, not a wrong expert). ``--replay TRACE`` adds a compiled graph row generated after the
+trace's prompts ran under its routing (what ``specmd bench`` does before its token check); ``--cache-len`` sets
+every compiled run's static cache length (the bench's: its longest prompt + new tokens).
 
     python benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b olmoe-1b-7b-0924 --out DIR
 """
@@ -22,7 +24,9 @@ import torch
 import specmd
 from specmd.bench.compiled import decode_mode, fresh_compile
 from specmd.bench.models import build_model
+from specmd.bench.timing import replay_seconds
 from specmd.study.costmodel import ModelSpec
+from specmd.study.trace import load_trace
 
 NEW_TOKENS = 64
 
@@ -51,7 +55,8 @@ def compare(run: dict, reference: dict) -> dict:
     return out
 
 
-def one_model(name: str, budgets: list[str], device: torch.device) -> list[dict]:
+def one_model(name: str, budgets: list[str], device: torch.device, cache_len: int | None = None,
+              replay: tuple[str, int | None] | None = None) -> list[dict]:
     model = build_model(ModelSpec.load(name), device, place="device")[0]
     model.set_experts_implementation("grouped_mm")
     ids = torch.randint(10, min(50000, model.config.vocab_size), (1, 16),
@@ -68,7 +73,7 @@ def one_model(name: str, budgets: list[str], device: torch.device) -> list[dict]
         decode_mode(model, compiled=False)
         eager = greedy(model, ids)
         fresh_compile(model)
-        decode_mode(model, compiled=True)
+        decode_mode(model, compiled=True, cache_len=cache_len)
         compiled = greedy(model, ids)
         add("full GPU compiled", compiled, eager, "full GPU uncompiled")
         add("full GPU compiled, second generate", greedy(model, ids), compiled, "full GPU compiled")
@@ -79,9 +84,17 @@ def one_model(name: str, budgets: list[str], device: torch.device) -> list[dict]
                 decode_mode(model, compiled=False)
                 add(f"graph lru @ {budget}, per-layer graphs", greedy(model, ids), eager, "full GPU uncompiled")
                 fresh_compile(model)
-                decode_mode(model, compiled=True)
+                decode_mode(model, compiled=True, cache_len=cache_len)
                 greedy(model, ids)  # compiles the engine's step; the second generate is the one compared
                 add(f"graph lru @ {budget}, compiled", greedy(model, ids), compiled, "full GPU compiled")
+                if replay is not None:
+                    trace = load_trace(replay[0])
+                    trace = trace.head(replay[1]) if replay[1] else trace
+                    model.specmd.replay_routing(trace)
+                    replay_seconds(model, trace.prompts, model.config.vocab_size, device)
+                    model.specmd.replay_routing(None)
+                    add(f"graph lru @ {budget}, compiled, after replay", greedy(model, ids), compiled,
+                        "full GPU compiled")
             finally:
                 model.specmd.close()
     del model
@@ -94,22 +107,26 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["qwen1.5-moe-a2.7b"])
     parser.add_argument("--budgets", nargs="+", default=["5%", "100%"])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cache-len", type=int, default=None, help="static cache length of every compiled run")
+    parser.add_argument("--replay", default=None, help="a trace of the (first) model's topology: see above")
+    parser.add_argument("--replay-decode", type=int, default=None, help="replay each prompt's first N decode steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("graph_numerics.py measures CUDA graphs and compiled steps: run it on a GPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.models:
-        rows += one_model(name, args.budgets, torch.device("cuda", 0))
+    for i, name in enumerate(args.models):
+        replay = (args.replay, args.replay_decode) if args.replay and i == 0 else None
+        rows += one_model(name, args.budgets, torch.device("cuda", 0), args.cache_len, replay)
         (out / "graph-numerics.json").write_text(json.dumps({"new_tokens": NEW_TOKENS, "rows": rows}, indent=1))
-    print(f"{'model':<20}{'run':<38}{'against':<22}{'first diff':>11}{'dlogit prefill':>15}{'dlogit step1':>13}"
+    print(f"{'model':<20}{'run':<50}{'against':<22}{'first diff':>11}{'dlogit prefill':>15}{'dlogit step1':>13}"
           f"{'margin':>8}")
     for r in rows:
         first = "-" if r["first_differing_token"] is None else r["first_differing_token"]
         margin = f"{r['reference_margin_at_parting']:.3f}" if "reference_margin_at_parting" in r else "-"
         step1 = r["max_logit_diff_decode_1_3"][0] if r["max_logit_diff_decode_1_3"] else float("nan")
-        print(f"{r['model']:<20}{r['run']:<38}{r['against']:<22}{first:>11}{r['max_logit_diff_prefill']:>15.4f}"
+        print(f"{r['model']:<20}{r['run']:<50}{r['against']:<22}{first:>11}{r['max_logit_diff_prefill']:>15.4f}"
               f"{step1:>13.4f}{margin:>8}")
 
 

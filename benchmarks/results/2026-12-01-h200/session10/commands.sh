@@ -14,6 +14,12 @@ if [[ $call == A ]]; then  # the graph engine's tokens on Qwen1.5: engine or com
       --out $OUT/numerics > $OUT/numerics.log 2>&1
   echo "numerics exit $?"
 fi
+if [[ $call == A2 ]]; then  # the same with the bench's static cache length (640) and a replay before the check
+  timeout 570 python3 benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b --budgets 5% --cache-len 640 \
+      --replay benchmarks/traces/trace-qwen1.5-moe-a2.7b-stdlib.json.gz --out $OUT/numerics-replay \
+      > $OUT/numerics-replay.log 2>&1
+  echo "numerics-replay exit $?"
+fi
 if [[ $call == B ]]; then  # Qwen3-30B-A3B's on-demand and device_map="auto" baselines
   large 570 base-qwen3 qwen3-30b-a3b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi

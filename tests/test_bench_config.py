@@ -394,3 +394,21 @@ def test_compiled_decode_mode_and_its_undoing():
     fresh_compile(model)
     assert not hasattr(model, "_previous_max_cache_length") and not hasattr(model, "_compiled_call")
     assert not captures_decode(model)
+
+
+def test_a_row_whose_tokens_differ_says_where_they_part():
+    """A late parting after a near tie is rounding, an early one a wrong result: the row names the first
+    sequence position that differs in any sequence, and nothing when the tokens are equal or not comparable."""
+    from specmd.bench.results import first_differing_position, row
+    from specmd.bench.timing import Timed
+
+    reference = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
+    tokens = reference.clone()
+    tokens[1, 2] = 0
+    tokens[0, 3] = 0
+    assert first_differing_position(tokens, reference) == 2
+    assert first_differing_position(tokens[:, :3], reference) is None
+    differing = row("m", "specmd", "lru", (2, 2), 2, Timed(1.0, 1.0, tokens, 0), reference)
+    assert differing["identical_tokens"] is False and differing["first_differing_position"] == 2
+    same = row("m", "specmd", "lru", (2, 2), 2, Timed(1.0, 1.0, reference, 0), reference)
+    assert same["identical_tokens"] and "first_differing_position" not in same

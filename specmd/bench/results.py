@@ -26,10 +26,22 @@ def row(model_name: str, kind: str, name: str, workload: tuple[int, int], new_to
         reference: torch.Tensor | None, **extra) -> dict:
     """One result row: the workload, the timing, and whether its tokens equal ``reference``."""
     prompt, batch = workload
+    same = None if reference is None else bool(torch.equal(timed.tokens, reference))
+    parting = {} if same is not False else {"first_differing_position": first_differing_position(timed.tokens,
+                                                                                              reference)}
     return {"model": model_name, "kind": kind, "name": name, "prompt": prompt, "batch": batch,
             "new_tokens": new_tokens, "ttft_ms": timed.ttft_ms, "tpot_ms": timed.tpot_ms,
             "tokens_per_s": timed.tokens_per_s * batch, "peak_vram_bytes": timed.peak_vram_bytes,
-            "identical_tokens": None if reference is None else bool(torch.equal(timed.tokens, reference)), **extra}
+            "identical_tokens": same, **parting, **extra}
+
+
+def first_differing_position(tokens: torch.Tensor, reference: torch.Tensor) -> int | None:
+    """The first sequence position (prompt included) where any sequence of ``tokens`` leaves ``reference``: a
+    late parting after a near tie is rounding, an early one a wrong result. None when the shapes differ."""
+    if tokens.shape != reference.shape:
+        return None
+    differs = (tokens != reference.to(tokens.device)).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else None
 
 
 class Results:

@@ -20,6 +20,9 @@ if [[ $call == A2 ]]; then  # the same with the bench's static cache length (640
       > $OUT/numerics-replay.log 2>&1
   echo "numerics-replay exit $?"
 fi
+if [[ $call == A3 ]]; then  # session 9's graph-engine bench row again, now recording where its tokens part
+  large 570 graph-qwen15 qwen1.5-moe-a2.7b 5% lru-graph full-gpu-grouped-mm,full-gpu-compiled
+fi
 if [[ $call == B ]]; then  # Qwen3-30B-A3B's on-demand and device_map="auto" baselines
   large 570 base-qwen3 qwen3-30b-a3b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi

@@ -8,8 +8,9 @@ For each model shape (random bf16 weights, whole on the GPU), greedy tokens and 
 Each comparison gives the first differing token, the largest logit difference at the prefill (step 0) and at
 the first decode steps, and the reference's top-1 minus top-2 logit where the tokens part (a small margin
 means a rounding flip, not a wrong expert). ``--replay TRACE`` adds a compiled graph row generated after the
-trace's prompts ran under its routing (what ``specmd bench`` does before its token check); ``--cache-len`` sets
-every compiled run's static cache length (the bench's: its longest prompt + new tokens).
+trace's prompts ran under its routing (``--bench-sequence``: as ``specmd bench`` runs them before its token
+check, and on its prompt); ``--cache-len`` sets every compiled run's static cache length (the bench's: its
+longest prompt + new tokens).
 
     python benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b olmoe-1b-7b-0924 --out DIR
 """
@@ -47,7 +48,8 @@ def compare(run: dict, reference: dict) -> dict:
     out = {"same": first is None, "first_differing_token": first,
            "max_logit_diff_prefill": float(diff[0]),
            "max_logit_diff_decode_1_3": [float(d) for d in diff[1:4]],
-           "max_logit_diff_until_parting": float(diff.max())}
+           "max_logit_diff_until_parting": float(diff.max()), "max_logit_diff_per_step": [float(d) for d in diff],
+           "first_step_logits_differ": int(diff.nonzero()[0]) if bool((diff > 0).any()) else None}
     if first is not None:
         top2 = reference["scores"][first].topk(2).values
         out["reference_margin_at_parting"] = float(top2[0] - top2[1])
@@ -56,11 +58,11 @@ def compare(run: dict, reference: dict) -> dict:
 
 
 def one_model(name: str, budgets: list[str], device: torch.device, cache_len: int | None = None,
-              replay: tuple[str, int | None] | None = None) -> list[dict]:
+              replay: tuple[str, int | None] | None = None, bench_ids: bool = False) -> list[dict]:
     model = build_model(ModelSpec.load(name), device, place="device")[0]
     model.set_experts_implementation("grouped_mm")
-    ids = torch.randint(10, min(50000, model.config.vocab_size), (1, 16),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    high = model.config.vocab_size - 1 if bench_ids else min(50000, model.config.vocab_size)  # the bench's prompt
+    ids = torch.randint(10, high, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
 
     def add(label: str, run: dict, reference: dict, against: str) -> None:
@@ -92,6 +94,11 @@ def one_model(name: str, budgets: list[str], device: torch.device, cache_len: in
                     trace = trace.head(replay[1]) if replay[1] else trace
                     model.specmd.replay_routing(trace)
                     replay_seconds(model, trace.prompts, model.config.vocab_size, device)
+                    if bench_ids:  # the rest of the bench's sequence (``ModelBench.replay_run``)
+                        model.specmd.rewind_replay()
+                        replay_seconds(model, trace.prompts, model.config.vocab_size, device)
+                        model.specmd.replay_routing(trace.prefills())
+                        replay_seconds(model, trace.prompts, model.config.vocab_size, device, prefill_only=True)
                     model.specmd.replay_routing(None)
                     add(f"graph lru @ {budget}, compiled, after replay", greedy(model, ids), compiled,
                         "full GPU compiled")
@@ -109,6 +116,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cache-len", type=int, default=None, help="static cache length of every compiled run")
     parser.add_argument("--replay", default=None, help="a trace of the (first) model's topology: see above")
+    parser.add_argument("--bench-sequence", action="store_true",
+                        help="the bench's 16-token prompt, and its whole replay sequence before the compared generate")
     parser.add_argument("--replay-decode", type=int, default=None, help="replay each prompt's first N decode steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -118,16 +127,16 @@ def main() -> None:
     rows = []
     for i, name in enumerate(args.models):
         replay = (args.replay, args.replay_decode) if args.replay and i == 0 else None
-        rows += one_model(name, args.budgets, torch.device("cuda", 0), args.cache_len, replay)
+        rows += one_model(name, args.budgets, torch.device("cuda", 0), args.cache_len, replay, args.bench_sequence)
         (out / "graph-numerics.json").write_text(json.dumps({"new_tokens": NEW_TOKENS, "rows": rows}, indent=1))
     print(f"{'model':<20}{'run':<50}{'against':<22}{'first diff':>11}{'dlogit prefill':>15}{'dlogit step1':>13}"
-          f"{'margin':>8}")
+          f"{'margin':>8}{'logits from':>12}")
     for r in rows:
         first = "-" if r["first_differing_token"] is None else r["first_differing_token"]
         margin = f"{r['reference_margin_at_parting']:.3f}" if "reference_margin_at_parting" in r else "-"
         step1 = r["max_logit_diff_decode_1_3"][0] if r["max_logit_diff_decode_1_3"] else float("nan")
         print(f"{r['model']:<20}{r['run']:<50}{r['against']:<22}{first:>11}{r['max_logit_diff_prefill']:>15.4f}"
-              f"{step1:>13.4f}{margin:>8}")
+              f"{step1:>13.4f}{margin:>8}{str(r['first_step_logits_differ']):>12}")
 
 
 if __name__ == "__main__":

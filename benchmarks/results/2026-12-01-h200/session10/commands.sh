@@ -23,6 +23,12 @@ fi
 if [[ $call == A3 ]]; then  # session 9's graph-engine bench row again, now recording where its tokens part
   large 570 graph-qwen15 qwen1.5-moe-a2.7b 5% lru-graph full-gpu-grouped-mm,full-gpu-compiled
 fi
+if [[ $call == A4 ]]; then  # graph_numerics on the bench's prompt, after the bench's whole replay sequence
+  timeout 570 python3 benchmarks/graph_numerics.py --models qwen1.5-moe-a2.7b --budgets 5% --cache-len 640 \
+      --replay benchmarks/traces/trace-qwen1.5-moe-a2.7b-stdlib.json.gz --bench-sequence --out $OUT/numerics-bench \
+      > $OUT/numerics-bench.log 2>&1
+  echo "numerics-bench exit $?"
+fi
 if [[ $call == B ]]; then  # Qwen3-30B-A3B's on-demand and device_map="auto" baselines
   large 570 base-qwen3 qwen3-30b-a3b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi

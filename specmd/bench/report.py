@@ -119,6 +119,8 @@ def bench_markdown(results: dict) -> str:
         lines.append("")
     for why in results.get("skipped", []):
         lines.append(f"Skipped: {why}")
+    for what in results.get("notes", []):
+        lines.append(f"Note: {what}")
     return "\n".join(lines) + "\n"
 
 

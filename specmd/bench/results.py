@@ -35,6 +35,15 @@ def row(model_name: str, kind: str, name: str, workload: tuple[int, int], new_to
             "identical_tokens": same, **parting, **extra}
 
 
+def distinct_outputs(outputs) -> list[torch.Tensor]:
+    """The different token sequences among ``outputs``, in first-seen order."""
+    distinct: list[torch.Tensor] = []
+    for tokens in outputs:
+        if not any(torch.equal(tokens, seen) for seen in distinct):
+            distinct.append(tokens)
+    return distinct
+
+
 def first_differing_position(tokens: torch.Tensor, reference: torch.Tensor) -> int | None:
     """The first sequence position (prompt included) where any sequence of ``tokens`` leaves ``reference``: a
     late parting after a near tie is rounding, an early one a wrong result. None when the shapes differ."""
@@ -61,6 +70,11 @@ class Results:
         self.log(f"skip: {why}")
         self.doc["skipped"].append(why)
 
+    def note(self, what: str) -> None:
+        """Something a reader of the rows must know that is not a row (e.g. an unreproducible reference)."""
+        self.log(f"note: {what}")
+        self.doc.setdefault("notes", []).append(what)
+
     def per_model(self, key: str, model_name: str, value) -> None:
         assert key in PER_MODEL, key
         self.doc.setdefault(key, {})[model_name] = value
@@ -83,7 +97,7 @@ def merge_results(parts: list[dict]) -> dict:
     states differ."""
     if not parts:
         raise ValueError("merge_results needs at least one result document")
-    merged = {key: value for key, value in parts[0].items() if key not in ("rows", "skipped")}
+    merged = {key: value for key, value in parts[0].items() if key not in ("rows", "skipped", "notes")}
     merged["config"] = dict(parts[0]["config"])
     merged["rows"], merged["skipped"], seen = [], [], set()
     for part in parts:
@@ -103,6 +117,8 @@ def merge_results(parts: list[dict]) -> dict:
                 seen.add(once)
             merged["rows"].append(r)
         merged["skipped"] += part["skipped"]
+        if part.get("notes"):
+            merged["notes"] = merged.get("notes", []) + part["notes"]
     merged["parts"] = [{"started": p.get("started"), "budgets": p["config"].get("budgets", []),
                         "native_gbps": p.get("native_gbps")} for p in parts]
     return merged

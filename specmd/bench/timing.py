@@ -17,6 +17,7 @@ class Timed:
     tpot_ms: float
     tokens: torch.Tensor
     peak_vram_bytes: int
+    outputs: tuple[torch.Tensor, ...] = ()  # every full-length generate's tokens, warm-up included, in order
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,10 +69,11 @@ def replay_seconds(model, prompts, vocab_size: int, device: torch.device, prefil
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeats: int = 2,
             before_last=None, warmup_tokens: int | None = None) -> Timed:
     """Warm-up (full length unless ``warmup_tokens``), TTFT (median of one-token generates), TPOT from
-    the median full generate. ``before_last`` runs before the last full generate (e.g. to zero counters
+    the median full generate; ``outputs``: the tokens of every full-length one. ``before_last`` runs before the last full generate (e.g. to zero counters
     so they cover it)."""
     device = ids.device
-    timed_generate(model, ids, warmup_tokens or new_tokens)
+    _, warm = timed_generate(model, ids, warmup_tokens or new_tokens)
+    outputs = [warm] if warm.shape[-1] == ids.shape[-1] + new_tokens else []
     ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(ttft_repeats))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,9 +83,10 @@ def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeat
             before_last()
         seconds, out = timed_generate(model, ids, new_tokens)
         totals.append(seconds)
+        outputs.append(out)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     tpot = (statistics.median(totals) - ttft) / max(1, new_tokens - 1)
-    return Timed(ttft * 1e3, tpot * 1e3, out, peak)
+    return Timed(ttft * 1e3, tpot * 1e3, out, peak, tuple(outputs))
 
 
 def copy_gbps(nbytes: int, device: torch.device, stretch_cycles: int = 0, repeats: int = 21,

@@ -69,8 +69,8 @@ def replay_seconds(model, prompts, vocab_size: int, device: torch.device, prefil
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, ttft_repeats: int = 2,
             before_last=None, warmup_tokens: int | None = None) -> Timed:
     """Warm-up (full length unless ``warmup_tokens``), TTFT (median of one-token generates), TPOT from
-    the median full generate; ``outputs``: the tokens of every full-length one. ``before_last`` runs before the last full generate (e.g. to zero counters
-    so they cover it)."""
+    the median full generate; ``outputs``: the tokens of every full-length one. ``before_last`` runs before
+    the last full generate (e.g. to zero counters so they cover it)."""
     device = ids.device
     _, warm = timed_generate(model, ids, warmup_tokens or new_tokens)
     outputs = [warm] if warm.shape[-1] == ids.shape[-1] + new_tokens else []

@@ -32,6 +32,9 @@ fi
 if [[ $call == B ]]; then  # Qwen3-30B-A3B's on-demand and device_map="auto" baselines
   large 570 base-qwen3 qwen3-30b-a3b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi
+if [[ $call == C2 ]]; then  # GPT-OSS-20B's with the device time left (rows are written as they finish)
+  large 330 base-gptoss gpt-oss-20b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
+fi
 if [[ $call == C ]]; then  # GPT-OSS-20B's
   large 570 base-gptoss gpt-oss-20b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi

@@ -39,3 +39,16 @@ if [[ $call == C ]]; then  # GPT-OSS-20B's
   large 570 base-gptoss gpt-oss-20b 5%,10% none full-gpu-grouped-mm,on-demand,device-map-auto
 fi
 for f in $OUT/*.log; do echo "== $f"; grep -vE "it/s\]|s/it\]|layer/s\]|s/layer\]" $f | tail -n 16 | cut -c1-240; done
+
+# Calls run: A, A2, A3 (before the unreproducible-reference check, at 22bbc0c: callA3-before), A4, A3 (at d57cb8d:
+# callA3), C2. B and C were not run (device time). On the CPU afterwards, from the repository root
+# (S8=benchmarks/results/2026-11-30-h200/session8, S9=.../session9, S=benchmarks/results/2026-12-01-h200/session10):
+#   python benchmarks/merge_bench.py $S8/callA/large-qwen3-5/large-models.json $S8/callA/large-qwen3-10/large-models.json \
+#       $S8/callB/large-qwen15/large-models.json $S8/callB/large-deepseek/large-models.json \
+#       $S8/callC/large-gptoss-5/large-models.json $S8/callC/large-gptoss-10/large-models.json \
+#       $S9/callA/large-mixtral-5/large-models.json $S9/callA/large-mixtral-10/large-models.json \
+#       $S9/callB/large-base-qwen15-deepseek/large-models.json $S/callC2/large-base-gptoss/large-models.json \
+#       $S/callA3/large-graph-qwen15/large-models.json --out $S/bench-large --stem large-models
+#   python benchmarks/bench_counts.py $S9/callA/large-mixtral-5/large-models.json --trace benchmarks/traces/trace-mixtral-8x7b-stdlib.json.gz \
+#       --hardware h200-threaded-measured --transfer --out $S/bench-counts-mixtral-5.json > $S/bench-counts-mixtral-5.log   (and 10)
+#   python benchmarks/readme_results.py

@@ -415,29 +415,36 @@ def test_a_row_whose_tokens_differ_says_where_they_part():
 
 
 def test_a_compiled_row_is_checked_against_each_output_of_an_unreproducible_compiled_reference():
-    """Where the compiled full-GPU model's own generates differ (bf16 near ties: its compiled decode step is not
-    reproducible run to run), a compiled row passes when it equals one of them and says which case it is; with
-    one output it is the plain check."""
+    """Where the compiled full-GPU model's own generates differ (its compiled decode step is not reproducible run
+    to run in bf16), every output of a compiled row must equal one of them: the row's first that equals none
+    is the one checked, against the reference it follows longest; the check says which case it is. With one
+    reference output it is the plain check of the row's last output."""
     from types import SimpleNamespace
 
     from specmd.bench.results import distinct_outputs
     from specmd.bench.runner import ModelBench
 
-    first, second, other = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 4]]), torch.tensor([[1, 5, 5]])
-    assert [t.tolist() for t in distinct_outputs([first, first.clone(), second, first])] == [[[1, 2, 3]], [[1, 2, 4]]]
+    first, second = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 3, 5]])
+    other, near = torch.tensor([[1, 5, 5, 5]]), torch.tensor([[1, 2, 3, 6]])
+    assert [t.tolist() for t in distinct_outputs([first, first.clone(), second, first])] == [[[1, 2, 3, 4]],
+                                                                                            [[1, 2, 3, 5]]]
     bench = ModelBench.__new__(ModelBench)
     bench.model = SimpleNamespace(specmd=SimpleNamespace(set_static_cache=True))  # decode steps are CUDA graphs
-    bench.reference, bench.compiled_reference = {(3, 1): other}, {(3, 1): second}
-    bench.compiled_outputs = {(3, 1): [first, second]}
-    reference, check = bench._reference((3, 1), first.clone())
-    assert torch.equal(reference, first) and "2 different outputs: equal to one of them" in check
-    reference, check = bench._reference((3, 1), other)
-    assert torch.equal(reference, second) and "equal to none of them" in check
-    bench.compiled_outputs = {(3, 1): [second]}
-    assert bench._reference((3, 1), first) == (second, "compiled, against the compiled full-GPU model")
+    bench.reference, bench.compiled_reference = {(4, 1): other}, {(4, 1): second}
+    bench.compiled_outputs = {(4, 1): [first, second]}
+    reference, tokens, check = bench._reference((4, 1), [second, first.clone()])
+    assert torch.equal(reference, first) and torch.equal(tokens, first) and "2 each equal one of them" in check
+    reference, tokens, check = bench._reference((4, 1), [near, first])  # the last matches, the first does not
+    assert torch.equal(tokens, near) and not torch.equal(reference, near) and "do not all equal" in check
+    reference, tokens, _ = bench._reference((4, 1), [other])
+    assert torch.equal(tokens, other) and torch.equal(reference, first)  # parts at position 1 from both: the first
+    bench.compiled_outputs = {(4, 1): [second]}
+    reference, tokens, check = bench._reference((4, 1), [second, first])
+    assert torch.equal(reference, second) and torch.equal(tokens, first)
+    assert check == "compiled, against the compiled full-GPU model"
 
 
-def test_measure_keeps_every_full_length_output(tmp_path):
+def test_measure_keeps_every_full_length_output():
     """The warm-up (when full length) and each repeat: what an unreproducible reference is checked against."""
     from specmd.bench.timing import measure
     from specmd.tiny import tiny_model

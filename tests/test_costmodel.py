@@ -1,4 +1,6 @@
 """The simulator's cost model: arithmetic, timeline, profiles."""
+from pathlib import Path
+
 import pytest
 
 from specmd.study.costmodel import GraphLink, LinkProfile, ModelTiming, Timeline
@@ -6,6 +8,7 @@ from specmd.study.graph_sim import GraphTiming, simulate_graph
 from specmd.study.sim import simulate
 from specmd.study.trace import RoutingTrace
 
+ROOT = Path(__file__).resolve().parents[1]
 LINK = LinkProfile("test", link_gbps=10.0, copy_overhead_us=100.0)  # 1e7 bytes: 1 ms + 0.1 ms
 MODEL = ModelTiming("test", expert_bytes=10_000_000, decode_layer_ms=2.0, prefill_ms_per_token=0.5)
 
@@ -149,8 +152,12 @@ def test_simulated_times_with_the_hosts_time_per_layer():
 def test_profiles_load_by_name_and_name_their_errors(tmp_path):
     assert LinkProfile.load("h100-pcie-gen5-measured").link_gbps == 43.5
     assert ModelTiming.load("olmoe-1b-7b-0924").expert_bytes == 12 * 2**20
+    assert ModelTiming.load("mixtral-8x7b").expert_bytes == 336 * 2**20
+    untimed = tmp_path / "untimed.yaml"  # a model file without the GPU's layer times
+    untimed.write_text("\n".join(line for line in (ROOT / "configs/models/mixtral-8x7b.yaml").read_text().splitlines()
+                                 if not line.startswith("timing")))
     with pytest.raises(ValueError, match="no 'timing'"):
-        ModelTiming.load("mixtral-8x7b")
+        ModelTiming.load(untimed)
     with pytest.raises(ValueError, match="pcie-gen4-x16"):
         LinkProfile.load("pcie-gen9")
     bad = tmp_path / "bad.yaml"

@@ -26,7 +26,7 @@ def row(model_name: str, kind: str, name: str, workload: tuple[int, int], new_to
         reference: torch.Tensor | None, **extra) -> dict:
     """One result row: the workload, the timing, and whether its tokens equal ``reference``."""
     prompt, batch = workload
-    same = None if reference is None else bool(torch.equal(timed.tokens, reference))
+    same = None if reference is None else bool(torch.equal(timed.tokens, reference.to(timed.tokens.device)))
     parting = {} if same is not False else {"first_differing_position": first_differing_position(timed.tokens,
                                                                                               reference)}
     return {"model": model_name, "kind": kind, "name": name, "prompt": prompt, "batch": batch,
@@ -45,8 +45,9 @@ def distinct_outputs(outputs) -> list[torch.Tensor]:
 
 
 def first_differing_position(tokens: torch.Tensor, reference: torch.Tensor) -> int | None:
-    """The first sequence position (prompt included) where any sequence of ``tokens`` leaves ``reference``: a
-    late parting after a near tie is rounding, an early one a wrong result. None when the shapes differ."""
+    """The first sequence position (prompt included) where any sequence of ``tokens`` leaves ``reference``; None
+    when the shapes differ. Where to look: whether the reference's top two logits there are a near tie (rounding)
+    or not (a wrong result) takes the logits (``benchmarks/graph_numerics.py``)."""
     if tokens.shape != reference.shape:
         return None
     differs = (tokens != reference.to(tokens.device)).any(dim=0).nonzero()

@@ -21,6 +21,7 @@ results is measured and recorded next to each result.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from .baselines import device_map_auto
 from .compiled import captures_decode, decode_mode, default_decode_mode, fresh_compile
 from .config import NATIVE_LINK, RANDOM_ROUTING, REPLAY, BenchConfig
 from .models import FIT_HEADROOM_BYTES, Skip, build_model
-from .results import Results, distinct_outputs, row, stats_fields
+from .results import Results, distinct_outputs, first_differing_position, row, stats_fields
 from .timing import Timed, calibrate_link, copy_gbps, measure, replay_seconds, sleep_cycles_per_second
 
 SPECMD_WARMUP_TOKENS = 8
@@ -46,6 +47,14 @@ def _prompts(config: BenchConfig, vocab: int, device: torch.device) -> dict[tupl
     gen = torch.Generator().manual_seed(0)
     return {(n, b): torch.randint(10, vocab - 1, (b, n), generator=gen).to(device)
             for n in config.prompts for b in config.batch}
+
+
+def _agreement(tokens: torch.Tensor, reference: torch.Tensor) -> int:
+    """How far ``tokens`` follow ``reference``: its length when equal, else the first differing position."""
+    if torch.equal(tokens, reference):
+        return tokens.shape[-1]
+    position = first_differing_position(tokens, reference)
+    return -1 if position is None else position
 
 
 class ModelBench:
@@ -137,23 +146,29 @@ class ModelBench:
             default_decode_mode(self.model)
             fresh_compile(self.model)  # the offloaded model compiles afresh, within dynamo's recompile limit
 
-    def _reference(self, workload: tuple[int, int], tokens: torch.Tensor) -> tuple[torch.Tensor | None, str]:
-        """(the tokens this row's ``tokens`` must equal, what they are): the compiled full-GPU model's when the
-        row's decode steps run as CUDA graphs and that model was measured, else the uncompiled reference. Where
-        the compiled model's own generates differed (bf16 near ties: its compiled step is not reproducible run
-        to run), the one of its outputs the row's equals, if any."""
+    def _reference(self, workload: tuple[int, int], outputs) -> tuple[torch.Tensor | None, torch.Tensor, str]:
+        """(the tokens a row's output must equal, that output, what the check is), for a row whose full-length
+        generates gave ``outputs`` (the last one last): the compiled full-GPU model's tokens when the row's decode
+        steps run as CUDA graphs and that model was measured, else the uncompiled reference; the row's last
+        output. Where the compiled model's own generates differed (its compiled step is not reproducible run to
+        run in bf16), every output of the row must equal one of them: the first that equals none is checked,
+        against the one it follows longest; else the last, against the one it equals."""
+        last = outputs[-1]
         if not captures_decode(self.model):
-            return self.reference.get(workload), "uncompiled"
-        if workload in self.compiled_reference:
-            check = "compiled, against the compiled full-GPU model"
-            outputs = self.compiled_outputs.get(workload, [])
-            if len(outputs) <= 1:
-                return self.compiled_reference[workload], check
-            match = next((output for output in outputs if torch.equal(output, tokens)), None)
-            check += (f" (whose generates gave {len(outputs)} different outputs: "
-                      f"{'equal to one of them' if match is not None else 'equal to none of them'})")
-            return (self.compiled_reference[workload] if match is None else match), check
-        return self.reference.get(workload), "compiled, against the uncompiled reference (no compiled full-GPU run)"
+            return self.reference.get(workload), last, "uncompiled"
+        if workload not in self.compiled_reference:
+            return (self.reference.get(workload), last,
+                    "compiled, against the uncompiled reference (no compiled full-GPU run)")
+        check = "compiled, against the compiled full-GPU model"
+        references = self.compiled_outputs.get(workload, [])
+        if len(references) <= 1:
+            return self.compiled_reference[workload], last, check
+        mine = distinct_outputs(outputs)
+        unmatched = [out for out in mine if not any(torch.equal(out, ref) for ref in references)]
+        check += (f" (whose generates gave {len(references)} different outputs; this row's {len(mine)} "
+                  f"{'each equal' if not unmatched else 'do not all equal'} one of them)")
+        tokens = unmatched[0] if unmatched else last
+        return max(references, key=lambda ref: _agreement(tokens, ref)), tokens, check
 
     def _keep_first(self, workload: tuple[int, int], tokens: torch.Tensor) -> None:
         """Without full-GPU runs the first specmd row of each mode is the reference of that mode's rows."""
@@ -211,9 +226,10 @@ class ModelBench:
                 timed = measure(self.model, ids, self.config.new_tokens, self.config.repeats,
                                 before_last=handle.reset_stats, warmup_tokens=SPECMD_WARMUP_TOKENS)
                 stats = handle.stats()  # syncs the device and waits for the watchdog: once per row
-                reference, check = self._reference(workload, timed.tokens)
+                reference, tokens, check = self._reference(workload, timed.outputs or [timed.tokens])
                 self.results.add(row(self.name, "specmd" if preset else "baseline", name, workload,
-                                     self.config.new_tokens, timed, reference, token_check=check,
+                                     self.config.new_tokens, replace(timed, tokens=tokens), reference,
+                                     token_check=check,
                                      budget_bytes=stats.budget_bytes, num_slots=handle.num_slots,
                                      routing=RANDOM_ROUTING, **link_fields, **stats_fields(stats)))
                 self._keep_first(workload, timed.tokens)  # without full-GPU runs: the first one's
@@ -249,7 +265,7 @@ class ModelBench:
         workload, ids = next(iter(self.workloads.items()))  # the config's first prompt
         tokens = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.config.new_tokens,
                                      min_new_tokens=self.config.new_tokens, do_sample=False)
-        reference, check = self._reference(workload, tokens)
+        reference, tokens, check = self._reference(workload, [tokens])
         decode_steps = sum(decode for _, decode in trace.prompts)
         timed = Timed(prefills / len(trace.prompts) * 1e3, (whole - prefills) / max(1, decode_steps) * 1e3, tokens,
                       peak)

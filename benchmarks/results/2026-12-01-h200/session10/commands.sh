@@ -40,7 +40,8 @@ if [[ $call == C ]]; then  # GPT-OSS-20B's
 fi
 for f in $OUT/*.log; do echo "== $f"; grep -vE "it/s\]|s/it\]|layer/s\]|s/layer\]" $f | tail -n 16 | cut -c1-240; done
 
-# Calls run: A, A2, A3 (before the unreproducible-reference check, at 22bbc0c: callA3-before), A4, A3 (at d57cb8d:
+# Calls run: A, A2, A3 (before the unreproducible-reference check, at 22bbc0c: callA3-before), A4, A3 (SPECMD_COMMIT
+# said d57cb8d, a slip: the code was 3ca330e;
 # callA3), C2. B and C were not run (device time). On the CPU afterwards, from the repository root
 # (S8=benchmarks/results/2026-11-30-h200/session8, S9=.../session9, S=benchmarks/results/2026-12-01-h200/session10):
 #   python benchmarks/merge_bench.py $S8/callA/large-qwen3-5/large-models.json $S8/callA/large-qwen3-10/large-models.json \

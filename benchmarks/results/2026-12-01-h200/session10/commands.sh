@@ -53,3 +53,6 @@ for f in $OUT/*.log; do echo "== $f"; grep -vE "it/s\]|s/it\]|layer/s\]|s/layer\
 #   python benchmarks/bench_counts.py $S9/callA/large-mixtral-5/large-models.json --trace benchmarks/traces/trace-mixtral-8x7b-stdlib.json.gz \
 #       --hardware h200-threaded-measured --transfer --out $S/bench-counts-mixtral-5.json > $S/bench-counts-mixtral-5.log   (and 10)
 #   python benchmarks/readme_results.py
+#   python benchmarks/bench_counts.py $S9/callB/large-base-qwen15-deepseek/large-models.json --trace benchmarks/traces/trace-qwen1.5-moe-a2.7b-stdlib.json.gz \
+#       --hardware h200-threaded-measured --transfer --out $S/bench-counts-ondemand-qwen1.5-moe-a2.7b.json > $S/bench-counts-ondemand-qwen1.5-moe-a2.7b.log
+#   (the same for deepseek-v2-lite, and $S/callC2/large-base-gptoss/large-models.json with gpt-oss-20b)

@@ -21,6 +21,7 @@ results is measured and recorded next to each result.
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,7 +147,8 @@ class ModelBench:
             default_decode_mode(self.model)
             fresh_compile(self.model)  # the offloaded model compiles afresh, within dynamo's recompile limit
 
-    def _reference(self, workload: tuple[int, int], outputs) -> tuple[torch.Tensor | None, torch.Tensor, str]:
+    def _reference(self, workload: tuple[int, int],
+                   outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor, str]:
         """(the tokens a row's output must equal, that output, what the check is), for a row whose full-length
         generates gave ``outputs`` (the last one last): the compiled full-GPU model's tokens when the row's decode
         steps run as CUDA graphs and that model was measured, else the uncompiled reference; the row's last

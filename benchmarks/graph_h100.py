@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import specmd
 from specmd.bench.compiled import decode_mode, fresh_compile
 from specmd.bench.models import build_model
-from specmd.bench.results import distinct_outputs
+from specmd.bench.results import distinct_outputs, unmatched_outputs
 from specmd.bench.timing import copy_gbps, measure, replay_seconds
 from specmd.runtime.adapters import find_moe_layers
 from specmd.study.costmodel import ModelSpec
@@ -159,7 +159,7 @@ def _same(timed, reference: dict, compiled: bool) -> bool:
     full-length output of a compiled row must equal one of them. Uncompiled rows: the last output, exactly."""
     if not compiled or len(reference["outputs"]) <= 1:
         return bool(torch.equal(timed.tokens, reference["tokens"]))
-    return all(any(torch.equal(out, ref) for ref in reference["outputs"]) for out in timed.outputs)
+    return not unmatched_outputs(timed.outputs, reference["outputs"])
 
 
 def run_row(model, ids, name: str, full: dict, rate: float, out: Path, rows: list, compiled: bool,

@@ -397,8 +397,8 @@ def test_compiled_decode_mode_and_its_undoing():
 
 
 def test_a_row_whose_tokens_differ_says_where_they_part():
-    """A late parting after a near tie is rounding, an early one a wrong result: the row names the first
-    sequence position that differs in any sequence, and nothing when the tokens are equal or not comparable."""
+    """Where to look for the cause: the row names the first sequence position that differs in any sequence,
+    and nothing when the tokens are equal or not comparable."""
     from specmd.bench.results import first_differing_position, row
     from specmd.bench.timing import Timed
 

@@ -44,6 +44,12 @@ def distinct_outputs(outputs) -> list[torch.Tensor]:
     return distinct
 
 
+def unmatched_outputs(outputs, references) -> list[torch.Tensor]:
+    """Those of ``outputs`` that equal none of ``references``, in order: the check of a row against a reference
+    model whose own generates differed (a compiled decode step is not reproducible run to run in bf16)."""
+    return [out for out in outputs if not any(torch.equal(out, ref) for ref in references)]
+
+
 def first_differing_position(tokens: torch.Tensor, reference: torch.Tensor) -> int | None:
     """The first sequence position (prompt included) where any sequence of ``tokens`` leaves ``reference``; None
     when the shapes differ. Where to look: whether the reference's top two logits there are a near tie (rounding)

@@ -35,7 +35,7 @@ from .baselines import device_map_auto
 from .compiled import captures_decode, decode_mode, default_decode_mode, fresh_compile
 from .config import NATIVE_LINK, RANDOM_ROUTING, REPLAY, BenchConfig
 from .models import FIT_HEADROOM_BYTES, Skip, build_model
-from .results import Results, distinct_outputs, first_differing_position, row, stats_fields
+from .results import Results, distinct_outputs, first_differing_position, row, stats_fields, unmatched_outputs
 from .timing import Timed, calibrate_link, copy_gbps, measure, replay_seconds, sleep_cycles_per_second
 
 SPECMD_WARMUP_TOKENS = 8
@@ -166,7 +166,7 @@ class ModelBench:
         if len(references) <= 1:
             return self.compiled_reference[workload], last, check
         mine = distinct_outputs(outputs)
-        unmatched = [out for out in mine if not any(torch.equal(out, ref) for ref in references)]
+        unmatched = unmatched_outputs(mine, references)
         check += (f" (whose generates gave {len(references)} different outputs; this row's {len(mine)} "
                   f"{'each equal' if not unmatched else 'do not all equal'} one of them)")
         tokens = unmatched[0] if unmatched else last
